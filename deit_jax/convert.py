@@ -1,0 +1,323 @@
+"""PyTorch interop: official DeiT / timm checkpoints to Flax variables and back.
+
+Flax modules in `deit_jax.models` are named after their timm counterparts, so one rule maps every
+parameter, for DeiT and the convnet teachers alike:
+
+  flax path                      torch key
+  blocks_3/attn/qkv/kernel   ->  blocks.3.attn.qkv.weight   (Dense: transposed)
+  patch_embed/proj/kernel    ->  patch_embed.proj.weight    (conv: HWIO -> OIHW)
+  norm/scale                 ->  norm.weight
+  s1/b1/conv1/bn/mean        ->  s1.b1.conv1.bn.running_mean (collection 'batch_stats')
+
+Command line (writes an Orbax checkpoint that training and evaluation load with `init_from`):
+
+  python -m deit_jax.convert --checkpoint deit_tiny_distilled_patch16_224-b40b3cf7.pth \\
+      --model deit_tiny_distilled_patch16_224 --output /tmp/deit_ti_distilled
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from deit_jax import _compat
+from deit_jax.models import create_model, input_size
+
+log = logging.getLogger(__name__)
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_HEADS = ("head", "head_dist", "fc")  # classifier layers, re-initialised on a class-count change
+_LEAF_TO_TORCH = {"scale": "weight", "kernel": "weight", "mean": "running_mean", "var": "running_var"}
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the requested model (all problems listed at once)."""
+
+
+# --------------------------------------------------------------------------- position embeddings
+
+
+def _bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+    """(out, in) matrix of PyTorch's bicubic `F.interpolate(align_corners=False)` along one axis.
+
+    PyTorch uses the cubic convolution kernel with a = -0.75 (not -0.5 as `jax.image.resize`),
+    does not clamp negative source coordinates, and clamps the tap indices at the borders.
+    """
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    matrix = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        src = scale * (i + 0.5) - 0.5
+        base = int(np.floor(src))
+        t = src - base
+        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        for k, wk in enumerate(weights):
+            matrix[i, min(max(base - 1 + k, 0), in_size - 1)] += wk
+    return matrix
+
+
+def resize_pos_embed(
+    pos_embed: np.ndarray | jax.Array,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Resizes (1, prefix + gh*gw, D) position embeddings to another patch grid.
+
+    Follows the reference fine-tuning code: keep the class/distillation rows, reshape the rest to
+    the grid, resize bicubically as `F.interpolate(mode="bicubic", align_corners=False)`, and
+    concatenate back. `old_grid` defaults to a square grid.
+    """
+    pos_embed = np.asarray(pos_embed)
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
+    if old_grid is None:
+        side = int(round(np.sqrt(grid.shape[0])))
+        if side * side != grid.shape[0]:
+            raise ValueError(f"{grid.shape[0]} grid rows are not a square; pass old_grid=(h, w).")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != grid.shape[0]:
+        raise ValueError(f"old_grid {old_grid} does not match {grid.shape[0]} position rows.")
+    grid = grid.reshape(*old_grid, -1).astype(np.float64)
+    rows = _bicubic_matrix(old_grid[0], new_grid[0])
+    cols = _bicubic_matrix(old_grid[1], new_grid[1])
+    resized = np.einsum("yh,hwd,xw->yxd", rows, grid, cols).reshape(1, -1, grid.shape[-1])
+    return np.concatenate([prefix, resized.astype(pos_embed.dtype)], axis=1)
+
+
+# --------------------------------------------------------------------------- key mapping
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+    """('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight'."""
+    *modules, leaf = path
+    modules = [re.sub(r"^(.*)_(\d+)$", r"\1.\2", m) for m in modules]
+    return ".".join([*modules, _LEAF_TO_TORCH.get(leaf, leaf)])
+
+
+def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:  # OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and value.ndim == 2:  # (out, in) -> (in, out)
+        return value.T
+    return value
+
+
+def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The model state dict inside an official DeiT checkpoint (`{"model": ...}`) or a plain one."""
+    for wrapper in ("model", "state_dict"):
+        inner = checkpoint.get(wrapper)
+        if isinstance(inner, Mapping):
+            return dict(inner)
+    return dict(checkpoint)
+
+
+def _template(model: nn.Module) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    h, w = input_size(model)
+    channels = getattr(model, "in_chans", 3)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, channels), jnp.float32))
+    )
+    shapes = nn.meta.unbox(shapes)
+    shapes.pop("intermediates", None)
+    return traverse_util.flatten_dict(shapes)
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any], model_name: str, *, rng: jax.Array | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Converts a PyTorch state dict (timm or official DeiT) into Flax variables for `model_name`.
+
+    `overrides` are passed to `create_model`. With another `img_size`, position embeddings are
+    resized as in the reference; with another `num_classes`, classifier heads are dropped and
+    freshly initialised (from `rng`), with a warning. Any other missing, unexpected or mis-shaped
+    key raises `CheckpointMismatchError` listing all of them.
+    """
+    model = create_model(model_name, **overrides)
+    template = _template(model)
+    source = {
+        k: v for k, v in unwrap_state_dict(state_dict).items() if not k.endswith(_IGNORED_SUFFIXES)
+    }
+    converted: dict[tuple[str, ...], np.ndarray] = {}
+    missing, mismatched, reinit = [], [], []
+    for path, spec in template.items():
+        key = _torch_key(path[1:])
+        if key not in source:
+            missing.append(key)
+            continue
+        value = _to_flax_layout(path[-1], _as_numpy(source.pop(key)))
+        if value.shape != spec.shape and path[-1] == "pos_embed":
+            prefix = getattr(model, "num_prefix_tokens", 1)
+            value = resize_pos_embed(value, model.grid_size, prefix)
+        if value.shape != spec.shape and path[1] in _HEADS and value.shape[-1] != spec.shape[-1]:
+            reinit.append(path)
+            continue
+        if value.shape != spec.shape:
+            mismatched.append(f"{key}: checkpoint {value.shape} vs model {spec.shape}")
+            continue
+        converted[path] = value.astype(spec.dtype)
+
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
+    if source:
+        problems.append(f"unexpected in the checkpoint ({len(source)}): {', '.join(sorted(source))}")
+    if mismatched:
+        problems.append(f"wrong shapes ({len(mismatched)}): {'; '.join(mismatched)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"The checkpoint does not fit model {model_name!r} (overrides {overrides}):\n  "
+            + "\n  ".join(problems)
+            + "\nCheck that --model names the architecture the checkpoint was trained with."
+        )
+
+    if reinit:
+        log.warning(
+            "Class count changed to %s: re-initialising %s from scratch.",
+            overrides.get("num_classes"),
+            ", ".join(sorted({_torch_key(p[1:]).rsplit(".", 1)[0] for p in reinit})),
+        )
+        h, w = input_size(model)
+        fresh = nn.meta.unbox(
+            model.init(
+                jax.random.key(0) if rng is None else rng,
+                jnp.zeros((1, h, w, getattr(model, "in_chans", 3))),
+            )
+        )
+        fresh = traverse_util.flatten_dict(fresh)
+        for path in reinit:
+            converted[path] = np.asarray(fresh[path])
+
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in converted.items()})
+
+
+def flax_to_torch(variables: Mapping[str, Any], model_name: str | None = None) -> dict[str, Any]:
+    """Converts Flax variables to a PyTorch state dict (torch tensors) that timm's model loads.
+
+    `model_name`, when given, checks first that the variables fit that registered model.
+    """
+    torch = _compat.import_torch()
+    flat = traverse_util.flatten_dict(nn.meta.unbox(dict(variables)))
+    flat = {k: v for k, v in flat.items() if k[0] in ("params", "batch_stats")}
+    if model_name is not None:
+        template = _template(create_model(model_name))
+        bad = sorted(
+            "/".join(k) for k in set(template) ^ set(flat) if k[0] in ("params", "batch_stats")
+        )
+        bad += ["/".join(k) for k in flat if k in template and flat[k].shape != template[k].shape]
+        if bad:
+            raise CheckpointMismatchError(f"Variables do not fit {model_name!r}: {', '.join(bad)}")
+    state_dict: dict[str, Any] = {}
+    for path, value in flat.items():
+        key = _torch_key(path[1:])
+        array = np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(value)))
+        state_dict[key] = torch.from_numpy(array)
+        if path[0] == "batch_stats" and path[-1] == "var":
+            prefix = key.rsplit(".", 1)[0]
+            state_dict[f"{prefix}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    return state_dict
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a `.pth`/`.pt`/`.bin` (never executing pickled code) or `.safetensors` file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Checkpoint {path!r} does not exist. Download the official DeiT or timm weights "
+            "(a .pth or .safetensors file) and pass its local path."
+        )
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(
+                f"Could not read {path!r} as safetensors ({e}); the file is truncated or corrupt: "
+                "download it again."
+            ) from e
+    torch = _compat.import_torch()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(
+            f"Could not read {path!r} as a PyTorch checkpoint ({type(e).__name__}: {e}). The file "
+            "is truncated or corrupt, or holds pickled objects other than tensors (refused: "
+            "loading is done with weights_only=True)."
+        ) from e
+    except Exception as e:  # pickle.UnpicklingError from the weights_only unpickler
+        raise ValueError(f"Refused to load {path!r}: {e}") from e
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a state dict.")
+    return unwrap_state_dict(checkpoint)
+
+
+def load_torch_checkpoint(path: str | os.PathLike, model_name: str, **overrides: Any) -> dict[str, Any]:
+    """Reads a PyTorch checkpoint file and converts it with `torch_to_flax`."""
+    return torch_to_flax(read_state_dict(path), model_name, **overrides)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m deit_jax.convert",
+        description="Convert an official DeiT / timm PyTorch checkpoint into an Orbax checkpoint.",
+    )
+    parser.add_argument("--checkpoint", required=True, help=".pth, .pt, .bin or .safetensors file")
+    parser.add_argument("--model", required=True, help="registered model name, e.g. deit_tiny_patch16_224")
+    parser.add_argument("--output", required=True, help="directory for the Orbax checkpoint (must not exist)")
+    parser.add_argument("--img-size", type=int, default=None, help="resize position embeddings to this size")
+    parser.add_argument("--num-classes", type=int, default=None, help="re-initialise heads for this many classes")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from deit_jax import checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = _parse_args(argv)
+    overrides = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v}
+    variables = load_torch_checkpoint(args.checkpoint, args.model, **overrides)
+    checkpoint.save_variables(args.output, variables, model_name=args.model, model_overrides=overrides)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
+    log.info("Wrote %s (%s, %s values) to %s", args.checkpoint, args.model, f"{count:,}", args.output)
+
+
+if __name__ == "__main__":
+    main()

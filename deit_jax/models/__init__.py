@@ -1,0 +1,60 @@
+"""Models: DeiT variants and convnet teachers behind one registry (`create_model`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from deit_jax.models.registry import create_model, input_size, list_models, model_options, register_model
+from deit_jax.models.vit import Attention, Block, DeiT, DropPath, Mlp, PatchEmbed
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DeiT",
+    "DropPath",
+    "Mlp",
+    "PatchEmbed",
+    "create_model",
+    "forward_with_intermediates",
+    "input_size",
+    "list_models",
+    "model_options",
+    "register_model",
+]
+
+
+def _register_deit() -> None:
+    widths = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+    for size, (dim, heads) in widths.items():
+        for distilled in (False, True):
+            for img in (224, 384) if size == "base" else (224,):
+                name = f"deit_{size}{'_distilled' if distilled else ''}_patch16_{img}"
+                register_model(
+                    name, DeiT, embed_dim=dim, num_heads=heads, distilled=distilled, img_size=img
+                )
+
+
+_register_deit()
+
+
+def forward_with_intermediates(
+    model: nn.Module, variables: Any, images: jax.Array, *, train: bool = False, **apply_kwargs: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Runs `model` and returns `(outputs, intermediates)`.
+
+    For DeiT, `intermediates["attention"]` is a list with one (B, heads, N, N) attention map per
+    block and `intermediates["tokens"]` the final normalised tokens (B, N, D), class token first,
+    then the distillation token when the model has one.
+    """
+    out, state = model.apply(variables, images, train=train, mutable=["intermediates"], **apply_kwargs)
+    flat: dict[str, Any] = {}
+    inter = state["intermediates"]
+    blocks = sorted((k for k in inter if k.startswith("blocks_")), key=lambda k: int(k.split("_")[1]))
+    if blocks:
+        flat["attention"] = [inter[k]["attn"]["attention"][0] for k in blocks]
+    if "tokens" in inter:
+        flat["tokens"] = inter["tokens"][0]
+    return out, flat

@@ -1,0 +1,286 @@
+"""DeiT: the vision transformer of Touvron et al. (2021), with the optional distillation token.
+
+Module and parameter names mirror timm's `VisionTransformer` / `VisionTransformerDistilled`
+(`patch_embed/proj`, `blocks_3/attn/qkv`, `head_dist`, ...), so `deit_jax.convert` maps PyTorch
+state dicts onto them by rule. Every parameter and the main activations carry logical axis names
+('batch', 'length', 'embed', 'heads', 'mlp', 'classes'); `deit_jax.sharding` maps them to a mesh.
+
+Attention maps and final token features are sown into the 'intermediates' collection; use
+`deit_jax.models.forward_with_intermediates` to read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def trunc_normal(std: float = 0.02) -> Initializer:
+    """timm's `trunc_normal_(std=std)`: normal(0, std) truncated to [-2, 2] (absolute bounds)."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype) * std
+
+    return init
+
+
+def torch_default_conv_init(fan_in: int) -> tuple[Initializer, Initializer]:
+    """PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)) for kernel and bias."""
+    bound = fan_in**-0.5
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return uniform, uniform
+
+
+def _partitioned(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_partitioned(trunc_normal(0.02), axes),
+        bias_init=_partitioned(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+def _layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=_partitioned(nn.initializers.ones, ("embed",)),
+        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class PatchProjection(nn.Module):
+    """A stride-p, p x p convolution, computed as one matmul over flattened patches.
+
+    The kernel keeps the convolution layout (p, p, C, D), the transpose of PyTorch's (D, C, p, p).
+    """
+
+    embed_dim: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {p}.")
+        kernel_init, bias_init = torch_default_conv_init(p * p * c)
+        kernel = self.param(
+            "kernel",
+            _partitioned(kernel_init, (None, None, None, "embed")),
+            (p, p, c, self.embed_dim),
+            self.param_dtype,
+        )
+        bias = self.param("bias", _partitioned(bias_init, ("embed",)), (self.embed_dim,), self.param_dtype)
+        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+        kernel = kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype)
+        return patches @ kernel + bias.astype(self.dtype)
+
+
+class PatchEmbed(nn.Module):
+    embed_dim: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return PatchProjection(
+            self.embed_dim, self.patch_size, self.dtype, self.param_dtype, name="proj"
+        )(images)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example (timm's `DropPath`)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+    num_heads: int
+    attn_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        b, n, d = x.shape
+        h = self.num_heads
+        if d % h:
+            raise ValueError(f"Width {d} is not divisible by the number of heads {h}.")
+        hd = d // h
+        # Fused q|k|v projection with PyTorch's row order, so checkpoints map one to one.
+        qkv = _dense(3 * d, ("embed", "heads"), "qkv", self.dtype, self.param_dtype)(x)
+        qkv = qkv.reshape(b, n, 3, h, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(hd**-0.5, q.dtype), k)
+        # Softmax in float32 keeps bf16 training stable; a no-op in float32.
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        self.sow("intermediates", "attention", attn)
+        attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+        out = _dense(d, ("heads", "embed"), "proj", self.dtype, self.param_dtype)(out)
+        return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    drop_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        d = x.shape[-1]
+        x = _dense(self.hidden_dim, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
+        x = nn.gelu(x, approximate=False)
+        x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
+        x = _dense(d, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
+        return nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = _layer_norm("norm1", **kw)(x)
+        y = Attention(self.num_heads, self.attn_drop_rate, self.drop_rate, **kw, name="attn")(
+            y, deterministic=deterministic
+        )
+        x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        y = _layer_norm("norm2", **kw)(x)
+        y = Mlp(int(d * self.mlp_ratio), self.drop_rate, **kw, name="mlp")(y, deterministic=deterministic)
+        x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DeiT(nn.Module):
+    """Vision transformer with a class token and, when `distilled`, a distillation token.
+
+    Call with NHWC float images. A plain model returns logits (B, num_classes). A distilled model
+    returns `(cls_logits, dist_logits)` when `train=True` and their average otherwise, as the
+    reference does. `train=True` also enables dropout and stochastic depth (rng 'dropout').
+    """
+
+    num_classes: int = 1000
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    distilled: bool = False
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False):
+        gh, gw = self.grid_size
+        expected = (gh * self.patch_size, gw * self.patch_size, self.in_chans)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected NHWC images of shape (batch, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}), got {tuple(images.shape)}. Pass img_size=... to create_model "
+                "for another resolution (convert.resize_pos_embed adapts pretrained weights)."
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        deterministic = not train
+        b = images.shape[0]
+        d = self.embed_dim
+
+        x = PatchEmbed(d, self.patch_size, **kw, name="patch_embed")(images)
+        token_init = _partitioned(trunc_normal(0.02), (None, None, "embed"))
+        tokens = [self.param("cls_token", token_init, (1, 1, d), self.param_dtype)]
+        if self.distilled:
+            tokens.append(self.param("dist_token", token_init, (1, 1, d), self.param_dtype))
+        tokens = [jnp.broadcast_to(t.astype(self.dtype), (b, 1, d)) for t in tokens]
+        x = jnp.concatenate([*tokens, x], axis=1)
+        pos_embed = self.param(
+            "pos_embed", token_init, (1, gh * gw + self.num_prefix_tokens, d), self.param_dtype
+        )
+        x = x + pos_embed.astype(self.dtype)
+        x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        # Stochastic depth grows linearly with depth, from 0 to drop_path_rate (reference).
+        rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+        for i, rate in enumerate(rates):
+            x = Block(
+                self.num_heads,
+                self.mlp_ratio,
+                self.drop_rate,
+                self.attn_drop_rate,
+                rate,
+                **kw,
+                name=f"blocks_{i}",
+            )(x, deterministic=deterministic)
+        x = _layer_norm("norm", **kw)(x)
+        self.sow("intermediates", "tokens", x)
+
+        def head(name: str, features: jax.Array) -> jax.Array:
+            features = nn.Dropout(self.drop_rate)(features, deterministic=deterministic)
+            return _dense(self.num_classes, ("embed", "classes"), name, **kw)(features)
+
+        cls_logits = head("head", x[:, 0])
+        if not self.distilled:
+            return cls_logits
+        dist_logits = head("head_dist", x[:, 1])
+        if train:
+            return cls_logits, dist_logits
+        return (cls_logits + dist_logits) / 2
