@@ -181,7 +181,9 @@ def torch_to_flax(
         value = _to_flax_layout(path[-1], _as_numpy(source.pop(key)))
         if value.shape != spec.shape and path[-1] == "pos_embed":
             prefix = getattr(model, "num_prefix_tokens", 1)
-            value = resize_pos_embed(value, model.grid_size, prefix)
+            rows = value.shape[1] - prefix
+            if value.shape[-1] == spec.shape[-1] and round(rows**0.5) ** 2 == rows:
+                value = resize_pos_embed(value, model.grid_size, prefix)
         if value.shape != spec.shape and path[1] in _HEADS and value.shape[-1] != spec.shape[-1]:
             reinit.append(path)
             continue
@@ -243,7 +245,7 @@ def flax_to_torch(variables: Mapping[str, Any], model_name: str | None = None) -
     state_dict: dict[str, Any] = {}
     for path, value in flat.items():
         key = _torch_key(path[1:])
-        array = np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(value)))
+        array = np.array(_to_torch_layout(path[-1], np.asarray(value)), order="C", copy=True)
         state_dict[key] = torch.from_numpy(array)
         if path[0] == "batch_stats" and path[-1] == "var":
             prefix = key.rsplit(".", 1)[0]
@@ -275,7 +277,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             ) from e
     torch = _compat.import_torch()
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # Checkpoints written by the official training script also pickle its argparse.Namespace,
+        # which holds plain values only; everything else outside tensors is refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(
             f"Could not read {path!r} as a PyTorch checkpoint ({type(e).__name__}: {e}). The file "

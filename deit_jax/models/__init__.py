@@ -7,7 +7,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from deit_jax.models.cnn import SmallCNN
+from deit_jax.models.regnet import RegNet
 from deit_jax.models.registry import create_model, input_size, list_models, model_options, register_model
+from deit_jax.models.resnet import ResNet
 from deit_jax.models.vit import Attention, Block, DeiT, DropPath, Mlp, PatchEmbed
 
 __all__ = [
@@ -17,6 +20,9 @@ __all__ = [
     "DropPath",
     "Mlp",
     "PatchEmbed",
+    "RegNet",
+    "ResNet",
+    "SmallCNN",
     "create_model",
     "forward_with_intermediates",
     "input_size",

@@ -1,0 +1,100 @@
+"""Every configuration key deit_jax reads, with the reference DeiT defaults.
+
+Configs under `configs/` start from `base_config()` and change what their recipe needs. The
+returned ConfigDict is locked: an unknown key (a typo in a config file or a `--config.key=value`
+override) is an error that names the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mode = "train"  # train | eval
+
+    # Student: a registered model name plus `create_model` overrides. `num_classes` and
+    # `img_size` come from `data` unless set here.
+    c.model_name = "deit_tiny_distilled_patch16_224"
+    c.model = ml_collections.ConfigDict({"drop_path_rate": 0.1, "drop_rate": 0.0})
+    c.init_from = ""  # deit_jax weights directory (python -m deit_jax.convert) to fine-tune from
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.name = "regnety_160"
+    c.teacher.checkpoint = ""  # deit_jax weights directory or .pth/.safetensors file
+    c.teacher.img_size = ml_collections.FieldReference(None, field_type=int)  # None: student's
+
+    c.distillation = ml_collections.ConfigDict()
+    c.distillation.kind = "none"  # none | soft | hard
+    c.distillation.alpha = 0.5
+    c.distillation.tau = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "imagenet2012"  # any tfds name, "digits" (offline), or "folder:/path/to/root"
+    c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
+    c.data.manual_dir = ""  # where manually downloaded archives live (ImageNet)
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.img_size = 224
+    c.data.crop_pct = 0.875  # eval: resize to int(img_size / crop_pct), then centre crop
+    c.data.repeated_aug = 3  # repeated augmentation factor (1 = off)
+    c.data.shuffle_buffer = 16_384
+    c.data.cache = False
+    c.data.prefetch = 2  # batches prefetched onto the devices
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.scale = (0.08, 1.0)  # RandomResizedCrop area bounds
+    c.augment.ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio bounds
+    c.augment.interpolation = "bicubic"
+    c.augment.hflip = 0.5
+    c.augment.randaugment = "rand-m9-mstd0.5-inc1"  # "" disables RandAugment
+    c.augment.color_jitter = 0.4  # used only when RandAugment is off; 0 disables
+    c.augment.reprob = 0.25  # random erasing probability
+    c.augment.remode = "pixel"  # random erasing fill: per-pixel normal noise
+    c.augment.mean = IMAGENET_MEAN
+    c.augment.std = IMAGENET_STD
+
+    c.mixup = ml_collections.ConfigDict()
+    c.mixup.mixup_alpha = 0.8
+    c.mixup.cutmix_alpha = 1.0
+    c.mixup.prob = 1.0
+    c.mixup.switch_prob = 0.5
+    c.mixup.mode = "batch"
+    c.mixup.label_smoothing = 0.1
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4  # for a global batch of 512; scaled linearly with the batch size
+    c.optim.lr_batch_base = 512
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.warmup_epochs = 5
+    c.optim.warmup_lr = 1e-6
+    c.optim.min_lr = 1e-5
+    c.optim.clip_grad_norm = 0.0  # 0 = no clipping (reference)
+    c.optim.grad_accum_steps = 1
+    c.optim.ema_decay = 0.99996  # 0 = no EMA
+
+    c.batch_size = 1024  # global, over all processes
+    c.eval_batch_size = 1024
+    c.num_epochs = 300
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1  # >1 shards parameters and optimiser state over this many devices
+
+    c.log_every_steps = 50
+    c.eval_every_epochs = 1
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.progress_bar = True
+
+    c.lock()
+    return c

@@ -1,0 +1,488 @@
+"""RandAugment (Cubuk et al., arXiv 1909.13719) as timm implements it, in TensorFlow.
+
+The official DeiT recipe uses timm's `rand-m9-mstd0.5-inc1`: two ops per image, each picked
+uniformly (with replacement) from the "increasing" op set, each applied with probability 0.5, with
+a magnitude drawn per op from N(9, 0.5) and clipped to [0, 10]. This module parses the same policy
+strings and reproduces timm's ops (PIL underneath) bit-for-bit for the colour ops, so that a model
+trained here sees the distribution the released checkpoints saw.
+
+Images travel between ops as float32 (H, W, 3) holding integers in [0, 255]: every op ends by
+quantising the way PIL's uint8 arithmetic does, which keeps the ops exact without uint8 casts.
+
+One documented difference: timm resamples the geometric ops (rotate, shear, translate) with the
+recipe's interpolation (bicubic for DeiT); TensorFlow's projective transform only has nearest and
+bilinear, so they are bilinear here (they match PIL's bilinear within one grey level away from the
+image border).
+
+All randomness is stateless (`tf.random.stateless_*`), so one seed always gives one output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable, Sequence
+
+from deit_jax._compat import import_tensorflow
+
+tf = import_tensorflow()
+
+_LEVEL_DENOM = 10.0  # timm: magnitude M maps to the fractional level M / 10
+
+# timm's op sets (timm/data/auto_augment.py); 'Cutout' is random erasing, done separately.
+RAND_TRANSFORMS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+RAND_INCREASING_TRANSFORMS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+# timm's experimental `tweights` selection (ops drawn without replacement by these weights).
+RAND_WEIGHTED_0 = {
+    "Rotate": 3,
+    "ShearX": 2,
+    "ShearY": 2,
+    "TranslateXRel": 1,
+    "TranslateYRel": 1,
+    "ColorIncreasing": 0.25,
+    "SharpnessIncreasing": 0.25,
+    "AutoContrast": 0.25,
+    "SolarizeIncreasing": 0.05,
+    "SolarizeAdd": 0.05,
+    "ContrastIncreasing": 0.05,
+    "BrightnessIncreasing": 0.05,
+    "Equalize": 0.05,
+    "PosterizeIncreasing": 0.05,
+    "Invert": 0.05,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A parsed RandAugment policy string (see `parse_policy`)."""
+
+    num_layers: int = 2
+    magnitude: float = 10.0
+    magnitude_std: float = 0.0  # inf: magnitude ~ U(0, magnitude) instead of a Gaussian
+    magnitude_max: float = _LEVEL_DENOM
+    prob: float = 0.5
+    ops: tuple[str, ...] = RAND_TRANSFORMS
+    weights: tuple[float, ...] | None = None  # None: uniform choice with replacement
+
+
+_POLICY_HELP = (
+    "A RandAugment policy is 'rand' followed by '-'-separated sections: m<int> magnitude, "
+    "n<int> ops per image, mstd<float> magnitude noise, mmax<int> magnitude ceiling, "
+    "inc<0|1> increasing-severity op set, p<float> per-op probability, tweights weighted "
+    "op choice; e.g. 'rand-m9-mstd0.5-inc1'. Use '' to disable RandAugment."
+)
+
+
+def parse_policy(policy: str) -> Policy:
+    """Parses a timm RandAugment string such as 'rand-m9-mstd0.5-inc1' (same keys as timm)."""
+    sections = policy.split("-")
+    if sections[0] != "rand":
+        raise ValueError(
+            f"Bad RandAugment policy {policy!r}: it must start with 'rand'. " + _POLICY_HELP
+        )
+    kw: dict = {}
+    increasing, transforms = False, None
+    for section in sections[1:]:
+        if section.startswith("t"):
+            transforms = section[1:]
+            continue
+        match = re.fullmatch(r"([a-z]+)(\d.*)", section)
+        if match is None:
+            raise ValueError(
+                f"Bad section {section!r} in RandAugment policy {policy!r}. " + _POLICY_HELP
+            )
+        key, value = match.groups()
+        try:
+            if key == "mstd":
+                std = float(value)
+                kw["magnitude_std"] = math.inf if std > 100 else std  # timm: > 100 means uniform
+            elif key == "mmax":
+                kw["magnitude_max"] = float(int(value))
+            elif key == "inc":
+                increasing = bool(int(value))
+            elif key == "m":
+                kw["magnitude"] = float(int(value))
+            elif key == "n":
+                kw["num_layers"] = int(value)
+            elif key == "p":
+                kw["prob"] = float(value)
+            elif key == "w":
+                raise ValueError(
+                    f"RandAugment policy {policy!r}: the old 'w' key was removed from timm and is "
+                    "not supported; use 'tweights' for the weighted op choice."
+                )
+            else:
+                raise ValueError(
+                    f"Unknown key {key!r} in RandAugment policy {policy!r}. " + _POLICY_HELP
+                )
+        except ValueError as e:
+            if "RandAugment policy" in str(e):
+                raise
+            raise ValueError(
+                f"Bad value in section {section!r} of {policy!r}. " + _POLICY_HELP
+            ) from e
+    if transforms in (None, ""):
+        kw["ops"] = RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS
+    elif transforms == "weights":
+        kw["ops"] = tuple(RAND_WEIGHTED_0)
+        total = sum(RAND_WEIGHTED_0.values())
+        kw["weights"] = tuple(w / total for w in RAND_WEIGHTED_0.values())
+    else:
+        raise ValueError(
+            f"RandAugment policy {policy!r}: transform set {transforms!r} is not implemented "
+            "(timm's '3a'/'3aw' need Desaturate and GaussianBlur); supported: 'tweights' or none."
+        )
+    parsed = Policy(**kw)
+    if parsed.num_layers < 0 or not 0.0 <= parsed.prob <= 1.0 or parsed.magnitude < 0:
+        raise ValueError(f"RandAugment policy {policy!r} needs n >= 0, 0 <= p <= 1 and m >= 0.")
+    if parsed.weights is not None and parsed.num_layers > len(parsed.ops):
+        raise ValueError(
+            f"RandAugment policy {policy!r}: weighted choice draws without replacement, so n must "
+            f"be <= {len(parsed.ops)}."
+        )
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops. `x` is float32 (H, W, 3) with integer values in [0, 255]; each op returns the same.
+
+
+def _quantize_blend(degenerate: tf.Tensor, x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    # PIL Image.blend on uint8: float32 in1 + alpha * (in2 - in1), clipped, then truncated.
+    factor = tf.cast(factor, tf.float32)
+    return tf.floor(tf.clip_by_value(degenerate + factor * (x - degenerate), 0.0, 255.0))
+
+
+def _grayscale(x: tf.Tensor) -> tf.Tensor:
+    # PIL's RGB -> L conversion, in its 16-bit fixed point (exact in int32).
+    rgb = tf.cast(x, tf.int32)
+    gray = rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000
+    return tf.cast(tf.bitwise.right_shift(gray, 16), tf.float32)[..., None]
+
+
+def _apply_lut(x: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
+    """Per-channel lookup: `lut` is (3, 256)."""
+    index = tf.cast(x, tf.int32) + tf.constant([0, 256, 512])
+    return tf.gather(tf.reshape(tf.cast(lut, tf.float32), [-1]), index)
+
+
+def _histogram(x: tf.Tensor) -> tf.Tensor:
+    """Per-channel 256-bin histogram, (3, 256) int32."""
+    channels = tf.transpose(tf.reshape(tf.cast(x, tf.int32), [-1, 3]))
+    return tf.math.bincount(channels, minlength=256, maxlength=256, axis=-1)
+
+
+def auto_contrast(x: tf.Tensor) -> tf.Tensor:
+    """PIL ImageOps.autocontrast: stretch each channel's [min, max] to [0, 255]."""
+    lo = tf.cast(tf.reduce_min(x, axis=[0, 1]), tf.float64)[:, None]
+    hi = tf.cast(tf.reduce_max(x, axis=[0, 1]), tf.float64)[:, None]
+    # float64 as in PIL's Python LUT code, so the truncation lands on the same side.
+    scale = 255.0 / tf.maximum(hi - lo, 1.0)
+    ramp = tf.range(256, dtype=tf.float64)[None]
+    # Truncation and flooring agree here: negative entries are clipped to 0 either way.
+    lut = tf.clip_by_value(tf.floor(ramp * scale + (-lo * scale)), 0.0, 255.0)
+    lut = tf.where(hi > lo, lut, ramp)
+    return _apply_lut(x, lut)
+
+
+def equalize(x: tf.Tensor) -> tf.Tensor:
+    """PIL ImageOps.equalize, per channel."""
+    hist = _histogram(x)
+    last_index = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), [1]), axis=1)
+    last = tf.gather(hist, last_index, batch_dims=1)
+    step = (tf.reduce_sum(hist, axis=1) - last) // 255
+    safe_step = tf.maximum(step, 1)[:, None]
+    cumulative = tf.cumsum(hist, axis=1, exclusive=True)
+    lut = (safe_step // 2 + cumulative) // safe_step
+    lut = tf.where(step[:, None] > 0, lut, tf.range(256)[None])
+    return _apply_lut(x, tf.clip_by_value(lut, 0, 255))
+
+
+def invert(x: tf.Tensor) -> tf.Tensor:
+    return 255.0 - x
+
+
+def posterize(x: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
+    """Keeps the top `bits` bits (bits >= 8 is the identity, as in timm)."""
+    shift = tf.pow(2.0, 8.0 - tf.minimum(tf.cast(bits, tf.float32), 8.0))
+    return tf.floor(x / shift) * shift
+
+
+def solarize(x: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
+    """Inverts the pixels at or above `threshold` (256: identity)."""
+    return tf.where(x < tf.cast(threshold, tf.float32), x, 255.0 - x)
+
+
+def solarize_add(x: tf.Tensor, add: tf.Tensor, threshold: float = 128.0) -> tf.Tensor:
+    return tf.where(x < threshold, tf.minimum(x + tf.cast(add, tf.float32), 255.0), x)
+
+
+def color(x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL ImageEnhance.Color: blend with the greyscale image."""
+    return _quantize_blend(_grayscale(x), x, factor)
+
+
+def contrast(x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL ImageEnhance.Contrast: blend with the rounded mean grey level."""
+    mean = tf.reduce_mean(tf.cast(_grayscale(x), tf.float64))
+    return _quantize_blend(tf.cast(tf.floor(mean + 0.5), tf.float32), x, factor)
+
+
+def brightness(x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL ImageEnhance.Brightness: blend with black."""
+    return _quantize_blend(tf.zeros([], tf.float32), x, factor)
+
+
+def sharpness(x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL ImageEnhance.Sharpness: blend with PIL's SMOOTH filter (border pixels unfiltered)."""
+    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]])
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    # Integer sums are exact in float32, and n / 13 is never a tie, so this rounds like PIL.
+    sums = tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], "VALID")[0]
+    smooth = tf.clip_by_value(tf.floor(sums / 13.0 + 0.5), 0.0, 255.0)
+    degenerate = tf.pad(smooth - x[1:-1, 1:-1], [[1, 1], [1, 1], [0, 0]]) + x
+    return _quantize_blend(degenerate, x, factor)
+
+
+def affine(x: tf.Tensor, matrix: Sequence[tf.Tensor], fill: Sequence[float]) -> tf.Tensor:
+    """PIL `Image.transform(AFFINE, matrix, BILINEAR, fillcolor=fill)`.
+
+    `matrix` = (a, b, c, d, e, f) maps an output pixel centre (x, y) to the input point
+    (a x + b y + c, d x + e y + f), in PIL's coordinates where pixel centres sit at +0.5.
+    """
+    a, b, c, d, e, f = (tf.cast(m, tf.float32) for m in matrix)
+    # TF samples in pixel-index coordinates (centres at integers): shift by half a pixel.
+    transform = tf.stack([a, b, c + 0.5 * (a + b) - 0.5, d, e, f + 0.5 * (d + e) - 0.5, 0.0, 0.0])[
+        None
+    ]
+    shape = tf.shape(x)[:2]
+    # PIL samples edge-clamped neighbours for any output pixel whose source centre lies inside
+    # the image and fills the rest: an edge-clamped bilinear pass plus a nearest-neighbour mask.
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None],
+        transforms=transform,
+        output_shape=shape,
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+    )[0]
+    inside = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.ones_like(x[None, :, :, :1]),
+        transforms=transform,
+        output_shape=shape,
+        fill_value=0.0,
+        interpolation="NEAREST",
+        fill_mode="CONSTANT",
+    )[0]
+    # PIL truncates the interpolated value to uint8.
+    out = tf.floor(tf.clip_by_value(out, 0.0, 255.0))
+    return tf.where(inside > 0.5, out, tf.constant(fill, tf.float32))
+
+
+def rotate(x: tf.Tensor, degrees: tf.Tensor, fill: Sequence[float]) -> tf.Tensor:
+    """PIL `Image.rotate(degrees)`: counter-clockwise about the image centre, same size."""
+    h, w = (tf.cast(s, tf.float64) for s in (tf.shape(x)[0], tf.shape(x)[1]))
+    angle = -tf.cast(degrees, tf.float64) * (math.pi / 180.0)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = w / 2.0, h / 2.0
+    # PIL: the rotation about the origin, then moved so the centre maps to itself.
+    c = cos * -cx + sin * -cy + cx
+    f = -sin * -cx + cos * -cy + cy
+    return affine(x, (cos, sin, c, -sin, cos, f), fill)
+
+
+def shear_x(x: tf.Tensor, factor: tf.Tensor, fill: Sequence[float]) -> tf.Tensor:
+    return affine(x, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill)
+
+
+def shear_y(x: tf.Tensor, factor: tf.Tensor, fill: Sequence[float]) -> tf.Tensor:
+    return affine(x, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill)
+
+
+def translate_x_rel(x: tf.Tensor, pct: tf.Tensor, fill: Sequence[float]) -> tf.Tensor:
+    pixels = tf.cast(pct, tf.float32) * tf.cast(tf.shape(x)[1], tf.float32)
+    return affine(x, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+
+
+def translate_y_rel(x: tf.Tensor, pct: tf.Tensor, fill: Sequence[float]) -> tf.Tensor:
+    pixels = tf.cast(pct, tf.float32) * tf.cast(tf.shape(x)[0], tf.float32)
+    return affine(x, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm's magnitude -> op argument mappings. `level` is the clipped magnitude and `sign` is +-1
+# (timm's `_randomly_negate`, used only by the signed mappings), both float64 scalars: timm does
+# this arithmetic in Python floats, and float32 would move factors such as 0.64 by one ulp, which
+# flips PIL's truncation on a few pixels.
+
+_Op = Callable[[tf.Tensor, tf.Tensor, tf.Tensor, Sequence[float]], tf.Tensor]
+
+
+def _frac(level: tf.Tensor) -> tf.Tensor:
+    return level / _LEVEL_DENOM
+
+
+def _enhance(level):
+    return _frac(level) * 1.8 + 0.1
+
+
+def _enhance_increasing(level, sign):
+    return tf.maximum(0.1, 1.0 + sign * _frac(level) * 0.9)
+
+
+def _posterize_bits(level):
+    # timm gives PIL 0 bits at magnitude 10 of PosterizeIncreasing: an all-black image in the PIL
+    # the reference trained with (PIL >= 10 rejects it); this keeps the black image.
+    return tf.floor(_frac(level) * 4.0)
+
+
+def _solarize_threshold(level):
+    return tf.minimum(256.0, tf.floor(_frac(level) * 256.0))
+
+
+OPS: dict[str, _Op] = {
+    "AutoContrast": lambda x, level, sign, fill: auto_contrast(x),
+    "Equalize": lambda x, level, sign, fill: equalize(x),
+    "Invert": lambda x, level, sign, fill: invert(x),
+    "Rotate": lambda x, level, sign, fill: rotate(x, sign * _frac(level) * 30.0, fill),
+    "Posterize": lambda x, level, sign, fill: posterize(x, _posterize_bits(level)),
+    "PosterizeIncreasing": lambda x, level, sign, fill: posterize(x, 4.0 - _posterize_bits(level)),
+    "Solarize": lambda x, level, sign, fill: solarize(x, _solarize_threshold(level)),
+    "SolarizeIncreasing": lambda x, level, sign, fill: solarize(
+        x, 256.0 - _solarize_threshold(level)
+    ),
+    "SolarizeAdd": lambda x, level, sign, fill: solarize_add(
+        x, tf.minimum(128.0, tf.floor(_frac(level) * 110.0))
+    ),
+    "Color": lambda x, level, sign, fill: color(x, _enhance(level)),
+    "ColorIncreasing": lambda x, level, sign, fill: color(x, _enhance_increasing(level, sign)),
+    "Contrast": lambda x, level, sign, fill: contrast(x, _enhance(level)),
+    "ContrastIncreasing": lambda x, level, sign, fill: contrast(
+        x, _enhance_increasing(level, sign)
+    ),
+    "Brightness": lambda x, level, sign, fill: brightness(x, _enhance(level)),
+    "BrightnessIncreasing": lambda x, level, sign, fill: brightness(
+        x, _enhance_increasing(level, sign)
+    ),
+    "Sharpness": lambda x, level, sign, fill: sharpness(x, _enhance(level)),
+    "SharpnessIncreasing": lambda x, level, sign, fill: sharpness(
+        x, _enhance_increasing(level, sign)
+    ),
+    "ShearX": lambda x, level, sign, fill: shear_x(x, sign * _frac(level) * 0.3, fill),
+    "ShearY": lambda x, level, sign, fill: shear_y(x, sign * _frac(level) * 0.3, fill),
+    "TranslateXRel": lambda x, level, sign, fill: translate_x_rel(
+        x, sign * _frac(level) * 0.45, fill
+    ),
+    "TranslateYRel": lambda x, level, sign, fill: translate_y_rel(
+        x, sign * _frac(level) * 0.45, fill
+    ),
+}
+
+
+def apply_op(
+    x: tf.Tensor,
+    name: str,
+    magnitude: float | tf.Tensor,
+    sign: float | tf.Tensor = 1.0,
+    fill: Sequence[float] = (128.0, 128.0, 128.0),
+) -> tf.Tensor:
+    """Applies one named op at a fixed magnitude (what timm's `AugmentOp` does with p=1, mstd=0)."""
+    if name not in OPS:
+        raise ValueError(f"Unknown RandAugment op {name!r}; known: {', '.join(OPS)}.")
+    level = tf.clip_by_value(tf.cast(magnitude, tf.float64), 0.0, _LEVEL_DENOM)
+    return OPS[name](tf.cast(x, tf.float32), level, tf.cast(sign, tf.float64), tuple(fill))
+
+
+def randaugment(
+    image: tf.Tensor, seed: tf.Tensor, policy: Policy | str, *, fill: Sequence[float]
+) -> tf.Tensor:
+    """timm's `RandAugment` on one image.
+
+    Args:
+      image: (H, W, 3) uint8, or float32 holding integers in [0, 255].
+      seed: int32 [2] stateless seed.
+      policy: a `Policy` or a policy string ('rand-m9-mstd0.5-inc1').
+      fill: per-channel fill colour of the geometric ops (timm's `img_mean`, the dataset mean
+        in [0, 255]).
+
+    Returns:
+      float32 (H, W, 3) with integer values in [0, 255].
+    """
+    if isinstance(policy, str):
+        policy = parse_policy(policy)
+    x = tf.cast(image, tf.float32)
+    if policy.num_layers == 0 or not policy.ops:
+        return x
+    num_ops = len(policy.ops)
+    choice_seed, *layer_seeds = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 1 + policy.num_layers)
+    )
+    if policy.weights is None:
+        choices = tf.random.stateless_uniform(
+            [policy.num_layers], choice_seed, 0, num_ops, dtype=tf.int32
+        )
+    else:
+        # Weighted choice without replacement, as numpy's: Gumbel top-k on the log weights.
+        gumbel = -tf.math.log(
+            -tf.math.log(tf.random.stateless_uniform([num_ops], choice_seed, 1e-12, 1.0))
+        )
+        _, choices = tf.math.top_k(
+            tf.math.log(tf.constant(policy.weights)) + gumbel, policy.num_layers
+        )
+    fill = tuple(float(v) for v in fill)
+    for layer, layer_seed in enumerate(layer_seeds):
+        apply_u, sign_u, mag_u = tf.unstack(tf.random.stateless_uniform([3], layer_seed))
+        level = tf.constant(policy.magnitude, tf.float32)
+        if math.isinf(policy.magnitude_std):
+            level = mag_u * policy.magnitude
+        elif policy.magnitude_std > 0:
+            noise = tf.random.stateless_normal(
+                [], tf.random.experimental.stateless_fold_in(layer_seed, 1)
+            )
+            level = level + policy.magnitude_std * noise
+        level = tf.cast(tf.clip_by_value(level, 0.0, policy.magnitude_max), tf.float64)
+        sign = tf.where(sign_u > 0.5, tf.constant(-1.0, tf.float64), 1.0)
+        # One extra identity branch for "op not applied" (probability 1 - p).
+        index = tf.where(apply_u < policy.prob, choices[layer], num_ops)
+        x = _switch(x, index, level, sign, policy.ops, fill)
+    return x
+
+
+def _switch(x, index, level, sign, names: Sequence[str], fill: Sequence[float]) -> tf.Tensor:
+    """Runs op `names[index]`, or returns `x` when `index == len(names)` (one branch executes)."""
+    branches = [functools.partial(OPS[name], x, level, sign, fill) for name in names]
+    return tf.switch_case(index, branches + [lambda: x])

@@ -1,0 +1,144 @@
+"""Training losses (the reference `DistillationLoss` and its base criteria) and eval metrics.
+
+Pure `jnp` functions of logits, safe under `jax.jit`. Logits may be bfloat16 (mixed-precision
+training); every loss is computed in float32 and returns a float32 scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+DISTILLATION_KINDS = ("none", "soft", "hard")
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+
+def _check_logits(name: str, logits: jax.Array, num_classes: int | None = None) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"{name} must be (batch, classes) logits, got shape {logits.shape}.")
+    if num_classes is not None and logits.shape[-1] != num_classes:
+        raise ValueError(
+            f"{name} has {logits.shape[-1]} classes, expected {num_classes} "
+            "(do the student, the teacher and the targets use the same class count?)."
+        )
+
+
+def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
+    """Integer labels to targets with off-value eps/C and on-value 1 - eps + eps/C (timm)."""
+    off = smoothing / num_classes
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over the batch of sum(-targets * log_softmax(logits)): timm's SoftTargetCrossEntropy."""
+    _check_logits("logits", logits)
+    if targets.shape != logits.shape:
+        raise ValueError(
+            f"targets must be a (batch, classes) distribution shaped like the logits "
+            f"{logits.shape}, got {targets.shape}. Integer labels: use smooth_one_hot(labels, C) "
+            "or label_smoothing_cross_entropy."
+        )
+    loss = jnp.sum(-jnp.asarray(targets, jnp.float32) * _log_softmax(logits), axis=-1)
+    return jnp.mean(loss)
+
+
+def label_smoothing_cross_entropy(
+    logits: jax.Array, labels: jax.Array, smoothing: float = 0.1
+) -> jax.Array:
+    """timm's LabelSmoothingCrossEntropy: (1 - eps) * NLL + eps * mean_c(-log p_c), batch mean.
+
+    Equal to `soft_target_cross_entropy(logits, smooth_one_hot(labels, C, eps))`.
+    """
+    _check_logits("logits", logits)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}.")
+    logp = _log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    smooth = -jnp.mean(logp, axis=-1)
+    return jnp.mean((1.0 - smoothing) * nll + smoothing * smooth)
+
+
+def distillation_loss(
+    cls_logits: jax.Array,
+    dist_logits: jax.Array | None,
+    teacher_logits: jax.Array | None,
+    targets: jax.Array,
+    *,
+    kind: str,
+    alpha: float,
+    tau: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The reference `DistillationLoss`, returning `(total, {"base": ..., "distillation": ...})`.
+
+    Args:
+      cls_logits: (B, C) class-token head logits of the student.
+      dist_logits: (B, C) distillation-token head logits; unused (may be None) for kind "none".
+      teacher_logits: (B, C) teacher logits on the same (mixed) images; never differentiated.
+      targets: (B, C) target distribution, already mixed and label-smoothed.
+      kind: "none" (total = base), "soft" (KL to the tempered teacher) or "hard" (CE to the
+        teacher's argmax, no smoothing).
+      alpha: weight of the distillation term: total = (1 - alpha) * base + alpha * distillation.
+      tau: softmax temperature of the soft kind; the KL is scaled by tau**2 and divided by the
+        number of logits (B * C), as in the reference.
+    """
+    if kind not in DISTILLATION_KINDS:
+        raise ValueError(
+            f"Unknown distillation kind {kind!r}; set config.distillation.kind to one of "
+            f"{', '.join(DISTILLATION_KINDS)}."
+        )
+    if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"Distillation alpha must be in [0, 1], got {alpha}.")
+    if isinstance(tau, (int, float)) and tau <= 0:
+        raise ValueError(f"Distillation temperature tau must be > 0, got {tau}.")
+
+    base = soft_target_cross_entropy(cls_logits, targets)
+    if kind == "none":
+        return base, {"base": base, "distillation": jnp.zeros((), jnp.float32)}
+
+    if dist_logits is None or teacher_logits is None:
+        raise ValueError(
+            f"Distillation kind {kind!r} needs the student's distillation-head logits and the "
+            "teacher's logits: use a distilled model (e.g. deit_tiny_distilled_patch16_224, which "
+            "returns (cls_logits, dist_logits) in training) and a teacher, or set kind='none'."
+        )
+    num_classes = cls_logits.shape[-1]
+    _check_logits("dist_logits", dist_logits, num_classes)
+    _check_logits("teacher_logits", teacher_logits, num_classes)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+
+    if kind == "soft":
+        # F.kl_div(log_softmax(s/T), log_softmax(t/T), reduction='sum', log_target=True).
+        log_s = _log_softmax(jnp.asarray(dist_logits, jnp.float32) / tau)
+        log_t = _log_softmax(jnp.asarray(teacher_logits, jnp.float32) / tau)
+        kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s))
+        distill = kl * (tau * tau) / dist_logits.size
+    else:
+        teacher_labels = jnp.argmax(teacher_logits, axis=-1)
+        logp = _log_softmax(dist_logits)
+        distill = -jnp.mean(jnp.take_along_axis(logp, teacher_labels[:, None], axis=-1))
+
+    total = (1.0 - alpha) * base + alpha * distill
+    return total, {"base": base, "distillation": distill}
+
+
+def topk_correct(
+    logits: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5)
+) -> dict[str, jax.Array]:
+    """Per-example float 0/1 hits `{"top1": (B,), "top5": (B,), ...}`, for masked sums.
+
+    A k above the class count counts as the class count (every prediction is then a hit).
+    """
+    _check_logits("logits", logits)
+    num_classes = logits.shape[-1]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {tuple(ks)}.")
+    _, top = jax.lax.top_k(jnp.asarray(logits, jnp.float32), min(max(ks), num_classes))
+    hits = top == labels[:, None].astype(top.dtype)
+    return {
+        f"top{k}": jnp.any(hits[:, : min(k, num_classes)], axis=-1).astype(jnp.float32) for k in ks
+    }
