@@ -18,10 +18,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.mode = "train"  # train | eval
 
-    # Student: a registered model name plus `create_model` overrides. `num_classes` and
-    # `img_size` come from `data` unless set here.
+    # Student: a registered model name plus `create_model` overrides (configs may add more keys
+    # under `with c.unlocked():`). `img_size` is `data.img_size`; `num_classes` the data's.
     c.model_name = "deit_tiny_distilled_patch16_224"
-    c.model = ml_collections.ConfigDict({"drop_path_rate": 0.1, "drop_rate": 0.0})
+    c.model = ml_collections.ConfigDict()
+    c.model.drop_path_rate = 0.1
+    c.model.drop_rate = 0.0
+    c.model.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: data's
     c.init_from = ""  # deit_jax weights directory (python -m deit_jax.convert) to fine-tune from
 
     c.teacher = ml_collections.ConfigDict()
@@ -83,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 1024  # global, over all processes
     c.eval_batch_size = 1024
-    c.num_epochs = 300
+    c.num_epochs = 300.0  # may be fractional
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
     c.mesh = ml_collections.ConfigDict()
@@ -91,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # >1 shards parameters and optimiser state over this many devices
 
     c.log_every_steps = 50
-    c.eval_every_epochs = 1
+    c.eval_every_epochs = 1.0
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.progress_bar = True

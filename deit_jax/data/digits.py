@@ -5,7 +5,7 @@ images of 8x8 pixels, classes 0-9) inside its package, so this builder prepares 
 network access. It exists so that deit_jax can train, evaluate and be tested end to end on a real
 image classification task anywhere.
 
-Preparation (done on first use by `deit_jax.data.sources`, or by `prepare(data_dir)`):
+Preparation (done on first use by `deit_jax.data.sources.get_source`, into `config.data.data_dir`):
 
 - pixel values 0..16 become uint8 by `round(v * 255 / 16)`, so 16 -> 255;
 - images stay single-channel (8, 8, 1) PNGs; the input pipeline turns grey into RGB;
@@ -15,10 +15,6 @@ Preparation (done on first use by `deit_jax.data.sources`, or by `prepare(data_d
 """
 
 from __future__ import annotations
-
-import contextlib
-import fcntl
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -71,31 +67,3 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for i in indices:
             # The key (scikit-learn's row index) fixes the order tfds writes examples in.
             yield int(i), {"image": images[i], "label": int(labels[i])}
-
-
-def prepare(data_dir: str | None = None) -> Digits:
-    """Returns the digits builder, preparing it into `data_dir` first if needed.
-
-    Several processes may call this at once (one per host of a job): a file lock in `data_dir`
-    makes one of them write while the others wait and then read what it wrote.
-    """
-    builder = Digits(data_dir=data_dir or None)
-    if builder.is_prepared():
-        return builder
-    data_root = os.path.dirname(os.path.dirname(builder.data_dir))  # <root>/digits/<version>
-    os.makedirs(data_root, exist_ok=True)
-    with open(os.path.join(data_root, ".digits.lock"), "w") as lock:
-        with _locked(lock):
-            builder = Digits(data_dir=data_dir or None)  # Re-read: another process may be done.
-            if not builder.is_prepared():
-                builder.download_and_prepare()
-    return builder
-
-
-@contextlib.contextmanager
-def _locked(f):
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)

@@ -361,7 +361,7 @@ def _enhance(level):
 
 
 def _enhance_increasing(level, sign):
-    return tf.maximum(0.1, 1.0 + sign * _frac(level) * 0.9)
+    return tf.maximum(1.0 + sign * _frac(level) * 0.9, 0.1)
 
 
 def _posterize_bits(level):
@@ -371,7 +371,7 @@ def _posterize_bits(level):
 
 
 def _solarize_threshold(level):
-    return tf.minimum(256.0, tf.floor(_frac(level) * 256.0))
+    return tf.minimum(tf.floor(_frac(level) * 256.0), 256.0)
 
 
 OPS: dict[str, _Op] = {
@@ -386,7 +386,7 @@ OPS: dict[str, _Op] = {
         x, 256.0 - _solarize_threshold(level)
     ),
     "SolarizeAdd": lambda x, level, sign, fill: solarize_add(
-        x, tf.minimum(128.0, tf.floor(_frac(level) * 110.0))
+        x, tf.minimum(tf.floor(_frac(level) * 110.0), 128.0)
     ),
     "Color": lambda x, level, sign, fill: color(x, _enhance(level)),
     "ColorIncreasing": lambda x, level, sign, fill: color(x, _enhance_increasing(level, sign)),

@@ -1,0 +1,388 @@
+"""Where examples come from: tfds builders, a folder of images, and the offline digits set.
+
+`get_source(config.data)` turns `config.data.name` into a `Source`:
+
+- any tfds builder name (`cifar10`, `cifar100`, `imagenet2012`, ...), read from
+  `config.data.data_dir`; it must have been prepared there (`tfds build`), except ImageNet, which
+  is prepared on first use when `config.data.manual_dir` holds its archives;
+- `digits`: scikit-learn's 8x8 digits (`deit_jax.data.digits`), prepared on first use;
+- `folder:/root`: images read in place from `root/<split>/<class>/*.{jpg,jpeg,png}`. Class names
+  are the sorted union of the class folders of all splits (as `tfds.ImageFolder` does). Images
+  that do not decode are skipped, counted in the log; the check decodes every image once and is
+  remembered in `<data_dir>/deit_jax_folder_checks/` until the folder changes.
+
+A `Source` reads one process's contiguous share of a split (`read`) as encoded examples
+`{"image": tf.string, "label": int32, "id": int32}`; `decode` turns an encoded image into uint8
+RGB. Decoding is kept separate so that the pipeline can shuffle and skip examples before paying
+for it. `id` is the example's position in its split (tfds order, or sorted file order), the same
+whatever the number of processes or the shuffling.
+
+Split names accept tfds slicing (`train[:99%]`, `validation[:1000]`) for every source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from deit_jax._compat import import_tensorflow
+
+tf = import_tensorflow()
+import tensorflow_datasets as tfds  # noqa: E402  (after TensorFlow, see deit_jax/_compat.py)
+
+from deit_jax.data.digits import Digits  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+class Source:
+    """A classification data set, read as encoded examples."""
+
+    name: str
+    num_classes: int
+
+    def split_sizes(self) -> dict[str, int]:
+        """Number of examples of each named split."""
+        raise NotImplementedError
+
+    def num_examples(self, split: str) -> int:
+        _, start, stop = self._resolve(split)
+        return stop - start
+
+    def shard_range(self, split: str, index: int, count: int) -> tuple[int, int]:
+        """Positions [start, stop) in `split`'s own numbering of shard `index` of `count`.
+
+        Contiguous, even shares (sizes differ by at most one), like `tfds.even_splits`.
+        """
+        n = self.num_examples(split)
+        return n * index // count, n * (index + 1) // count
+
+    def read(
+        self, split: str, index: int = 0, count: int = 1, *, shuffle_seed: int | None = None
+    ) -> tf.data.Dataset:
+        """Encoded examples of shard `index` of `count` of `split`.
+
+        Without `shuffle_seed` every example comes once, in a fixed order; with it, the order is
+        shuffled (over files for tfds, fully for folders), the same for the same seed.
+        """
+        name, start, _ = self._resolve(split)
+        a, b = self.shard_range(split, index, count)
+        return self._read(name, start + a, start + b, shuffle_seed)
+
+    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
+        """uint8 (H, W, 3) image from the `image` of an encoded example."""
+        raise NotImplementedError
+
+    def _read(self, split: str, start: int, stop: int, seed: int | None) -> tf.data.Dataset:
+        raise NotImplementedError
+
+    def _resolve(self, split: str) -> tuple[str, int, int]:
+        """(split name, start, stop) of a split spec such as `train[:10%]`."""
+        sizes = self.split_sizes()
+        infos = {
+            k: tfds.core.SplitInfo(name=k, shard_lengths=[n], num_bytes=0) for k, n in sizes.items()
+        }
+        try:
+            parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+        except (ValueError, AssertionError) as e:
+            raise ValueError(
+                f"Bad split {split!r} for data set {self.name!r} (splits: {sorted(sizes)}): {e} "
+                "Set config.data.train_split / config.data.eval_split to one of its splits, "
+                "optionally sliced like 'train[:90%]'."
+            ) from e
+        if len(parts) != 1:
+            raise ValueError(f"Split {split!r}: unions of splits are not supported; use one split.")
+        part = parts[0]  # Open ends come back as None.
+        start = 0 if part.from_ is None else part.from_
+        return part.splitname, start, sizes[part.splitname] if part.to is None else part.to
+
+
+class TfdsSource(Source):
+    """A prepared tfds builder with an image feature and a class label (`supervised_keys`)."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder):
+        self.builder = builder
+        info = builder.info
+        self.name = info.name
+        self.image_key, self.label_key = info.supervised_keys or ("image", "label")
+        features = info.features
+        keys = features.keys()
+        if not (
+            self.image_key in keys
+            and self.label_key in keys
+            and isinstance(features[self.image_key], tfds.features.Image)
+            and isinstance(features[self.label_key], tfds.features.ClassLabel)
+        ):
+            raise ValueError(
+                f"Data set {self.name!r} is not an image classification data set: deit_jax needs "
+                f"an Image feature and a ClassLabel feature, got {features}."
+            )
+        self.num_classes = features[self.label_key].num_classes
+        self._image_feature = features[self.image_key]
+
+    def split_sizes(self) -> dict[str, int]:
+        return {k: v.num_examples for k, v in self.builder.info.splits.items()}
+
+    def _read(self, split: str, start: int, stop: int, seed: int | None) -> tf.data.Dataset:
+        read_config = tfds.ReadConfig(
+            add_tfds_id=True, shuffle_seed=seed, options=_deterministic_options()
+        )
+        ds = self.builder.as_dataset(
+            split=f"{split}[{start}:{stop}]",
+            shuffle_files=seed is not None,
+            read_config=read_config,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+        )
+        id_table = self._id_table(split)
+
+        def encoded(ex):
+            # tfds_id is "<shard file>__<index in file>"; id = examples before the file + index.
+            file = tf.strings.regex_replace(ex["tfds_id"], "__[0-9]+$", "")
+            index = tf.strings.regex_replace(ex["tfds_id"], "^.*__", "")
+            example_id = id_table.lookup(file) + tf.strings.to_number(index, tf.int64)
+            return {
+                "image": ex[self.image_key],
+                "label": tf.cast(ex[self.label_key], tf.int32),
+                "id": tf.cast(example_id, tf.int32),
+            }
+
+        return ds.map(encoded, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def _id_table(self, split: str) -> tf.lookup.StaticHashTable:
+        info = self.builder.info.splits[split]
+        files = [os.path.basename(os.fspath(p)) for p in info.filepaths]
+        offsets = np.cumsum([0, *info.shard_lengths[:-1]]).astype(np.int64)
+        init = tf.lookup.KeyValueTensorInitializer(files, offsets)
+        return tf.lookup.StaticHashTable(init, default_value=np.int64(-(2**40)))
+
+    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
+        return _to_rgb(self._image_feature.decode_example(encoded))
+
+
+class FolderSource(Source):
+    """Images in `root/<split>/<class>/*.{jpg,jpeg,png}`, read in place."""
+
+    def __init__(self, root: str, cache_dir: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.name = f"folder:{self.root}"
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(
+                f"Image folder {self.root} does not exist. A folder data set is laid out as "
+                "<root>/<split>/<class>/<image>.jpg|png (e.g. root/train/cat/1.jpg); set "
+                "config.data.name = 'folder:<root>'."
+            )
+        splits = sorted(d for d in os.listdir(self.root) if _isdir(self.root, d))
+        self.class_names = sorted(
+            {
+                c
+                for s in splits
+                for c in os.listdir(os.path.join(self.root, s))
+                if _isdir(self.root, s, c)
+            }
+        )
+        if not self.class_names:
+            raise FileNotFoundError(
+                f"Image folder {self.root} has no <split>/<class>/ subfolders; expected "
+                "<root>/<split>/<class>/<image>.jpg|png."
+            )
+        self.num_classes = len(self.class_names)
+        self._cache_dir = cache_dir
+        self._splits = {s: None for s in splits}  # Listed and checked on first use.
+        self.num_corrupt: dict[str, int] = {}
+
+    def split_sizes(self) -> dict[str, int]:
+        return {s: len(self._examples(s)[0]) for s in self._splits}
+
+    def _examples(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(paths, labels) of the decodable images of `split`, in sorted (class, file) order."""
+        if self._splits[split] is None:
+            paths, labels = [], []
+            for label, c in enumerate(self.class_names):
+                d = os.path.join(self.root, split, c)
+                if os.path.isdir(d):
+                    files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
+                    paths += [os.path.join(d, f) for f in files]
+                    labels += [label] * len(files)
+            bad = self._corrupt(split, paths)
+            self.num_corrupt[split] = len(bad)
+            if bad:
+                logging.warning(
+                    "%s: skipped %d of %d images of split %r that do not decode, e.g. %s",
+                    self.name,
+                    len(bad),
+                    len(paths),
+                    split,
+                    paths[bad[0]],
+                )
+            keep = np.ones(len(paths), bool)
+            keep[bad] = False
+            self._splits[split] = (
+                np.array(paths, dtype=object)[keep],
+                np.array(labels, np.int32)[keep],
+            )
+        return self._splits[split]
+
+    def _corrupt(self, split: str, paths: list[str]) -> list[int]:
+        """Indices of `paths` that TensorFlow cannot decode; remembered until files change."""
+        h = hashlib.sha256()
+        for p in paths:
+            st = os.stat(p)
+            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        fingerprint = h.hexdigest()
+        key = hashlib.sha256(f"{self.root}\n{split}".encode()).hexdigest()[:24]
+        cache = os.path.join(self._cache_dir, "deit_jax_folder_checks", f"{key}.json")
+        with contextlib.suppress(OSError, ValueError):
+            with open(cache) as f:
+                saved = json.load(f)
+            if saved["fingerprint"] == fingerprint:
+                return saved["corrupt"]
+        logging.info("%s: checking that the %d images of %r decode", self.name, len(paths), split)
+        bad = _undecodable(paths)
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(
+                    {"root": self.root, "split": split, "fingerprint": fingerprint, "corrupt": bad},
+                    f,
+                )
+            os.replace(tmp, cache)
+        except OSError as e:  # A read-only data_dir only costs a re-check next time.
+            logging.warning("Could not remember the image check in %s: %s", cache, e)
+        return bad
+
+    def _read(self, split: str, start: int, stop: int, seed: int | None) -> tf.data.Dataset:
+        paths, labels = self._examples(split)
+        ds = tf.data.Dataset.from_tensor_slices(
+            {
+                "path": list(paths[start:stop]),
+                "label": labels[start:stop],
+                "id": np.arange(start, stop, dtype=np.int32),
+            }
+        )
+        if seed is not None:
+            ds = ds.shuffle(stop - start, seed=seed)
+        read = lambda ex: {
+            "image": tf.io.read_file(ex["path"]),
+            "label": ex["label"],
+            "id": ex["id"],
+        }
+        return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
+        return _decode_file(encoded)
+
+
+def get_source(data: ml_collections.ConfigDict) -> Source:
+    """The `Source` named by `config.data`, prepared if that can be done here and now."""
+    data_dir = data.data_dir or None
+    name = data.name
+    if name.startswith("folder:"):
+        return FolderSource(name[len("folder:") :], data_dir or tfds.core.constants.DATA_DIR)
+    if name == "digits":
+        return TfdsSource(_prepared(Digits(data_dir=data_dir)))
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"Unknown data set {name!r}. config.data.name must be a tensorflow-datasets name "
+            "(e.g. 'imagenet2012', 'cifar10'), 'digits' (offline) or 'folder:/path/to/root'."
+        ) from e
+    if builder.is_prepared():
+        return TfdsSource(builder)
+    where = data_dir or tfds.core.constants.DATA_DIR
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        manual_dir = data.manual_dir
+        expected = IMAGENET_ARCHIVES if builder.name == "imagenet2012" else ()
+        if manual_dir and os.path.isdir(manual_dir) and os.listdir(manual_dir):
+            if all(os.path.exists(os.path.join(manual_dir, f)) for f in expected):
+                logging.info("Preparing %s from %s into %s (runs once).", name, manual_dir, where)
+                config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+                return TfdsSource(_prepared(builder, download_config=config))
+        what = (
+            f"{' and '.join(expected)} (from https://image-net.org/download-images)"
+            if expected
+            else f"its files ({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()})"
+        )
+        raise FileNotFoundError(
+            f"Data set {name!r} is not prepared in {where} and cannot be downloaded "
+            f"automatically. Download {what} into a directory and set config.data.manual_dir to "
+            "it: the data set is then prepared on first use (once; for ImageNet this takes "
+            f"hours). Or prepare it yourself: `tfds build {name} --data_dir={where} "
+            "--manual_dir=<that directory>`."
+        )
+    raise FileNotFoundError(
+        f"Data set {name!r} is not prepared in {where}. Prepare it once (this downloads it) with "
+        f"`tfds build {name} --data_dir={where}` and set config.data.data_dir to that directory."
+    )
+
+
+def _prepared(builder: tfds.core.DatasetBuilder, **kwargs) -> tfds.core.DatasetBuilder:
+    """`builder`, prepared first if needed; safe when several processes call it at once."""
+    if builder.is_prepared():
+        return builder
+    root = os.fspath(builder.data_dir_root)
+    os.makedirs(root, exist_ok=True)
+    with _file_lock(os.path.join(root, f".{builder.name}.prepare.lock")):
+        builder = type(builder)(data_dir=root, config=builder.builder_config)
+        if not builder.is_prepared():  # Another process may have done it while we waited.
+            builder.download_and_prepare(**kwargs)
+    return type(builder)(data_dir=root, config=builder.builder_config)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _deterministic_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _decode_file(encoded: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _undecodable(paths: list[str]) -> list[int]:
+    """Indices of the files TensorFlow cannot decode, found by decoding them all in parallel."""
+    index = tf.data.Dataset.range(len(paths))
+    files = tf.data.Dataset.from_tensor_slices(list(paths) or [""]).take(len(paths))
+    ds = tf.data.Dataset.zip(index, files).map(
+        lambda i, p: (i, tf.shape(_decode_file(tf.io.read_file(p)))[0]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    )
+    ok = np.zeros(len(paths), bool)
+    for i, _ in ds.ignore_errors().batch(1024).as_numpy_iterator():
+        ok[i] = True
+    return np.flatnonzero(~ok).tolist()
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    elif image.shape[-1] == 4:
+        image = image[..., :3]
+    return image
+
+
+def _isdir(*parts: str) -> bool:
+    return os.path.isdir(os.path.join(*parts))

@@ -1,0 +1,202 @@
+"""Pure train and eval steps: the student, the frozen teacher and the distillation loss.
+
+`make_train_step` returns `train_step(state, teacher_variables, batch) -> (state, metrics)`,
+meant to be wrapped in one `jax.jit` over the mesh (see `deit_jax.train`). The teacher runs in
+eval mode under `stop_gradient` on the same (mixed) images as the student, optionally resized
+to its own input size; it is an argument, not part of the state, so it is neither optimised
+nor checkpointed with the student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from deit_jax import losses, optim
+from deit_jax.models import input_size
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    model_state: Any  # mutable collections other than params, e.g. {"batch_stats": ...}
+    opt_state: Any
+    ema_params: Any  # {} when EMA is off
+    rng: jax.Array  # raw uint32[2] key: checkpointable as a plain array
+    nan_step: jax.Array  # first step whose loss or gradients were not finite, -1 if none
+
+
+def init_state(
+    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, *, ema: bool
+) -> TrainState:
+    """A fresh state; params keep their logical-partitioning boxes (for the mesh shardings)."""
+    init_rng, state_rng = jax.random.split(rng)
+    h, w = input_size(model)
+    images = jnp.zeros((1, h, w, getattr(model, "in_chans", 3)), jnp.float32)
+    variables = model.init({"params": init_rng, "dropout": init_rng}, images, train=False)
+    variables = dict(variables)
+    variables.pop("intermediates", None)
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=variables,
+        opt_state=tx.init(params),
+        ema_params=params if ema else {},
+        rng=state_rng,
+        nan_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def _student_outputs(outputs: Any, distilled: bool) -> tuple[jax.Array, jax.Array | None]:
+    if distilled:
+        cls_logits, dist_logits = outputs
+        return cls_logits, dist_logits
+    return outputs, None
+
+
+def teacher_logits(
+    teacher: nn.Module, teacher_variables: Any, images: jax.Array
+) -> jax.Array:
+    """Frozen teacher forward in eval mode, at the teacher's own input size if it differs."""
+    h, w = input_size(teacher)
+    if images.shape[1:3] != (h, w):
+        images = jax.image.resize(images, (images.shape[0], h, w, images.shape[3]), "bilinear")
+    logits = teacher.apply(teacher_variables, images, train=False)
+    return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+    teacher: nn.Module | None = None,
+) -> Callable[[TrainState, Any, Batch], tuple[TrainState, Metrics]]:
+    kind = config.distillation.kind
+    distilled = bool(getattr(model, "distilled", False))
+    ema_decay = float(config.optim.ema_decay)
+
+    def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
+        rng, dropout_rng = jax.random.split(state.rng)
+        images, targets = batch["image"], batch["target"]
+        t_logits = None
+        if kind != "none":
+            t_logits = teacher_logits(teacher, teacher_variables, images)
+
+        def loss_fn(params):
+            outputs, new_model_state = model.apply(
+                {"params": params, **state.model_state},
+                images,
+                train=True,
+                rngs={"dropout": dropout_rng},
+                mutable=list(state.model_state),
+            )
+            cls_logits, dist_logits = _student_outputs(outputs, distilled)
+            total, parts = losses.distillation_loss(
+                cls_logits.astype(jnp.float32),
+                None if dist_logits is None else dist_logits.astype(jnp.float32),
+                t_logits,
+                targets,
+                kind=kind,
+                alpha=config.distillation.alpha,
+                tau=config.distillation.tau,
+            )
+            return total, (parts, new_model_state, cls_logits)
+
+        (loss, (parts, new_model_state, cls_logits)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+
+        # A non-finite step is not applied: the state keeps the last good values, and the
+        # training loop stops when it sees `nan_step` (naming the step).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params = keep(params, state.params)
+        ema_params = state.ema_params
+        if ema_decay > 0:
+            ema_params = keep(optim.ema_update(state.ema_params, params, ema_decay), ema_params)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            model_state=keep(dict(new_model_state), state.model_state),
+            opt_state=keep(opt_state, state.opt_state),
+            ema_params=ema_params,
+            rng=rng,
+            nan_step=jnp.where(
+                (state.nan_step < 0) & ~finite, state.step, state.nan_step
+            ).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "loss_base": parts["base"],
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "train_top1": jnp.mean(jnp.argmax(cls_logits, -1) == batch["label"]),
+        }
+        if kind != "none":
+            metrics["loss_distillation"] = parts["distillation"]
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: nn.Module, teacher: nn.Module | None = None
+) -> Callable[[Any, Any, Any, Batch], Metrics]:
+    """`eval_step(params, model_state, ema_params, teacher_variables, batch) -> sums`.
+
+    Sums (over the unmasked examples) of top-1/top-5 hits for: the student's prediction
+    (`top1`, the heads' average for a distilled model), its class and distillation heads
+    (`cls_top1`, `dist_top1`, ...), the EMA weights (`ema_top1`), the teacher (`teacher_top1`)
+    and teacher-student agreement; plus the cross-entropy `loss` and the example `count`.
+    """
+    distilled = bool(getattr(model, "distilled", False))
+    # Both heads, deterministically: train-mode output format with every drop rate at zero.
+    both_heads = model.clone(drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0) if distilled else None
+
+    def predict(params, model_state, images) -> dict[str, jax.Array]:
+        variables = {"params": params, **model_state}
+        if distilled:
+            cls_logits, dist_logits = both_heads.apply(variables, images, train=True)
+            return {"": (cls_logits + dist_logits) / 2, "cls_": cls_logits, "dist_": dist_logits}
+        return {"": model.apply(variables, images, train=False)}
+
+    def eval_step(params, model_state, ema_params, teacher_variables, batch: Batch) -> Metrics:
+        mask = batch["mask"].astype(jnp.float32)
+        labels = batch["label"]
+        sums: Metrics = {"count": mask.sum()}
+
+        def add(prefix: str, logits: jax.Array) -> None:
+            for k, hits in losses.topk_correct(logits.astype(jnp.float32), labels).items():
+                sums[prefix + k] = (hits * mask).sum()
+
+        outputs = predict(params, model_state, batch["image"])
+        for prefix, logits in outputs.items():
+            add(prefix, logits)
+        logp = jax.nn.log_softmax(outputs[""].astype(jnp.float32))
+        sums["loss"] = (-jnp.take_along_axis(logp, labels[:, None], -1)[:, 0] * mask).sum()
+        if ema_params:
+            add("ema_", predict(ema_params, model_state, batch["image"])[""])
+        if teacher is not None:
+            t_logits = teacher_logits(teacher, teacher_variables, batch["image"])
+            add("teacher_", t_logits)
+            agree = jnp.argmax(t_logits, -1) == jnp.argmax(outputs[""], -1)
+            sums["agreement"] = (agree * mask).sum()
+        return sums
+
+    return eval_step

@@ -1,0 +1,374 @@
+"""The training loop: mesh, models, data, one jitted train step, periodic eval and checkpoints.
+
+`train_and_evaluate(config, workdir)` resumes from the latest good checkpoint in `workdir`
+(params, optimiser state, EMA, step, RNG and data-iterator position), so starting the same
+command again after a crash or a preemption continues where it stopped. `evaluate(config,
+workdir)` evaluates the latest checkpoint, or the weights in `config.init_from`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from tqdm import tqdm
+
+from deit_jax import checkpoint, convert, data, optim, sharding, steps
+from deit_jax.metrics import MetricsWriter
+from deit_jax.models import create_model, input_size, model_options
+
+log = logging.getLogger(__name__)
+
+BEST_METRIC = "top1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- models and weights
+
+
+def _dtype(name: str) -> Any:
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}.")
+    return jnp.dtype(name)
+
+
+def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    if overrides.setdefault("num_classes", num_classes) != num_classes:
+        raise ValueError(
+            f"config.model.num_classes={overrides['num_classes']} but data set "
+            f"{config.data.name!r} has {num_classes} classes; remove the override or use "
+            "matching data."
+        )
+    options = model_options(config.model_name)
+    if "img_size" in options:
+        overrides.setdefault("img_size", config.data.img_size)
+    return create_model(config.model_name, dtype=_dtype(config.dtype), **overrides)
+
+
+def load_weights(path: str, model_name: str, **overrides: Any) -> Any:
+    """Variables from a deit_jax weights directory or a PyTorch/safetensors checkpoint file."""
+    if os.path.isdir(path):
+        variables, metadata = checkpoint.load_variables(path)
+        if metadata["model_name"] != model_name:
+            raise ValueError(
+                f"{path!r} holds weights of {metadata['model_name']!r}, not {model_name!r}; set "
+                "the model name to match the weights."
+            )
+        return variables
+    return convert.load_torch_checkpoint(path, model_name, **overrides)
+
+
+def build_teacher(
+    config: ml_collections.ConfigDict, num_classes: int
+) -> tuple[nn.Module | None, Any]:
+    if config.distillation.kind == "none":
+        return None, {}
+    if not config.teacher.checkpoint:
+        raise ValueError(
+            f"distillation.kind={config.distillation.kind!r} needs a trained teacher: set "
+            "--config.teacher.checkpoint to a weights directory (python -m deit_jax.convert, or "
+            "the `weights` directory of a finished deit_jax run) or a .pth/.safetensors file, "
+            "or use --config.distillation.kind=none."
+        )
+    overrides: dict[str, Any] = {"dtype": _dtype(config.dtype)}
+    if "img_size" in model_options(config.teacher.name):
+        overrides["img_size"] = config.teacher.img_size or config.data.img_size
+    teacher = create_model(config.teacher.name, **overrides)
+    variables = load_weights(config.teacher.checkpoint, config.teacher.name)
+    h, w = input_size(teacher)
+    images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+    predicted = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False), variables, images)
+    if predicted.shape[-1] != num_classes:
+        raise ValueError(
+            f"The teacher {config.teacher.checkpoint!r} predicts {predicted.shape[-1]} classes but "
+            f"data set {config.data.name!r} has {num_classes}; fine-tune or convert the teacher "
+            "for this data set (python -m deit_jax.convert ... --num-classes N)."
+        )
+    return teacher, variables
+
+
+def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
+    """Pretrained params over fresh ones: pos_embed resized, heads of another class count kept fresh."""
+    flat, source = traverse_util.flatten_dict(params), traverse_util.flatten_dict(pretrained)
+    problems, fresh_heads = [], []
+    for path, value in flat.items():
+        if path not in source:
+            problems.append(f"missing {'/'.join(path)}")
+            continue
+        new = np.asarray(source[path])
+        if new.shape != value.shape and path[-1] == "pos_embed":
+            new = convert.resize_pos_embed(new, model.grid_size, model.num_prefix_tokens)
+        if new.shape != value.shape and path[0] in ("head", "head_dist", "fc"):
+            fresh_heads.append("/".join(path))
+            continue
+        if new.shape != value.shape:
+            problems.append(f"{'/'.join(path)}: {new.shape} vs {value.shape}")
+            continue
+        flat[path] = jnp.asarray(new, value.dtype)
+    if problems:
+        raise ValueError("config.init_from does not fit the model: " + "; ".join(problems))
+    if fresh_heads:
+        log.warning("init_from: class count differs, training new %s", ", ".join(fresh_heads))
+    return traverse_util.unflatten_dict(flat)
+
+
+# --------------------------------------------------------------------------- state on the mesh
+
+
+def _state_and_shardings(config, model, tx, mesh):
+    ema = config.optim.ema_decay > 0
+    rng = jax.random.PRNGKey(config.seed)
+    boxed = jax.eval_shape(lambda: steps.init_state(model, tx, rng, ema=ema))
+    state_shardings = sharding.tree_shardings(boxed, mesh)
+    init = jax.jit(
+        lambda: nn.meta.unbox(steps.init_state(model, tx, rng, ema=ema)),
+        out_shardings=state_shardings,
+    )
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        state_shardings,
+    )
+    return init, abstract, state_shardings
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    kinds = ("none", "soft", "hard")
+    if config.distillation.kind not in kinds:
+        raise ValueError(f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}.")
+    distilled = model_options(config.model_name).get("distilled", False)
+    if config.distillation.kind != "none" and not distilled:
+        raise ValueError(
+            f"distillation.kind={config.distillation.kind!r} needs a student with a distillation "
+            f"token, but {config.model_name!r} has none; use a *_distilled_* model."
+        )
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes.")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _eval_loop(eval_step, eval_data, args) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for batch in eval_data:
+        sums = jax.device_get(eval_step(*args, batch))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = totals.pop("count")
+    return {k: v / count for k, v in totals.items()} | {"count": count}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming if `workdir` holds checkpoints); returns the final eval metrics."""
+    _validate(config)
+    workdir = os.path.abspath(workdir)
+    info = data.dataset_info(config)
+    mesh = sharding.create_mesh(config.mesh)
+    model = build_student(config, info.num_classes)
+    teacher, teacher_variables = build_teacher(config, info.num_classes)
+    teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
+
+    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+    eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+    tx, schedule = optim.create_optimizer(
+        config.optim,
+        global_batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=config.num_epochs,
+    )
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
+        init, abstract, state_shardings = _state_and_shardings(config, model, tx, mesh)
+        checkpointer = checkpoint.TrainCheckpointer(
+            os.path.join(workdir, "checkpoints"),
+            save_every_steps=config.checkpoint_every_steps,
+            keep=config.keep_checkpoints,
+            best_metric=BEST_METRIC,
+        )
+        restored = checkpointer.restore(abstract)
+        if restored is not None:
+            start_step, state, data_state = restored
+            train_data.set_state(data_state)
+            log.info("Resumed from step %d in %s", start_step, checkpointer.directory)
+        else:
+            start_step, state = 0, init()
+            if config.init_from:
+                pretrained = load_weights(config.init_from, config.model_name)
+                params = _merge_pretrained(state.params, pretrained["params"], model)
+                state = state.replace(
+                    params=jax.device_put(params, state_shardings.params),
+                    ema_params=jax.device_put(params, state_shardings.params) if state.ema_params else {},
+                )
+                log.info("Initialised from %s", config.init_from)
+
+        train_step = jax.jit(
+            steps.make_train_step(model, tx, schedule, config, teacher),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        eval_step = jax.jit(steps.make_eval_step(model, teacher))
+        writer = MetricsWriter(workdir)
+        log.info(
+            "Training %s (%s params) on %s: %d steps of %d images, %d devices %s",
+            config.model_name,
+            f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
+            config.data.name,
+            total_steps,
+            config.batch_size,
+            mesh.size,
+            dict(mesh.shape),
+        )
+
+        stop = {"signal": None}
+        previous_handler = signal.signal(
+            signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)
+        )
+        eval_metrics: dict[str, float] = {}
+        progress = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=f"train {config.model_name}",
+            disable=not config.progress_bar or jax.process_index() != 0,
+            dynamic_ncols=True,
+        )
+        tick, tick_step = time.perf_counter(), start_step
+        try:
+            for step in range(start_step + 1, total_steps + 1):
+                state, metrics = train_step(state, teacher_variables, next(train_data))
+                progress.update()
+                last = step == total_steps
+                if step % config.log_every_steps == 0 or last:
+                    metrics = jax.device_get(metrics)
+                    _check_finite(state, step)
+                    now = time.perf_counter()
+                    metrics["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+                    metrics["epoch"] = step / steps_per_epoch
+                    tick, tick_step = now, step
+                    writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
+                    progress.set_postfix(
+                        loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}"
+                    )
+                evaluated = step % eval_every == 0 or last
+                if evaluated:
+                    eval_metrics = _eval_loop(
+                        eval_step,
+                        eval_data,
+                        (state.params, state.model_state, state.ema_params, teacher_variables),
+                    )
+                    writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    progress.write(_format_eval(step, eval_metrics))
+                if evaluated or checkpointer.should_save(step) or stop["signal"]:
+                    _check_finite(state, step)
+                    checkpointer.save(
+                        step,
+                        state,
+                        data_state=train_data.get_state(),
+                        metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if evaluated else None,
+                        force=True,
+                    )
+                if stop["signal"]:
+                    log.warning("SIGTERM: saved step %d, exiting; rerun to resume.", step)
+                    break
+        finally:
+            progress.close()
+            checkpointer.wait_until_finished()
+            checkpointer.close()
+            writer.close()
+            train_data.close()
+            signal.signal(signal.SIGTERM, previous_handler)
+
+        if not stop["signal"]:
+            _export(workdir, config, state)
+        if not eval_metrics and start_step >= total_steps:
+            eval_metrics = _eval_loop(
+                eval_step, eval_data, (state.params, state.model_state, state.ema_params, teacher_variables)
+            )
+        return eval_metrics
+
+
+def _check_finite(state: steps.TrainState, step: int) -> None:
+    nan_step = int(jax.device_get(state.nan_step))
+    if nan_step >= 0:
+        raise NonFiniteLossError(
+            f"Non-finite loss or gradients at step {nan_step + 1} (detected by step {step}); "
+            "that update was not applied and no checkpoint was written after it. Lower the "
+            "learning rate (--config.optim.lr), enable clipping (--config.optim.clip_grad_norm=1) "
+            "or use float32, then rerun: training resumes from the last good checkpoint."
+        )
+
+
+def _format_eval(step: int, metrics: dict[str, float]) -> str:
+    parts = [f"{k} {100 * v:.2f}" for k, v in metrics.items() if "top1" in k or k == "agreement"]
+    return f"eval @ step {step}: " + ", ".join(parts) + f" (loss {metrics['loss']:.4f})"
+
+
+def _export(workdir: str, config: ml_collections.ConfigDict, state: steps.TrainState) -> None:
+    """Final weights as a deit_jax weights directory (usable as a teacher or with init_from)."""
+    path = os.path.join(workdir, "weights")
+    if os.path.exists(path):
+        return
+    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    variables = {"params": state.params, **state.model_state}
+    checkpoint.save_variables(path, variables, model_name=config.model_name, model_overrides=overrides)
+    log.info("Exported final weights to %s", path)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Evaluates the latest checkpoint in `workdir`, else the weights in `config.init_from`."""
+    _validate(config)
+    info = data.dataset_info(config)
+    mesh = sharding.create_mesh(config.mesh)
+    model = build_student(config, info.num_classes)
+    teacher, teacher_variables = build_teacher(config, info.num_classes)
+    eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
+    tx, _ = optim.create_optimizer(config.optim, global_batch_size=config.batch_size, steps_per_epoch=1,
+                                   num_epochs=max(config.num_epochs, 1))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
+        init, abstract, _ = _state_and_shardings(config, model, tx, mesh)
+        checkpointer = checkpoint.TrainCheckpointer(
+            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            save_every_steps=1,
+            keep=config.keep_checkpoints,
+            best_metric=BEST_METRIC,
+        )
+        restored = checkpointer.restore(abstract)
+        checkpointer.close()
+        if restored is not None:
+            step, state, _ = restored
+            params, model_state, ema = state.params, state.model_state, state.ema_params
+            log.info("Evaluating checkpoint step %d of %s", step, workdir)
+        elif config.init_from:
+            variables = dict(load_weights(config.init_from, config.model_name))
+            params, model_state, ema = variables.pop("params"), variables, {}
+        else:
+            raise FileNotFoundError(
+                f"Nothing to evaluate: no checkpoint in {workdir!r}/checkpoints and no "
+                "--config.init_from weights."
+            )
+        metrics = _eval_loop(
+            jax.jit(steps.make_eval_step(model, teacher)),
+            eval_data,
+            (params, model_state, ema, jax.device_put(teacher_variables, sharding.replicated(mesh))),
+        )
+    print(_format_eval(-1, metrics).replace("step -1", "evaluation"))
+    return metrics
