@@ -87,6 +87,7 @@ def make_train_step(
     kind = config.distillation.kind
     distilled = bool(getattr(model, "distilled", False))
     ema_decay = float(config.optim.ema_decay)
+    accum = int(config.optim.grad_accum_steps)
 
     def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
         rng, dropout_rng = jax.random.split(state.rng)
@@ -129,7 +130,11 @@ def make_train_step(
         params = keep(params, state.params)
         ema_params = state.ema_params
         if ema_decay > 0:
-            ema_params = keep(optim.ema_update(state.ema_params, params, ema_decay), ema_params)
+            ema = optim.ema_update(state.ema_params, params, ema_decay)
+            if accum > 1:  # optax.MultiSteps: only every `accum`-th batch changes the params
+                applied = opt_state.mini_step == 0
+                ema = jax.tree.map(lambda n, o: jnp.where(applied, n, o), ema, state.ema_params)
+            ema_params = keep(ema, ema_params)
         new_state = TrainState(
             step=state.step + 1,
             params=params,
@@ -145,7 +150,7 @@ def make_train_step(
             "loss": loss,
             "loss_base": parts["base"],
             "grad_norm": grad_norm,
-            "lr": schedule(state.step),
+            "lr": schedule(state.step // accum),
             "train_top1": jnp.mean(jnp.argmax(cls_logits, -1) == batch["label"]),
         }
         if kind != "none":

@@ -44,7 +44,8 @@ def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def student_overrides(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """`create_model` overrides for the student: config.model plus the data's classes and size."""
     overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
     if overrides.setdefault("num_classes", num_classes) != num_classes:
         raise ValueError(
@@ -52,14 +53,19 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
             f"{config.data.name!r} has {num_classes} classes; remove the override or use "
             "matching data."
         )
-    options = model_options(config.model_name)
-    if "img_size" in options:
+    if "img_size" in model_options(config.model_name):
         overrides.setdefault("img_size", config.data.img_size)
+    return overrides
+
+
+def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    overrides = student_overrides(config, num_classes)
     return create_model(config.model_name, dtype=_dtype(config.dtype), **overrides)
 
 
-def load_weights(path: str, model_name: str, **overrides: Any) -> Any:
-    """Variables from a deit_jax weights directory or a PyTorch/safetensors checkpoint file."""
+def load_weights(path: str, model_name: str) -> tuple[Any, dict[str, Any]]:
+    """`(variables, model_overrides)` from a deit_jax weights directory or a PyTorch /
+    safetensors checkpoint file (whose overrides are empty: the registered defaults)."""
     if os.path.isdir(path):
         variables, metadata = checkpoint.load_variables(path)
         if metadata["model_name"] != model_name:
@@ -67,13 +73,20 @@ def load_weights(path: str, model_name: str, **overrides: Any) -> Any:
                 f"{path!r} holds weights of {metadata['model_name']!r}, not {model_name!r}; set "
                 "the model name to match the weights."
             )
-        return variables
-    return convert.load_torch_checkpoint(path, model_name, **overrides)
+        return variables, metadata["model_overrides"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Weights {path!r} do not exist: give a deit_jax weights directory (from python -m "
+            "deit_jax.convert, or the `weights` directory of a finished run) or a .pth / "
+            ".safetensors file."
+        )
+    return convert.load_torch_checkpoint(path, model_name), {}
 
 
 def build_teacher(
     config: ml_collections.ConfigDict, num_classes: int
 ) -> tuple[nn.Module | None, Any]:
+    """The frozen teacher and its variables, or `(None, {})` without distillation."""
     if config.distillation.kind == "none":
         return None, {}
     if not config.teacher.checkpoint:
@@ -83,11 +96,11 @@ def build_teacher(
             "the `weights` directory of a finished deit_jax run) or a .pth/.safetensors file, "
             "or use --config.distillation.kind=none."
         )
-    overrides: dict[str, Any] = {"dtype": _dtype(config.dtype)}
+    variables, overrides = load_weights(config.teacher.checkpoint, config.teacher.name)
+    overrides = {**overrides, "dtype": _dtype(config.dtype)}
     if "img_size" in model_options(config.teacher.name):
-        overrides["img_size"] = config.teacher.img_size or config.data.img_size
+        overrides["img_size"] = config.teacher.img_size or overrides.get("img_size", config.data.img_size)
     teacher = create_model(config.teacher.name, **overrides)
-    variables = load_weights(config.teacher.checkpoint, config.teacher.name)
     h, w = input_size(teacher)
     images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     predicted = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False), variables, images)
@@ -175,12 +188,17 @@ def _eval_loop(eval_step, eval_data, args) -> dict[str, float]:
 # --------------------------------------------------------------------------- training
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming if `workdir` holds checkpoints); returns the final eval metrics."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, float]:
+    """Trains (resuming if `workdir` holds checkpoints); returns the final eval metrics.
+
+    `devices` (default: all) are the devices the mesh is built over.
+    """
     _validate(config)
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
-    mesh = sharding.create_mesh(config.mesh)
+    mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
     teacher, teacher_variables = build_teacher(config, info.num_classes)
     teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
@@ -213,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         else:
             start_step, state = 0, init()
             if config.init_from:
-                pretrained = load_weights(config.init_from, config.model_name)
+                pretrained, _ = load_weights(config.init_from, config.model_name)
                 params = _merge_pretrained(state.params, pretrained["params"], model)
                 state = state.replace(
                     params=jax.device_put(params, state_shardings.params),
@@ -298,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             signal.signal(signal.SIGTERM, previous_handler)
 
         if not stop["signal"]:
-            _export(workdir, config, state)
+            _export(workdir, config, state, info.num_classes)
         if not eval_metrics and start_step >= total_steps:
             eval_metrics = _eval_loop(
                 eval_step, eval_data, (state.params, state.model_state, state.ema_params, teacher_variables)
@@ -322,22 +340,24 @@ def _format_eval(step: int, metrics: dict[str, float]) -> str:
     return f"eval @ step {step}: " + ", ".join(parts) + f" (loss {metrics['loss']:.4f})"
 
 
-def _export(workdir: str, config: ml_collections.ConfigDict, state: steps.TrainState) -> None:
+def _export(workdir: str, config: ml_collections.ConfigDict, state: steps.TrainState, num_classes: int) -> None:
     """Final weights as a deit_jax weights directory (usable as a teacher or with init_from)."""
     path = os.path.join(workdir, "weights")
     if os.path.exists(path):
         return
-    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
     variables = {"params": state.params, **state.model_state}
+    overrides = student_overrides(config, num_classes)
     checkpoint.save_variables(path, variables, model_name=config.model_name, model_overrides=overrides)
     log.info("Exported final weights to %s", path)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir`, else the weights in `config.init_from`."""
     _validate(config)
     info = data.dataset_info(config)
-    mesh = sharding.create_mesh(config.mesh)
+    mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
     teacher, teacher_variables = build_teacher(config, info.num_classes)
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
@@ -358,7 +378,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
             params, model_state, ema = state.params, state.model_state, state.ema_params
             log.info("Evaluating checkpoint step %d of %s", step, workdir)
         elif config.init_from:
-            variables = dict(load_weights(config.init_from, config.model_name))
+            variables = dict(load_weights(config.init_from, config.model_name)[0])
             params, model_state, ema = variables.pop("params"), variables, {}
         else:
             raise FileNotFoundError(

@@ -12,10 +12,16 @@ randaugment.py). Resizing uses TF's antialiased Keys-cubic kernel (a = -0.5, sca
 shrinking), the kernel PIL uses; PIL rounds to uint8 between its two separable passes and TF does
 not, so resized pixels differ by a grey level or two (tests/test_augment.py states the bound).
 
-`train_preprocess` takes a decoded uint8 image or the encoded bytes (a scalar tf.string). With
-bytes, JPEGs are decoded with `decode_and_crop_jpeg`, which skips the IDCT of everything outside
-the RandomResizedCrop window: same crop, same pixels, much less work for the small crops RRC
-favours (see benchmarks/input_pipeline.py).
+`train_preprocess` takes a decoded uint8 image or the encoded bytes (a scalar tf.string); pass
+the bytes when you can (tfds: `decoders={"image": tfds.decode.SkipDecoding()}`). JPEGs are then
+decoded with `decode_and_crop_jpeg`, which skips the IDCT outside the RandomResizedCrop window:
+the same window as for the decoded image, the same pixels except within a few pixels of the
+window's edge (chroma upsampling), and less work for the small crops RRC favours (see
+benchmarks/input_pipeline.py). Other formats are decoded whole, then cropped.
+
+Speed on CPU: TensorFlow's kernels for broadcasting binary ops, `tf.where` and negative-stride
+slices are about ten times slower than same-shape elementwise ops, so the code materialises
+per-channel constants at the image's static shape and selects arithmetically.
 
 Randomness is stateless: the output is a function of (image, seed), whatever the threading.
 """
@@ -26,11 +32,15 @@ import math
 from collections.abc import Sequence
 
 import ml_collections
+import numpy as np
 
 from deit_jax._compat import import_tensorflow
 from deit_jax.data import randaugment
 
 tf = import_tensorflow()
+# Plain TF ops only, no Python control flow on tensors: autograph would only slow tracing down
+# (about 3x for train_preprocess).
+_no_autograph = tf.autograph.experimental.do_not_convert
 
 _INTERPOLATIONS = ("bicubic", "bilinear", "random")
 _ERASE_MODES = ("pixel", "rand", "const")
@@ -57,6 +67,7 @@ def _randint(u: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
 # RandomResizedCrop
 
 
+@_no_autograph
 def sample_crop_window(
     height: tf.Tensor,
     width: tf.Tensor,
@@ -140,6 +151,7 @@ def _resize_random_interp(image, size_hw, interpolation: str, seed) -> tf.Tensor
 # Colour jitter (torchvision ColorJitter on PIL images; only used without RandAugment)
 
 
+@_no_autograph
 def color_jitter(x: tf.Tensor, seed: tf.Tensor, strength: Sequence[float]) -> tf.Tensor:
     """Brightness, contrast and saturation factors ~ U(max(0, 1 - s), 1 + s), in random order."""
     factor_seed, order_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -160,6 +172,7 @@ def color_jitter(x: tf.Tensor, seed: tf.Tensor, strength: Sequence[float]) -> tf
 # Random erasing (timm RandomErasing, on the normalised image)
 
 
+@_no_autograph
 def random_erasing(
     x: tf.Tensor,
     seed: tf.Tensor,
@@ -205,11 +218,10 @@ def random_erasing(
             noise = tf.broadcast_to(noise, [box_h, box_w, channels])
         else:
             noise = tf.zeros([box_h, box_w, channels])
-        pad = [[top, height - top - box_h], [left, width - left - box_w], [0, 0]]
-        rows = tf.range(height)[:, None, None]
-        cols = tf.range(width)[None, :, None]
-        inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
-        return tf.where(inside, tf.pad(noise, pad), x)
+        # Slices and concats: one copy of the image, faster than a strided update or a where.
+        bottom, right = top + box_h, left + box_w
+        band = tf.concat([x[top:bottom, :left], noise, x[top:bottom, right:]], axis=1)
+        return tf.ensure_shape(tf.concat([x[:top], band, x[bottom:]], axis=0), x.shape)
 
     apply = (_uniform(apply_seed, []) < prob) & tf.reduce_any(fits)
     return tf.cond(apply, erase, lambda: x)
@@ -220,8 +232,11 @@ def random_erasing(
 
 
 def normalize(x: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """ToTensor + Normalize: x / 255, minus mean, over std (the same float32 op order)."""
-    return (x / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    """ToTensor + Normalize: (x / 255 - mean) / std, as x * a + b with full-shape a and b."""
+    std = np.asarray(std, np.float64)
+    scale = randaugment.full_like(1.0 / (255.0 * std), x)
+    offset = randaugment.full_like(-np.asarray(mean, np.float64) / std, x)
+    return tf.cast(x, tf.float32) * scale + offset
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
@@ -265,6 +280,7 @@ def _jitter_strength(value) -> tuple[float, float, float]:
     return value
 
 
+@_no_autograph
 def train_preprocess(
     image: tf.Tensor,
     seed: tf.Tensor,
@@ -296,7 +312,8 @@ def train_preprocess(
         x = _crop(image, crop_seed, scale, ratio)
     x = _resize_random_interp(x, size_hw, config.interpolation, interp_seed)
     if config.hflip > 0:
-        x = tf.cond(_uniform(flip_seed, []) < config.hflip, lambda: x[:, ::-1], lambda: x)
+        # tf.reverse: a negative-stride slice is ~20x slower on CPU.
+        x = tf.cond(_uniform(flip_seed, []) < config.hflip, lambda: tf.reverse(x, [1]), lambda: x)
     if policy is not None:
         # timm's img_mean: the fill colour of the geometric ops, the mean in [0, 255].
         fill = tuple(min(255, round(255 * m)) for m in config.mean)
@@ -308,6 +325,7 @@ def train_preprocess(
     return tf.ensure_shape(x, (*size_hw, 3))
 
 
+@_no_autograph
 def eval_preprocess(
     image: tf.Tensor,
     *,

@@ -11,11 +11,13 @@
   that do not decode are skipped, counted in the log; the check decodes every image once and is
   remembered in `<data_dir>/deit_jax_folder_checks/` until the folder changes.
 
-A `Source` reads one process's contiguous share of a split (`read`) as encoded examples
-`{"image": tf.string, "label": int32, "id": int32}`; `decode` turns an encoded image into uint8
-RGB. Decoding is kept separate so that the pipeline can shuffle and skip examples before paying
-for it. `id` is the example's position in its split (tfds order, or sorted file order), the same
-whatever the number of processes or the shuffling.
+A `Source` reads one process's contiguous share of a split (`read`) as cheap records (a
+serialized tfds example, or a file path) with an `id`, and `load` turns a record into
+`{"image": encoded tf.string, "label": int32}`. The pipeline shuffles and skips records before
+loading them; images stay encoded so that JPEGs can be decoded only inside their random crop
+(`deit_jax.data.augment`). Decoding gives RGB whatever the
+source's channels (grey digits included). `id` is the example's position in its split (tfds
+order, or sorted file order), the same whatever the number of processes or the shuffling.
 
 Split names accept tfds slicing (`train[:99%]`, `validation[:1000]`) for every source.
 """
@@ -42,13 +44,16 @@ from deit_jax.data.digits import Digits  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+SeedArg = int | tf.Tensor | None
 
 
 class Source:
-    """A classification data set, read as encoded examples."""
+    """A classification data set, read as records and loaded as encoded images with labels."""
 
     name: str
     num_classes: int
+    # True when `read(shuffle_seed=...)` already gives a uniform permutation (no buffer needed).
+    exact_shuffle: bool = False
 
     def split_sizes(self) -> dict[str, int]:
         """Number of examples of each named split."""
@@ -67,22 +72,23 @@ class Source:
         return n * index // count, n * (index + 1) // count
 
     def read(
-        self, split: str, index: int = 0, count: int = 1, *, shuffle_seed: int | None = None
+        self, split: str, index: int = 0, count: int = 1, *, shuffle_seed: SeedArg = None
     ) -> tf.data.Dataset:
-        """Encoded examples of shard `index` of `count` of `split`.
+        """Records of shard `index` of `count` of `split`: dicts with `id` (int32) and more.
 
-        Without `shuffle_seed` every example comes once, in a fixed order; with it, the order is
+        Without `shuffle_seed` every record comes once, in a fixed order; with it (an int or an
+        int64 scalar tensor, so that it can vary per epoch inside a tf.data graph) the order is
         shuffled (over files for tfds, fully for folders), the same for the same seed.
         """
         name, start, _ = self._resolve(split)
         a, b = self.shard_range(split, index, count)
         return self._read(name, start + a, start + b, shuffle_seed)
 
-    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
-        """uint8 (H, W, 3) image from the `image` of an encoded example."""
+    def load(self, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """`{"image": encoded image (tf.string), "label": int32}` of a record from `read`."""
         raise NotImplementedError
 
-    def _read(self, split: str, start: int, stop: int, seed: int | None) -> tf.data.Dataset:
+    def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
         raise NotImplementedError
 
     def _resolve(self, split: str) -> tuple[str, int, int]:
@@ -127,49 +133,70 @@ class TfdsSource(Source):
                 f"an Image feature and a ClassLabel feature, got {features}."
             )
         self.num_classes = features[self.label_key].num_classes
-        self._image_feature = features[self.image_key]
+        if info.file_format not in (None, tfds.core.FileFormat.TFRECORD):
+            raise ValueError(
+                f"Data set {self.name!r} is stored as {info.file_format.value}; deit_jax reads "
+                "tfds data sets prepared as TFRecord files (tfds's default). Prepare it again "
+                "with `tfds build ... --file_format=tfrecord`."
+            )
 
     def split_sizes(self) -> dict[str, int]:
         return {k: v.num_examples for k, v in self.builder.info.splits.items()}
 
-    def _read(self, split: str, start: int, stop: int, seed: int | None) -> tf.data.Dataset:
-        read_config = tfds.ReadConfig(
-            add_tfds_id=True, shuffle_seed=seed, options=_deterministic_options()
-        )
-        ds = self.builder.as_dataset(
-            split=f"{split}[{start}:{stop}]",
-            shuffle_files=seed is not None,
-            read_config=read_config,
-            decoders={self.image_key: tfds.decode.SkipDecoding()},
-        )
-        id_table = self._id_table(split)
-
-        def encoded(ex):
-            # tfds_id is "<shard file>__<index in file>"; id = examples before the file + index.
-            file = tf.strings.regex_replace(ex["tfds_id"], "__[0-9]+$", "")
-            index = tf.strings.regex_replace(ex["tfds_id"], "^.*__", "")
-            example_id = id_table.lookup(file) + tf.strings.to_number(index, tf.int64)
-            return {
-                "image": ex[self.image_key],
-                "label": tf.cast(ex[self.label_key], tf.int32),
-                "id": tf.cast(example_id, tf.int32),
-            }
-
-        return ds.map(encoded, num_parallel_calls=tf.data.AUTOTUNE)
-
-    def _id_table(self, split: str) -> tf.lookup.StaticHashTable:
+    def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
+        # tfds's own reader takes its file-shuffling seed as a Python int; reading the files
+        # named by its file instructions lets the seed be a tensor (one per epoch, in-graph).
         info = self.builder.info.splits[split]
-        files = [os.path.basename(os.fspath(p)) for p in info.filepaths]
-        offsets = np.cumsum([0, *info.shard_lengths[:-1]]).astype(np.int64)
-        init = tf.lookup.KeyValueTensorInitializer(files, offsets)
-        return tf.lookup.StaticHashTable(init, default_value=np.int64(-(2**40)))
+        offsets = dict(
+            zip(
+                (os.path.basename(os.fspath(p)) for p in info.filepaths),
+                np.cumsum([0, *info.shard_lengths[:-1]]).tolist(),
+                strict=True,
+            )
+        )
+        pieces = self.builder.info.splits[f"{split}[{start}:{stop}]"].file_instructions
+        files = tf.data.Dataset.from_tensor_slices(
+            {
+                "path": [os.fspath(p.filename) for p in pieces],
+                "skip": np.array([p.skip for p in pieces], np.int64),
+                "take": np.array([p.take for p in pieces], np.int64),
+                # id of a piece's first record: the examples in earlier files, plus its skip.
+                "first": np.array(
+                    [offsets[os.path.basename(os.fspath(p.filename))] + p.skip for p in pieces],
+                    np.int64,
+                ),
+            }
+        )
+        if seed is not None:
+            files = files.shuffle(len(pieces), seed=seed)
 
-    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
-        return _to_rgb(self._image_feature.decode_example(encoded))
+        def records(piece):
+            ds = tf.data.TFRecordDataset(piece["path"], buffer_size=8 << 20)
+            ds = ds.skip(piece["skip"]).take(piece["take"])
+            ids = tf.data.Dataset.range(piece["first"], piece["first"] + piece["take"])
+            return tf.data.Dataset.zip(ids, ds).map(
+                lambda i, r: {"id": tf.cast(i, tf.int32), "record": r}
+            )
+
+        return files.interleave(
+            records,
+            cycle_length=1 if seed is None else min(16, len(pieces)),
+            block_length=16,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+
+    def load(self, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        ex = self.builder.info.features.deserialize_example(
+            record["record"], decoders={self.image_key: tfds.decode.SkipDecoding()}
+        )
+        return {"image": ex[self.image_key], "label": tf.cast(ex[self.label_key], tf.int32)}
 
 
 class FolderSource(Source):
     """Images in `root/<split>/<class>/*.{jpg,jpeg,png}`, read in place."""
+
+    exact_shuffle = True
 
     def __init__(self, root: str, cache_dir: str):
         self.root = os.path.abspath(os.path.expanduser(root))
@@ -260,26 +287,22 @@ class FolderSource(Source):
             logging.warning("Could not remember the image check in %s: %s", cache, e)
         return bad
 
-    def _read(self, split: str, start: int, stop: int, seed: int | None) -> tf.data.Dataset:
+    def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
         paths, labels = self._examples(split)
-        ds = tf.data.Dataset.from_tensor_slices(
-            {
-                "path": list(paths[start:stop]),
-                "label": labels[start:stop],
-                "id": np.arange(start, stop, dtype=np.int32),
-            }
-        )
+        with tf.init_scope():  # Built eagerly: inside a tf.data function the list of paths
+            ds = tf.data.Dataset.from_tensor_slices(  # would become a constant of its graph.
+                {
+                    "path": list(paths[start:stop]),
+                    "label": labels[start:stop],
+                    "id": np.arange(start, stop, dtype=np.int32),
+                }
+            )
         if seed is not None:
             ds = ds.shuffle(stop - start, seed=seed)
-        read = lambda ex: {
-            "image": tf.io.read_file(ex["path"]),
-            "label": ex["label"],
-            "id": ex["id"],
-        }
-        return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds
 
-    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
-        return _decode_file(encoded)
+    def load(self, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {"image": tf.io.read_file(record["path"]), "label": record["label"]}
 
 
 def get_source(data: ml_collections.ConfigDict) -> Source:
@@ -303,11 +326,15 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         manual_dir = data.manual_dir
         expected = IMAGENET_ARCHIVES if builder.name == "imagenet2012" else ()
-        if manual_dir and os.path.isdir(manual_dir) and os.listdir(manual_dir):
-            if all(os.path.exists(os.path.join(manual_dir, f)) for f in expected):
-                logging.info("Preparing %s from %s into %s (runs once).", name, manual_dir, where)
-                config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-                return TfdsSource(_prepared(builder, download_config=config))
+        if (
+            manual_dir
+            and os.path.isdir(manual_dir)
+            and os.listdir(manual_dir)
+            and all(os.path.exists(os.path.join(manual_dir, f)) for f in expected)
+        ):
+            logging.info("Preparing %s from %s into %s (runs once).", name, manual_dir, where)
+            config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+            return TfdsSource(_prepared(builder, download_config=config))
         what = (
             f"{' and '.join(expected)} (from https://image-net.org/download-images)"
             if expected
@@ -374,14 +401,6 @@ def _undecodable(paths: list[str]) -> list[int]:
     for i, _ in ds.ignore_errors().batch(1024).as_numpy_iterator():
         ok[i] = True
     return np.flatnonzero(~ok).tolist()
-
-
-def _to_rgb(image: tf.Tensor) -> tf.Tensor:
-    if image.shape[-1] == 1:
-        image = tf.image.grayscale_to_rgb(image)
-    elif image.shape[-1] == 4:
-        image = image[..., :3]
-    return image
 
 
 def _isdir(*parts: str) -> bool:

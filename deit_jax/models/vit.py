@@ -91,7 +91,9 @@ class PatchProjection(nn.Module):
             (p, p, c, self.embed_dim),
             self.param_dtype,
         )
-        bias = self.param("bias", _partitioned(bias_init, ("embed",)), (self.embed_dim,), self.param_dtype)
+        bias = self.param(
+            "bias", _partitioned(bias_init, ("embed",)), (self.embed_dim,), self.param_dtype
+        )
         patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
         kernel = kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype)
@@ -121,11 +123,61 @@ class DropPath(nn.Module):
         if deterministic or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jax.random.bernoulli(
+            self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, written as PyTorch writes it: x * (1 + erf(x / sqrt(2))) / 2.
+
+    `jax.nn.gelu(approximate=False)` computes the same function through `erfc`, which XLA's CPU
+    backend evaluates about 2.5x slower than `erf` (benchmarks/NOTES.md).
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+
+
+class DenseParams(nn.Module):
+    """The kernel (in, out) and bias (out,) of an `nn.Dense`, returned instead of applied.
+
+    For layers whose kernel is reshaped per head before the matmul: the parameters keep the names,
+    shapes and layout of `nn.Dense`, so checkpoints convert as for any linear layer.
+    """
+
+    in_features: int
+    out_features: int
+    axes: tuple[str, str]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param(
+            "kernel",
+            _partitioned(trunc_normal(0.02), self.axes),
+            (self.in_features, self.out_features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            _partitioned(nn.initializers.zeros, (self.axes[1],)),
+            (self.out_features,),
+            self.param_dtype,
+        )
+        return kernel.astype(self.dtype), bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
+    """Multi-head self-attention with timm's fused `qkv` and `proj` parameters.
+
+    The fused q|k|v kernel (D, 3D) is read as (D, 3, heads, head_dim), PyTorch's row order, and
+    each of q, k, v is projected straight into the (batch, heads, length, head_dim) layout the
+    attention products want, so no activation is transposed. The softmax is normalised after the
+    product with v (dividing B*H*N*head_dim numbers instead of B*H*N*N); the attention maps
+    themselves are only formed when 'intermediates' is mutable.
+    """
+
     num_heads: int
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
@@ -139,17 +191,29 @@ class Attention(nn.Module):
         if d % h:
             raise ValueError(f"Width {d} is not divisible by the number of heads {h}.")
         hd = d // h
-        # Fused q|k|v projection with PyTorch's row order, so checkpoints map one to one.
-        qkv = _dense(3 * d, ("embed", "heads"), "qkv", self.dtype, self.param_dtype)(x)
-        qkv = qkv.reshape(b, n, 3, h, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(hd**-0.5, q.dtype), k)
-        # Softmax in float32 keeps bf16 training stable; a no-op in float32.
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        self.sow("intermediates", "attention", attn)
-        attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
-        out = _dense(d, ("heads", "embed"), "proj", self.dtype, self.param_dtype)(out)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv_kernel, qkv_bias = DenseParams(d, 3 * d, ("embed", "heads"), **kw, name="qkv")()
+        # Scaling the (small) kernel instead of q: exact, as head_dim**-0.5 is 1/8 in DeiT.
+        scale = jnp.asarray([hd**-0.5, 1.0, 1.0], self.dtype)
+        qkv_kernel = qkv_kernel.reshape(d, 3, h, hd) * scale[:, None, None]
+        qkv_bias = qkv_bias.reshape(3, 1, h, 1, hd) * scale[:, None, None, None, None]
+        qkv = jnp.einsum("bnc,cthd->tbhnd", x.astype(self.dtype), qkv_kernel) + qkv_bias
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        # Softmax statistics in float32 keep bf16 training stable; a no-op in float32. The row
+        # maximum only shifts the exponent (softmax is invariant to it), so it needs no gradient.
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+        weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+        total = weights.sum(-1, keepdims=True)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention", (weights / total).astype(self.dtype))
+        weights = nn.Dropout(self.attn_drop_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum(
+            "bhqk,bhkd->bhqd", weights.astype(self.dtype), v, preferred_element_type=jnp.float32
+        )
+        out = (out / total).astype(self.dtype)
+
+        proj_kernel, proj_bias = DenseParams(d, d, ("heads", "embed"), **kw, name="proj")()
+        out = jnp.einsum("bhnd,hde->bne", out, proj_kernel.reshape(h, hd, d)) + proj_bias
         return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
 
@@ -164,7 +228,7 @@ class Mlp(nn.Module):
         d = x.shape[-1]
         x = _dense(self.hidden_dim, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
         x = _dense(d, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
         return nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
@@ -192,7 +256,9 @@ class Block(nn.Module):
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         y = _layer_norm("norm2", **kw)(x)
-        y = Mlp(int(d * self.mlp_ratio), self.drop_rate, **kw, name="mlp")(y, deterministic=deterministic)
+        y = Mlp(int(d * self.mlp_ratio), self.drop_rate, **kw, name="mlp")(
+            y, deterministic=deterministic
+        )
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 

@@ -1,0 +1,783 @@
+"""Throughput of deit_jax against timm's PyTorch DeiT, measured in one run on one machine.
+
+Prints Markdown tables:
+
+1. Train-step images/s (forward, backward, AdamW update; jitted, parameter and optimiser
+   buffers donated) and inference images/s, deit_jax next to timm at the same batch size,
+   precision (JAX: bf16 compute with float32 parameters; PyTorch: autocast bf16 on CPU, AMP on
+   GPU) and thread count, with the ratio deit_jax / timm. Also the FLOPs XLA counts per image,
+   the achieved TFLOP/s, the model FLOP utilisation (MFU, GPU only) and the peak memory.
+2. The distillation overhead: deit_jax's real train step (`deit_jax.steps.make_train_step`, with
+   EMA) for a distilled student, plain and with a frozen RegNetY teacher, against the FLOP ratio.
+3. How the step time grows with the batch size and with the resolution (224 -> 384), against the
+   FLOP growth.
+
+Usage (from the repository root):
+
+    python benchmarks/throughput.py            # CPU preset, < 10 minutes on 2 cores
+    python benchmarks/throughput.py --smoke    # tiny models, about a minute: every code path
+    python benchmarks/throughput.py --gpu      # one-GPU preset (H100/H200): DeiT-B bf16 b256
+
+Method: every measured function runs a whole step and waits for its result (JAX:
+`block_until_ready`; CUDA: `torch.cuda.synchronize`). Each is warmed up first (which also
+compiles), then the deit_jax and timm functions of a configuration are timed in turn, round after
+round, so a noisy shared machine slows both alike; the tables give medians. Inputs already sit on
+the device. timm runs eagerly (as the reference training code does), with fused AdamW. Both
+frameworks get the same number of CPU threads (`--threads`: the process's CPU affinity, which
+sizes XLA's thread pool, and `torch.set_num_threads`).
+
+On CPU the script first tunes glibc's allocator for the whole process (both frameworks): XLA
+allocates each step's temporaries afresh (1.8 GB for a DeiT-Ti batch-32 train step) and glibc
+serves such blocks with mmap and unmaps them on free, so every step page-faults its working set
+in again. `tune_malloc` keeps freed memory in the process instead (`--default-malloc` skips it;
+see benchmarks/NOTES.md for the numbers with and without).
+"""
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def tune_malloc() -> bool:
+    """Makes glibc reuse freed memory instead of returning it to the OS; True if applied.
+
+    One arena, no mmap-backed blocks and no heap trimming: a step's buffers then come from memory
+    earlier steps freed, without page faults (about 480k faults and 0.9 s of a 3.5 s DeiT-Ti
+    batch-32 train step on 2 cores). The process keeps its peak memory. Call it before any thread
+    allocates (before importing torch and jax); a no-op returning False without glibc.
+    """
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    settings = ((m_mmap_max, 0), (m_trim_threshold, -1), (m_arena_max, 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+# Before torch and jax start their threads; skipped on GPU, where host memory matters little.
+MALLOC_TUNED = not {"--gpu", "--default-malloc"} & set(sys.argv[1:]) and tune_malloc()
+if "--smoke" in sys.argv[1:]:  # compile fast: the smoke run checks code paths, not speed
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    ).strip()
+
+# torch and timm before deit_jax: importing TensorFlow (which parts of deit_jax's input pipeline
+# do) before them crashes the interpreter (deit_jax/_compat.py).
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+# Both frameworks share the GPU: JAX must not grab most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax.core import meta  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import deit_jax  # noqa: E402
+from deit_jax import config as deit_config  # noqa: E402
+from deit_jax import optim, steps  # noqa: E402
+from deit_jax.models import model_options  # noqa: E402
+
+MODELS = {
+    "Ti": "deit_tiny_patch16_224",
+    "S": "deit_small_patch16_224",
+    "B": "deit_base_patch16_224",
+}
+DTYPES = {"float32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfloat16)}
+# Dense peak TFLOP/s for MFU, by device kind substring and precision (fp32 rows: TF32 matmuls).
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "float32": 494.7}, "H200": {"bf16": 989.4, "float32": 494.7}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measured configuration: a DeiT size at a resolution, precision and batch size."""
+
+    size: str  # key of MODELS
+    precision: str  # key of DTYPES
+    batch: int
+    res: int = 224
+    steps: tuple[str, ...] = ("train", "infer")
+    timm: bool = True  # also measure timm
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    main: tuple[Case, ...]
+    batch_sweep: tuple[Case, ...]  # same model and precision, growing batch
+    resolution: tuple[Case, ...]  # same model, precision and batch: 224, then 384
+    distill: tuple[str, str, str, int]  # student, teacher, precision, batch
+    warmup: int = 1
+    reps: int = 5
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    teacher_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+
+PRESETS = {
+    # About 5 minutes on an idle 2-core CPU. DeiT-B runs only in the GPU preset; bf16 and DeiT-S
+    # use batch 8 (bf16 is emulated on CPUs without AVX512-BF16, and slow on both frameworks).
+    "cpu": Preset(
+        main=(Case("Ti", "float32", 32), Case("Ti", "bf16", 8), Case("S", "float32", 8)),
+        batch_sweep=(
+            Case("Ti", "float32", 8, steps=("train",)),
+            Case("Ti", "float32", 16, steps=("train",)),
+            Case("Ti", "float32", 32),
+        ),
+        resolution=(
+            Case("Ti", "float32", 8, steps=("train",)),
+            Case("Ti", "float32", 8, res=384, steps=("train",)),
+        ),
+        distill=("deit_tiny_distilled_patch16_224", "regnety_160", "float32", 8),
+        reps=5,
+        note="CPU preset: DeiT-B is measured only with --gpu; bf16 and DeiT-S at batch 8.",
+    ),
+    "gpu": Preset(
+        main=(
+            Case("Ti", "bf16", 256),
+            Case("S", "bf16", 256),
+            Case("B", "bf16", 256),
+            Case("B", "float32", 128),
+        ),
+        batch_sweep=(
+            Case("B", "bf16", 64, steps=("train",)),
+            Case("B", "bf16", 128, steps=("train",)),
+            Case("B", "bf16", 256),
+        ),
+        resolution=(
+            Case("B", "bf16", 64, steps=("train",)),
+            Case("B", "bf16", 64, res=384, steps=("train",)),
+        ),
+        distill=("deit_base_distilled_patch16_224", "regnety_160", "bf16", 128),
+        warmup=2,
+        reps=10,
+        note="GPU preset: float32 rows use TF32 matmuls on both sides.",
+    ),
+    # Every code path on tiny inputs (32x32 images, 1-block DeiTs, a 4-block RegNetY teacher);
+    # the sweeps reuse the main cases' measurements where they coincide.
+    "smoke": Preset(
+        main=(Case("Ti", "float32", 2), Case("Ti", "bf16", 2, steps=("infer",))),
+        batch_sweep=(Case("Ti", "float32", 1, steps=("train",)), Case("Ti", "float32", 2)),
+        resolution=(
+            Case("Ti", "float32", 1, res=32, steps=("train",)),
+            Case("Ti", "float32", 1, res=48, steps=("train",)),
+        ),
+        distill=("deit_tiny_distilled_patch16_224", "regnety_002", "float32", 2),
+        reps=2,
+        model_overrides={"depth": 1},
+        teacher_overrides={"depths": (1, 1, 1, 1)},
+        note="Smoke preset: tiny 1-block models, numbers mean nothing.",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers.
+
+
+class RssSampler:
+    """Samples the process's resident set size in a thread; `peak_since(mark)` reads the peak."""
+
+    def __init__(self, interval: float = 0.02):
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._interval = interval
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._peak = max(self._peak, self.rss())
+
+    def start(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def reset(self) -> int:
+        """Starts a new peak window; returns the RSS now."""
+        self._peak = now = self.rss()
+        return now
+
+    def peak(self) -> int:
+        return max(self._peak, self.rss())
+
+
+@dataclasses.dataclass
+class Measured:
+    seconds: list[float]
+    memory: int | None = None  # bytes: step peak above the state (CPU) or device peak (GPU)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+class Runner:
+    """Runs step functions round-robin and records median times and peak memory."""
+
+    def __init__(self, gpu: bool, warmup: int, reps: int):
+        self.gpu = gpu
+        self.warmup = warmup
+        self.reps = reps
+        self.rss = None if gpu else RssSampler().start()
+
+    def measure(self, fns: dict[str, Callable[[], Any]]) -> dict[str, Measured]:
+        results = {k: Measured([]) for k in fns}
+        for key, fn in fns.items():  # warm-up (the first call also measures memory)
+            before = self._reset_memory(key)
+            fn()
+            results[key].memory = self._peak_memory(key, before)
+            for _ in range(self.warmup - 1):
+                fn()
+        for _ in range(self.reps):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                results[key].seconds.append(time.perf_counter() - start)
+        return results
+
+    def _reset_memory(self, key: str) -> int:
+        if not self.gpu:
+            _malloc_trim()  # so that memory freed by earlier steps does not hide this one's
+            return self.rss.reset()
+        if key.startswith("timm"):
+            torch.cuda.reset_peak_memory_stats()
+        return 0
+
+    def _peak_memory(self, key: str, before: int) -> int | None:
+        if not self.gpu:
+            return self.rss.peak() - before
+        if key.startswith("timm"):
+            return torch.cuda.max_memory_allocated()
+        return None  # JAX's device peak is process-wide; the table gives XLA's plan instead
+
+
+def _malloc_trim() -> None:
+    """Returns the C heap's free memory to the OS (glibc), so RSS growth measures a step."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def xla_flops(lowered: jax.stages.Lowered) -> float | None:
+    """FLOPs XLA counts for a lowered function (a multiply-add is 2), before optimisation."""
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # a backend without HLO cost analysis
+        return None
+    if isinstance(cost, list):  # older JAX returned one dict per device
+        cost = cost[0]
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return flops or None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def xla_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """Bytes the compiled executable needs: arguments + outputs + temporaries - donated."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return int(total - m.alias_size_in_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two frameworks' steps.
+
+
+def jax_model(size: str, precision: str, res: int, overrides: dict[str, Any]):
+    name = MODELS.get(size, size)
+    return deit_jax.create_model(name, img_size=res, dtype=DTYPES[precision][0], **overrides)
+
+
+@dataclasses.dataclass
+class JaxSteps:
+    fns: dict[str, Callable[[], Any]]
+    flops: dict[str, float | None]  # per step
+    plan_bytes: dict[str, int | None]
+
+
+def jax_steps(case: Case, preset: Preset, drop_path: float, seed: int = 0) -> JaxSteps:
+    """Compiled deit_jax train and inference steps on fixed random data."""
+    model = jax_model(case.size, case.precision, case.res, preset.model_overrides)
+    model = model.clone(drop_path_rate=drop_path)
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.normal(size=(case.batch, case.res, case.res, 3)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, model.num_classes, size=(case.batch,)).astype(np.int32))
+    params = jax.jit(lambda: meta.unbox(model.init(jax.random.key(seed), images[:1])["params"]))()
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
+    key = jax.random.key(seed + 1)
+
+    def loss_fn(params, images, labels, key):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        return loss.mean()
+
+    def train_step(params, opt_state, images, labels, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def infer(params, images):
+        return model.apply({"params": params}, images, train=False)
+
+    state = {"params": params, "opt": jax.jit(tx.init)(params)}
+    fns, flops, plan = {}, {}, {}
+    if "train" in case.steps:
+        lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+            state["params"], state["opt"], images, labels, key
+        )
+        compiled = lowered.compile()
+        flops["train"], plan["train"] = xla_flops(lowered), xla_bytes(compiled)
+
+        def run_train():
+            state["params"], state["opt"], loss = compiled(
+                state["params"], state["opt"], images, labels, key
+            )
+            loss.block_until_ready()
+
+        fns["train"] = run_train
+    if "infer" in case.steps:
+        lowered = jax.jit(infer).lower(state["params"], images)
+        compiled_infer = lowered.compile()
+        flops["infer"], plan["infer"] = xla_flops(lowered), xla_bytes(compiled_infer)
+        fns["infer"] = lambda: compiled_infer(state["params"], images).block_until_ready()
+    return JaxSteps(fns, flops, plan)
+
+
+def timm_steps(case: Case, preset: Preset, drop_path: float, device: str, seed: int = 0):
+    """timm train and inference steps: eager, fused AdamW, autocast for bf16."""
+    torch.manual_seed(seed)
+    overrides = dict(preset.model_overrides)
+    model = timm.create_model(
+        MODELS[case.size],
+        pretrained=False,
+        img_size=case.res,
+        drop_path_rate=drop_path,
+        **overrides,
+    ).to(device)
+    rng = np.random.default_rng(seed)
+    images = torch.from_numpy(
+        rng.normal(size=(case.batch, 3, case.res, case.res)).astype(np.float32)
+    )
+    images = images.to(device)
+    labels = torch.from_numpy(rng.integers(0, model.num_classes, size=(case.batch,))).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    bf16 = case.precision == "bf16"
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        sync()
+
+    def infer():
+        model.eval()
+        with torch.inference_mode(), autocast():
+            model(images)
+        sync()
+
+    return {"train": train, "infer": infer}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables.
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def mib(x: int | None) -> str:
+    return "-" if x is None else f"{x / 2**20:,.0f}"
+
+
+@dataclasses.dataclass
+class Row:
+    case: Case
+    step: str
+    jax_s: float
+    timm_s: float | None
+    flops: float | None  # per step
+    jax_mem: int | None
+    jax_plan: int | None
+    timm_mem: int | None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, preset: Preset):
+        self.args = args
+        self.preset = preset
+        self.gpu = jax.default_backend() == "gpu"
+        self.device = "cuda" if self.gpu else "cpu"
+        self.runner = Runner(self.gpu, preset.warmup, preset.reps)
+        self.rows: dict[tuple[Case, str], Row] = {}
+        self.kind = jax.devices()[0].device_kind
+        self.records: list[dict[str, Any]] = []
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def run_case(self, case: Case) -> None:
+        """Measures every step of `case` not measured yet, deit_jax and timm interleaved."""
+        todo = [s for s in case.steps if not any(c == case_key(case, s) for c in self.rows)]
+        if not todo:
+            return
+        case = dataclasses.replace(case, steps=tuple(todo))
+        t0 = time.perf_counter()
+        js = jax_steps(case, self.preset, self.args.drop_path)
+        fns = {f"jax-{k}": v for k, v in js.fns.items()}
+        if case.timm and not self.args.no_timm:
+            ts = timm_steps(case, self.preset, self.args.drop_path, self.device)
+            fns.update({f"timm-{k}": ts[k] for k in todo})
+        res = self.runner.measure(fns)
+        for step in todo:
+            t = res.get(f"timm-{step}")
+            row = Row(
+                case,
+                step,
+                res[f"jax-{step}"].median,
+                None if t is None else t.median,
+                js.flops[step],
+                res[f"jax-{step}"].memory,
+                js.plan_bytes[step],
+                None if t is None else t.memory,
+            )
+            self.rows[case_key(case, step)] = row
+            self.records.append(
+                {
+                    "model": MODELS[case.size],
+                    "res": case.res,
+                    "precision": case.precision,
+                    "batch": case.batch,
+                    "step": step,
+                    "jax_seconds": res[f"jax-{step}"].seconds,
+                    "timm_seconds": None if t is None else t.seconds,
+                    "flops_per_step": js.flops[step],
+                }
+            )
+            ratio = "" if t is None else f", x{row.timm_s / row.jax_s:.2f} vs timm"
+            self.log(
+                f"DeiT-{case.size} {case.res} {case.precision} b{case.batch} {step}: "
+                f"{case.batch / row.jax_s:.1f} img/s{ratio}"
+            )
+        del js, fns
+        gc.collect()
+        if self.gpu:
+            torch.cuda.empty_cache()
+        self.log(f"  ({time.perf_counter() - t0:.0f} s with compilation)")
+
+    def peak_tflops(self, precision: str) -> float | None:
+        if not self.gpu:
+            return None
+        if self.args.peak_tflops:
+            return self.args.peak_tflops * (1.0 if precision == "bf16" else 0.5)
+        for kind, peaks in PEAK_TFLOPS.items():
+            if kind in self.kind:
+                return peaks[precision]
+        return None
+
+    def main_table(self) -> str:
+        lines = [
+            "| model | res | precision | batch | step | deit_jax img/s | timm img/s "
+            "| deit_jax/timm | XLA GFLOP/img | deit_jax TFLOP/s | MFU | mem deit_jax MiB "
+            "| mem timm MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for case in self.preset.main:
+            for step in case.steps:
+                r = self.rows[case_key(case, step)]
+                tflops = ratio(r.flops, r.jax_s * 1e12)
+                peak = self.peak_tflops(case.precision)
+                mfu = ratio(tflops, peak)
+                jax_mem = r.jax_plan if self.gpu else r.jax_mem
+                lines.append(
+                    f"| DeiT-{case.size} | {case.res} | {case.precision} | {case.batch} | {step} "
+                    f"| {fmt(case.batch / r.jax_s)} "
+                    f"| {fmt(None if r.timm_s is None else case.batch / r.timm_s)} "
+                    f"| {fmt(None if r.timm_s is None else r.timm_s / r.jax_s, 2)} "
+                    f"| {fmt(ratio(r.flops, case.batch * 1e9), 2)} | {fmt(tflops, 3)} "
+                    f"| {'-' if mfu is None else f'{100 * mfu:.1f}%'} "
+                    f"| {mib(jax_mem)} | {mib(r.timm_mem)} |"
+                )
+        return "\n".join(lines)
+
+    def scaling_table(self, cases: tuple[Case, ...], what: str) -> str:
+        lines = [
+            f"| {what} | step | deit_jax ms | x time | timm ms | x time | x FLOPs (XLA) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        base = {s: self.rows[case_key(cases[0], s)] for s in ("train",)}
+        for case in cases:
+            r = self.rows[case_key(case, "train")]
+            b = base["train"]
+            label = f"batch {case.batch}" if what == "batch" else f"{case.res}px"
+            t_ms = None if r.timm_s is None else 1e3 * r.timm_s
+            t_x = None if r.timm_s is None or b.timm_s is None else r.timm_s / b.timm_s
+            lines.append(
+                f"| {label} | train | {fmt(1e3 * r.jax_s)} | {fmt(r.jax_s / b.jax_s, 2)} "
+                f"| {fmt(t_ms)} | {fmt(t_x, 2)} | {fmt(ratio(r.flops, b.flops), 2)} |"
+            )
+        return "\n".join(lines)
+
+    def distill(self) -> str:
+        """deit_jax's real train step: a distilled student plain, then with a frozen teacher."""
+        student_name, teacher_name, precision, batch = self.preset.distill
+        dtype = DTYPES[precision][0]
+        s_over = dict(self.preset.model_overrides, dtype=dtype)
+        t_over = dict(self.preset.teacher_overrides)
+        if "dtype" in model_options(teacher_name):
+            t_over["dtype"] = dtype
+        if self.args.smoke:
+            s_over["img_size"] = t_over["img_size"] = 32
+        student = deit_jax.create_model(student_name, **s_over)
+        teacher = deit_jax.create_model(teacher_name, **t_over)
+        res = student.img_size
+        config = deit_config.base_config()
+        config.distillation.alpha, config.distillation.tau = 0.5, 1.0
+        # The learning-rate schedule of the reference batch (1024): its values do not change speed.
+        tx, schedule = optim.create_optimizer(
+            config.optim, global_batch_size=1024, steps_per_epoch=1000, num_epochs=300
+        )
+        rng = np.random.default_rng(0)
+        images = jnp.asarray(rng.normal(size=(batch, res, res, 3)).astype(np.float32))
+        labels = rng.integers(0, 1000, size=(batch,))
+        batch_data = {
+            "image": images,
+            "label": jnp.asarray(labels.astype(np.int32)),
+            "target": jnp.asarray(np.eye(1000, dtype=np.float32)[labels] * 0.9 + 0.1 / 1000),
+        }
+        t_vars = jax.jit(
+            lambda: meta.unbox(teacher.init(jax.random.key(1), images[:1], train=False))
+        )()
+        t_vars = {k: v for k, v in t_vars.items() if k != "intermediates"}
+
+        init = jax.jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
+        fns, flops = {}, {}
+        for kind in ("none", "hard"):
+            config.distillation.kind = kind
+            step = steps.make_train_step(
+                student, tx, schedule, config, teacher if kind != "none" else None
+            )
+            state = meta.unbox(init())  # a fresh state for each: the steps donate theirs
+            tv = t_vars if kind != "none" else {}
+            lowered = jax.jit(step, donate_argnums=(0,)).lower(state, tv, batch_data)
+            compiled = lowered.compile()
+            flops[kind] = xla_flops(lowered)
+            box = {"state": state}
+
+            def run(compiled=compiled, box=box, tv=tv):
+                box["state"], metrics = compiled(box["state"], tv, batch_data)
+                jax.block_until_ready(metrics)
+
+            fns[kind] = run
+        # Forward FLOPs of each network alone: the analytic ratio is (3 S + T) / 3 S.
+        s_vars = {"params": state.params}
+        s_fwd = xla_flops(
+            jax.jit(lambda v, x: student.apply(v, x, train=False)).lower(s_vars, images)
+        )
+        t_fwd = xla_flops(
+            jax.jit(lambda v, x: teacher.apply(v, x, train=False)).lower(t_vars, images)
+        )
+        res_t = self.runner.measure(fns)
+        plain, dist = res_t["none"].median, res_t["hard"].median
+        self.log(f"distillation: plain {batch / plain:.1f} img/s, with teacher {batch / dist:.1f}")
+        analytic = None if s_fwd is None or t_fwd is None else (3 * s_fwd + t_fwd) / (3 * s_fwd)
+        lines = [
+            f"Student {student_name}, teacher {teacher_name} (frozen, eval mode, stop_gradient), "
+            f"{precision}, batch {batch}, `deit_jax.steps.make_train_step` (AdamW + EMA).",
+            "",
+            "| step | img/s | ms | x time | x FLOPs (XLA, step) | x FLOPs (3 S + T) / 3 S |",
+            "|---|---|---|---|---|---|",
+            f"| plain (kind none) | {fmt(batch / plain)} | {fmt(1e3 * plain)} "
+            "| 1.00 | 1.00 | 1.00 |",
+            f"| distilled (kind hard) | {fmt(batch / dist)} | {fmt(1e3 * dist)} "
+            f"| {dist / plain:.2f} | {fmt(ratio(flops['hard'], flops['none']), 2)} "
+            f"| {fmt(analytic, 2)} |",
+            "",
+            f"Forward GFLOP/img (XLA): student {fmt(ratio(s_fwd, batch * 1e9), 2)}, "
+            f"teacher {fmt(ratio(t_fwd, batch * 1e9), 2)}.",
+        ]
+        return "\n".join(lines)
+
+
+def case_key(case: Case, step: str) -> tuple:
+    return (case.size, case.precision, case.batch, case.res, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def set_threads(n: int | None) -> int:
+    """Pins this process to n CPUs; XLA sizes its CPU thread pool from the affinity mask."""
+    cpus = sorted(os.sched_getaffinity(0))
+    n = len(cpus) if n is None else n
+    if not 1 <= n <= len(cpus):
+        raise SystemExit(f"--threads must be in [1, {len(cpus)}] (the CPUs available), got {n}.")
+    os.sched_setaffinity(0, cpus[:n])
+    torch.set_num_threads(n)
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Presets: default CPU (< 10 min on 2 cores), --gpu (one H100, a few minutes), "
+        "--smoke (tiny models, checks every code path). Tables go to stdout, progress to stderr.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true", help="GPU preset (needs a JAX and a torch GPU)")
+    mode.add_argument("--smoke", action="store_true", help="tiny and fast: tests the script")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for both frameworks (default: all CPUs of this process)",
+    )
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default: preset's)")
+    p.add_argument(
+        "--drop-path",
+        type=float,
+        default=0.1,
+        help="stochastic depth in the train steps, both frameworks (recipe: 0.1)",
+    )
+    p.add_argument("--no-timm", action="store_true", help="deit_jax only")
+    p.add_argument(
+        "--skip", default="", help="comma list of sections to skip: main,batch,resolution,distill"
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak of the GPU for MFU (default: H100/H200 989.4)",
+    )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="CPU: leave glibc's allocator as it is (see tune_malloc; read before parsing)",
+    )
+    p.add_argument("--json", default=None, help="also write the raw timings to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    preset = PRESETS["smoke" if args.smoke else "gpu" if args.gpu else "cpu"]
+    if args.reps:
+        preset = dataclasses.replace(preset, reps=args.reps)
+    if args.smoke:  # tiny inputs for every case
+        fix = lambda c: dataclasses.replace(c, res=32 if c.res == 224 else c.res)  # noqa: E731
+        preset = dataclasses.replace(
+            preset,
+            main=tuple(map(fix, preset.main)),
+            batch_sweep=tuple(map(fix, preset.batch_sweep)),
+        )
+    threads = set_threads(args.threads)
+    gpu = jax.default_backend() == "gpu"
+    if args.gpu and not (gpu and torch.cuda.is_available()):
+        raise SystemExit(
+            f"--gpu needs a GPU for both JAX (backend: {jax.default_backend()}) and torch "
+            f"(cuda available: {torch.cuda.is_available()}); drop --gpu to run the CPU preset."
+        )
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default precision uses TF32 too
+        torch.backends.cudnn.allow_tf32 = True
+    skip = set(filter(None, args.skip.split(",")))
+    bench = Bench(args, preset)
+    started = time.perf_counter()
+    device = f"{bench.kind} ({jax.default_backend()})"
+    header = [
+        f"# deit_jax vs timm throughput: {device}, {threads} CPU threads",
+        "",
+        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
+        f"torch {torch.__version__}, timm {timm.__version__}; XLA_FLAGS="
+        f"'{os.environ.get('XLA_FLAGS', '')}'. Medians of {preset.reps} interleaved rounds "
+        f"after {preset.warmup} warm-up. Train step: forward, cross-entropy, backward, AdamW, "
+        f"drop path {args.drop_path}. {preset.note}",
+        "",
+        f"glibc malloc tuned (tune_malloc): {bool(MALLOC_TUNED)}. Memory: "
+        + (
+            "deit_jax = XLA's plan (arguments + outputs + temporaries - donated); "
+            "timm = torch.cuda.max_memory_allocated."
+            if jax.default_backend() == "gpu"
+            else "growth of the process RSS during each framework's first (warm-up) step "
+            "(timm's includes allocating AdamW's state)."
+        ),
+    ]
+    print("\n".join(header) + "\n", flush=True)
+    sections = [
+        (
+            "main",
+            "## Throughput",
+            lambda: [bench.run_case(c) for c in preset.main],
+            bench.main_table,
+        ),
+        (
+            "batch",
+            "## Step time against batch size",
+            lambda: [bench.run_case(c) for c in preset.batch_sweep],
+            lambda: bench.scaling_table(preset.batch_sweep, "batch"),
+        ),
+        (
+            "resolution",
+            "## Step time against resolution",
+            lambda: [bench.run_case(c) for c in preset.resolution],
+            lambda: bench.scaling_table(preset.resolution, "resolution"),
+        ),
+        ("distill", "## Distillation overhead", lambda: None, bench.distill),
+    ]
+    for name, title, run, table in sections:
+        if name in skip:
+            continue
+        run()
+        text = f"{title}\n\n{table()}"
+        print(text + "\n", flush=True)
+    footer = f"Total wall time {time.perf_counter() - started:.0f} s."
+    if gpu:
+        stats = jax.devices()[0].memory_stats() or {}
+        footer += f" JAX device peak {mib(stats.get('peak_bytes_in_use'))} MiB (process-wide)."
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        footer += f" Process peak RSS {mib(peak)} MiB."
+    print(footer)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "threads": threads, "rows": bench.records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

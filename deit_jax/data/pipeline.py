@@ -1,0 +1,520 @@
+"""Input pipelines: tf.data on each host, global `jax.Array`s on the mesh.
+
+Each process reads its own contiguous share of a split (`Source.read`) and builds its part of
+every global batch; `jax.make_array_from_process_local_data` assembles the parts into one array
+sharded over the mesh's data axes, and a background thread keeps `config.data.prefetch` batches
+already on the devices.
+
+Training. An epoch is `num_train // batch_size` steps, so every epoch has the length of the data
+set. With repeated augmentation (`config.data.repeated_aug` = R > 1, timm/DeiT's `RASampler`)
+each epoch takes the first ~1/R of a fresh shuffle of the data and yields every one of those
+images R times in a row, each time under a different augmentation. (The reference deals the R
+copies to R different GPUs of the same step; here they sit in the same process's part of the same
+step's batch: the global batch holds the same images either way.) A tfds source is shuffled over
+its files, then through a `config.data.shuffle_buffer` of records; a folder, fully; with
+`config.data.cache`, each process's records stay in memory and are fully shuffled. Every random
+choice is seeded
+from `config.seed`: the shuffles from (seed, epoch, process share), each example's augmentation
+from (seed, epoch, share, position in the epoch) and each batch's mixup/cutmix from (seed,
+epoch, share, step), with stateless ops. A run's stream is therefore fixed by the seed (and the
+process layout), and `TrainIterator.get_state()` (epoch, step) is all it takes to resume it: the
+restarted pipeline skips the epoch's first examples before decoding them.
+
+Evaluation. Each pass reads the eval split once. Every process runs the same number of steps;
+the batches past the end of a process's share are padded with `mask == False`, so summing
+`metric * mask` counts every example exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deit_jax._compat import import_tensorflow
+from deit_jax.data import augment, mixup, sources
+
+tf = import_tensorflow()
+
+# Tags that keep the streams derived from one seed apart.
+_SHUFFLE_FILES, _SHUFFLE_BUFFER, _AUGMENT, _MIXUP = range(4)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the schedule need to know of the data (split sizes over all hosts)."""
+
+    num_classes: int
+    num_train: int
+    num_eval: int
+    image_shape: tuple[int, int, int]
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Classes, split sizes and model input shape of `config.data`."""
+    source = _source(config.data)
+    size = _size_hw(config.data.img_size)
+    return DatasetInfo(
+        num_classes=source.num_classes,
+        num_train=source.num_examples(config.data.train_split),
+        num_eval=source.num_examples(config.data.eval_split),
+        image_shape=(*size, 3),
+    )
+
+
+def build_train(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    data_axes: Sequence[str] = ("data",),
+    *,
+    with_ids: bool = False,
+) -> TrainIterator:
+    """Endless training batches of `config.batch_size`, sharded over `data_axes` of `mesh`.
+
+    `with_ids` adds `id`, each example's position in the train split (for tests and debugging).
+    """
+    return TrainIterator(config, mesh, _axes(data_axes), with_ids=with_ids)
+
+
+def build_eval(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    data_axes: Sequence[str] = ("data",),
+    *,
+    with_ids: bool = False,
+) -> EvalIterable:
+    """Passes over the eval split in batches of `config.eval_batch_size`, padded and masked.
+
+    `with_ids` adds `id`, each example's position in the eval split (-1 on padding).
+    """
+    return EvalIterable(config, mesh, _axes(data_axes), with_ids=with_ids)
+
+
+class _Feeder:
+    """What the train and eval pipelines share: source, sharding, this process's share."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, mesh: Mesh, data_axes: tuple[str, ...], batch: int
+    ):
+        self.config = config
+        self.source = _source(config.data)
+        self.num_classes = self.source.num_classes
+        self.size = _size_hw(config.data.img_size)
+        self.global_batch = batch
+        unknown = [a for a in data_axes if a not in mesh.axis_names]
+        if unknown:
+            raise ValueError(f"data_axes {unknown} are not axes of the mesh {mesh.axis_names}.")
+        self.sharding = NamedSharding(mesh, PartitionSpec(data_axes))
+        self.share, self.num_shares = _process_share(self.sharding, batch, data_axes)
+        self.local_batch = batch // self.num_shares
+
+    def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.sharding, v, (self.global_batch, *v.shape[1:])
+            )
+            for k, v in local.items()
+        }
+
+
+class TrainIterator(_Feeder):
+    """Endless `{"image", "target", "label"}` batches; resumable with get_state / set_state.
+
+    image: float32 (B, H, W, 3), augmented and normalised; target: float32 (B, num_classes),
+    mixup/cutmix and label smoothing folded in; label: int32 (B,), the unmixed class.
+    """
+
+    def __init__(self, config, mesh, data_axes, *, with_ids: bool = False):
+        super().__init__(config, mesh, data_axes, config.batch_size)
+        data = config.data
+        self.num_examples = self.source.num_examples(data.train_split)
+        self.steps_per_epoch = self.num_examples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size {self.global_batch} is larger than the {self.num_examples} examples "
+                f"of {self.source.name} {data.train_split!r}; lower config.batch_size."
+            )
+        if data.repeated_aug < 1:
+            raise ValueError(f"config.data.repeated_aug must be >= 1, got {data.repeated_aug}.")
+        self.with_ids = with_ids
+        self._epoch, self._step = 0, 0
+        self._prefetcher: _Prefetcher | None = None
+        self._cached: tf.data.Dataset | None = None
+        logging.info(
+            "Train: %s %r, %d examples, %d steps/epoch, process share %d of %d (%d per batch).",
+            self.source.name, data.train_split, self.num_examples, self.steps_per_epoch,
+            self.share, self.num_shares, self.local_batch,
+        )  # fmt: skip
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if self._prefetcher is None:
+            batches = self.dataset(self._epoch, self._step).as_numpy_iterator()
+            self._prefetcher = _Prefetcher(map(self._to_global, batches), self.config.data.prefetch)
+        batch = self._prefetcher.get()
+        self._step += 1
+        if self._step == self.steps_per_epoch:
+            self._epoch, self._step = self._epoch + 1, 0
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._epoch
+
+    def get_state(self) -> dict[str, int]:
+        """Position of the next batch, as a JSON-able dict."""
+        return {
+            "epoch": self._epoch,
+            "step": self._step,
+            "seed": self.config.seed,
+            "batch_size": self.global_batch,
+            "num_shares": self.num_shares,
+        }
+
+    def set_state(self, state: dict[str, int]) -> None:
+        """Continues from `state` (from `get_state`): the next batch is the one it points at."""
+        epoch, step = int(state["epoch"]), int(state["step"])
+        layout = (self.config.seed, self.global_batch, self.num_shares)
+        saved = (state.get("seed"), state.get("batch_size"), state.get("num_shares"))
+        if saved != layout:
+            logging.warning(
+                "The data state was saved with (seed, batch size, process shares) %s, this run "
+                "has %s: training goes on from the same epoch and example count, but not with "
+                "the batches the saved run would have seen.", saved, layout,
+            )  # fmt: skip
+            if state.get("batch_size"):
+                step = step * int(state["batch_size"]) // self.global_batch
+                step = min(step, self.steps_per_epoch - 1)
+        if not 0 <= step < self.steps_per_epoch or epoch < 0:
+            raise ValueError(
+                f"Data state {state} is out of range: an epoch has {self.steps_per_epoch} steps."
+            )
+        self.close()
+        self._epoch, self._step = epoch, step
+
+    def close(self) -> None:
+        """Stops the background thread (iterating again restarts it where it stopped)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def __enter__(self) -> TrainIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def dataset(self, start_epoch: int = 0, start_step: int = 0) -> tf.data.Dataset:
+        """This process's endless batches (numpy-ready), from `start_step` of `start_epoch` on.
+
+        One tf.data graph for the whole run, the epoch a tensor inside it: no per-epoch
+        rebuilding (and re-tracing of RandAugment).
+        """
+        data, local_batch = self.config.data, self.local_batch
+        per_epoch = self.steps_per_epoch * local_batch
+        repeats, start = data.repeated_aug, start_step * local_batch
+        seeds = {tag: _tf_seed(self.config.seed, tag, self.share) for tag in range(4)}
+
+        def epoch_records(epoch):
+            ds = self._shuffled(
+                _fold(seeds[_SHUFFLE_FILES], epoch), _fold(seeds[_SHUFFLE_BUFFER], epoch)
+            )
+            if repeats > 1:
+                # RASampler: the first ~1/R of the epoch's shuffle, each record R times in a row.
+                ds = ds.take(math.ceil(per_epoch / repeats))
+                ds = ds.flat_map(lambda r: tf.data.Dataset.from_tensors(r).repeat(repeats))
+            # Resuming drops what was already seen before loading or decoding it. Positions
+            # count from the epoch's start, so a resumed run augments as the full run did.
+            ds = ds.take(per_epoch).enumerate()
+            ds = ds.skip(tf.where(epoch == start_epoch, tf.constant(start, tf.int64), 0))
+            return ds.map(lambda position, record: (epoch, position, record))
+
+        augment_fn, mix_fn = self._augment_fn(), self._mix_fn()
+
+        def preprocess(epoch, position, record):
+            ex = self.source.load(record)
+            seed = _fold(_fold(seeds[_AUGMENT], epoch), position)
+            out = {"image": augment_fn(ex["image"], seed), "label": ex["label"]}
+            out["epoch"], out["step"] = epoch, position // local_batch
+            if self.with_ids:
+                out["id"] = record["id"]
+            return out
+
+        def mix(batch):
+            seed = _fold(_fold(seeds[_MIXUP], batch.pop("epoch")[0]), batch.pop("step")[0])
+            batch["image"], batch["target"] = mix_fn(batch["image"], batch["label"], seed)
+            return batch
+
+        ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(local_batch, drop_remainder=True)  # Never across epochs: per_epoch fits.
+        ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+    def _shuffled(self, files_seed: tf.Tensor, buffer_seed: tf.Tensor) -> tf.data.Dataset:
+        """This process's share of the train split as records, in an order fixed by the seeds."""
+        data, split = self.config.data, self.config.data.train_split
+        if data.cache:
+            # Read once, keep the share's records in memory, shuffle all of them every epoch.
+            with tf.init_scope():
+                if self._cached is None:
+                    self._cached = self.source.read(split, self.share, self.num_shares).cache()
+            start, stop = self.source.shard_range(split, self.share, self.num_shares)
+            return self._cached.shuffle(stop - start, seed=_int64(buffer_seed))
+        ds = self.source.read(split, self.share, self.num_shares, shuffle_seed=_int64(files_seed))
+        if not self.source.exact_shuffle:
+            ds = ds.shuffle(data.shuffle_buffer, seed=_int64(buffer_seed))
+        return ds
+
+    def _augment_fn(self):
+        return _train_preprocess_fn(self.size, _frozen(self.config.augment))
+
+    def _mix_fn(self):
+        shape = (self.local_batch, *self.size)
+        return _mixup_fn(shape, self.num_classes, _frozen(self.config.mixup))
+
+
+@functools.cache
+def _train_preprocess_fn(
+    size: tuple[int, int], config: tuple
+) -> tf.types.experimental.GenericFunction:
+    # One trace per process and configuration: tracing RandAugment takes seconds.
+    cfg = ml_collections.ConfigDict(dict(config))
+    return tf.function(
+        lambda image, seed: augment.train_preprocess(image, seed, size=size, config=cfg),
+        input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)],
+    )
+
+
+@functools.cache
+def _mixup_fn(shape: tuple[int, int, int], num_classes: int, config: tuple):
+    cfg = ml_collections.ConfigDict(dict(config))
+    return tf.function(
+        lambda images, labels, seed: mixup.mixup_cutmix(
+            images, labels, seed, num_classes=num_classes, config=cfg
+        ),
+        input_signature=[
+            tf.TensorSpec([*shape, 3], tf.float32),
+            tf.TensorSpec(shape[:1], tf.int32),
+            tf.TensorSpec([2], tf.int32),
+        ],
+    )
+
+
+class EvalIterable(_Feeder):
+    """Each iteration is one pass over the eval split: `{"image", "label", "mask"}` batches.
+
+    image: float32 (B, H, W, 3) (resize, centre crop, normalise); label: int32 (B,);
+    mask: bool (B,), False on padding. `steps` batches per pass on every process.
+    """
+
+    def __init__(self, config, mesh, data_axes, *, with_ids: bool = False):
+        super().__init__(config, mesh, data_axes, config.eval_batch_size)
+        split = config.data.eval_split
+        self.num_examples = self.source.num_examples(split)
+        largest_share = math.ceil(self.num_examples / self.num_shares)
+        self.steps = max(1, math.ceil(largest_share / self.local_batch))
+        self.with_ids = with_ids
+        self._dataset = self._build()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        batches = (self._to_global(b) for b in self._dataset.as_numpy_iterator())
+        prefetcher = _Prefetcher(batches, self.config.data.prefetch)
+        try:
+            while True:
+                try:
+                    yield prefetcher.get()
+                except StopIteration:
+                    return
+        finally:
+            prefetcher.close()
+
+    def _build(self) -> tf.data.Dataset:
+        data, aug = self.config.data, self.config.augment
+        split = data.eval_split
+        ds = self.source.read(split, self.share, self.num_shares)
+        if data.cache:
+            ds = ds.cache()
+        size = self.size
+
+        def preprocess(record):
+            ex = self.source.load(record)
+            image = augment.eval_preprocess(
+                ex["image"], size=size, crop_pct=data.crop_pct, mean=aug.mean, std=aug.std
+            )
+            return {"image": image, "label": ex["label"], "id": record["id"], "mask": True}
+
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        start, stop = self.source.shard_range(split, self.share, self.num_shares)
+        padding = {
+            "image": tf.zeros((*size, 3), tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "id": tf.constant(-1, tf.int32),
+            "mask": False,
+        }
+        pad = self.steps * self.local_batch - (stop - start)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
+        if not self.with_ids:
+            ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "id"})
+        ds = ds.batch(self.local_batch, drop_remainder=True)
+        return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+class _Prefetcher:
+    """Pulls items from an iterator in a daemon thread, keeping up to `size` ready."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any], size: int):
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="deit_jax-prefetch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # Handed to the consumer, which re-raises it.
+            self._put(_Failure(e))
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # Stay exhausted.
+            raise StopIteration
+        if isinstance(item, _Failure):
+            raise RuntimeError("The input pipeline failed; see the cause above.") from item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@dataclasses.dataclass
+class _Failure:
+    error: BaseException
+
+
+def _process_share(
+    sharding: NamedSharding, batch: int, data_axes: tuple[str, ...]
+) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index, index + 1) * batch / count of a batch.
+
+    Processes whose devices hold the same rows (data replicated across them) share an index and
+    are fed the same examples.
+    """
+    mesh = sharding.mesh
+    ways = math.prod(mesh.shape[a] for a in data_axes)
+    if batch % ways:
+        raise ValueError(
+            f"Batch size {batch} does not split over the {ways} devices of mesh axes {data_axes}; "
+            f"use a multiple of {ways}."
+        )
+    rows: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map((batch,)).items():
+        start, stop, _ = index[0].indices(batch)
+        rows.setdefault(device.process_index, set()).add((start, stop))
+    blocks = {}
+    for process, slices in rows.items():
+        ordered = sorted(slices)
+        if any(a[1] != b[0] for a, b in zip(ordered, ordered[1:], strict=False)):
+            raise ValueError(
+                f"Process {process} holds non-contiguous rows {ordered} of the batch; order the "
+                "mesh devices so that each process's devices are neighbours on the data axes."
+            )
+        blocks[process] = (ordered[0][0], ordered[-1][1])
+    distinct = sorted(set(blocks.values()))
+    size = batch // len(distinct)
+    if distinct != [(i * size, (i + 1) * size) for i in range(len(distinct))]:
+        raise ValueError(f"The processes' batch rows {blocks} do not split the batch evenly.")
+    return distinct.index(blocks[jax.process_index()]), len(distinct)
+
+
+def _source(data: ml_collections.ConfigDict) -> sources.Source:
+    return _cached_source(data.name, data.data_dir, data.manual_dir)
+
+
+_SOURCES: dict[tuple[str, str, str], sources.Source] = {}
+
+
+def _cached_source(name: str, data_dir: str, manual_dir: str) -> sources.Source:
+    # One listing (and corrupt-image check) of a folder per process, not one per pipeline.
+    key = (name, data_dir, manual_dir)
+    if key not in _SOURCES:
+        cfg = ml_collections.ConfigDict(
+            {"name": name, "data_dir": data_dir, "manual_dir": manual_dir}
+        )
+        _SOURCES[key] = sources.get_source(cfg)
+    return _SOURCES[key]
+
+
+def _axes(data_axes: str | Sequence[str]) -> tuple[str, ...]:
+    return (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+
+
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _seed_words(seed: int, *keys: int) -> np.ndarray:
+    return np.random.SeedSequence([seed, *keys]).generate_state(2)
+
+
+def _tf_seed(seed: int, *keys: int) -> tf.Tensor:
+    """An int32 [2] stateless-op seed derived from `seed` and `keys`."""
+    return tf.constant(_seed_words(seed, *keys).view(np.int32))
+
+
+def _fold(seed: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(data, tf.int32))
+
+
+def _int64(seed: tf.Tensor) -> tf.Tensor:
+    """A scalar int64 (what tf.data shuffles take) from an int32 [2] stateless seed."""
+    return tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
+
+
+def _frozen(config: ml_collections.ConfigDict) -> tuple:
+    """A hashable copy of a flat ConfigDict (tuples for lists), for function caches."""
+    return tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(config.to_dict().items())
+    )
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options

@@ -1,0 +1,40 @@
+"""Smoke test of benchmarks/throughput.py: the real script, in a subprocess, on tiny models.
+
+No timing assertions (the numbers of a smoke run mean nothing); it checks that every section runs
+through deit_jax and timm and prints its table.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_smoke(tmp_path):
+    out_json = tmp_path / "timings.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--json", out_json],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for title in (
+        "## Throughput",
+        "## Step time against batch size",
+        "## Step time against resolution",
+        "## Distillation overhead",
+    ):
+        assert title in out, out
+    # Both frameworks measured: a ratio column with numbers, for train and inference steps.
+    rows = [line for line in out.splitlines() if line.startswith("| DeiT-Ti |")]
+    assert {"train", "infer"} <= {row.split("|")[5].strip() for row in rows}, out
+    assert all(row.split("|")[8].strip() not in ("", "-") for row in rows), out
+    assert "| distilled (kind hard) |" in out
+    assert "regnety_002" in out
+    assert out_json.exists() and '"jax_seconds"' in out_json.read_text()
