@@ -150,10 +150,13 @@ def _state_and_shardings(config, model, tx, mesh):
         lambda: nn.meta.unbox(steps.init_state(model, tx, rng, ema=ema)),
         out_shardings=state_shardings,
     )
+    values = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
     abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(boxed),
-        state_shardings,
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), values, state_shardings
     )
     return init, abstract, state_shardings
 

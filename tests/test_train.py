@@ -23,6 +23,7 @@ def tiny_config(data_dir: str, **changes):
     c.data.data_dir = data_dir
     c.data.img_size = 16
     c.data.repeated_aug = 1
+    c.data.eval_split = "test"
     c.data.shuffle_buffer = 256
     c.augment.randaugment = ""
     c.augment.color_jitter = 0.0
