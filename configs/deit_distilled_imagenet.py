@@ -1,9 +1,11 @@
 r"""Distilled DeiT-Ti / S / B on ImageNet-1k (hard distillation from RegNetY-16GF), 300 epochs.
 
   # 1. the teacher: convert timm's regnety_160 weights (82.9% top-1) once
-  python -m deit_jax.convert --checkpoint regnety_160.pth --model regnety_160 --output /ckpt/regnety_160
+  python -m deit_jax.convert --checkpoint regnety_160.pth --model regnety_160 \
+      --output /ckpt/regnety_160
   # 2. train the student
-  python -m deit_jax.main --config configs/deit_distilled_imagenet.py:tiny --workdir /runs/deit_ti_dist \
+  python -m deit_jax.main --config configs/deit_distilled_imagenet.py:tiny \
+      --workdir /runs/deit_ti_dist \
       --config.teacher.checkpoint=/ckpt/regnety_160 \
       --config.data.data_dir=/path/to/tensorflow_datasets --config.data.manual_dir=/path/to/imagenet
 

@@ -14,7 +14,11 @@ Expected ImageNet top-1 (paper): DeiT-Ti 72.2, DeiT-S 79.8, DeiT-B 81.8.
 
 from deit_jax.config import base_config
 
-VARIANTS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224", "base": "deit_base_patch16_224"}
+VARIANTS = {
+    "tiny": "deit_tiny_patch16_224",
+    "small": "deit_small_patch16_224",
+    "base": "deit_base_patch16_224",
+}
 
 
 def get_config(variant: str = "tiny"):

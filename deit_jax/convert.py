@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _HEADS = ("head", "head_dist", "fc")  # classifier layers, re-initialised on a class-count change
-_LEAF_TO_TORCH = {"scale": "weight", "kernel": "weight", "mean": "running_mean", "var": "running_var"}
+_LEAF_TO_TORCH = {
+    "scale": "weight",
+    "kernel": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 
 
 class CheckpointMismatchError(ValueError):
@@ -157,7 +162,11 @@ def _template(model: nn.Module) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
 
 
 def torch_to_flax(
-    state_dict: Mapping[str, Any], model_name: str, *, rng: jax.Array | None = None, **overrides: Any
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    *,
+    rng: jax.Array | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Converts a PyTorch state dict (timm or official DeiT) into Flax variables for `model_name`.
 
@@ -196,7 +205,9 @@ def torch_to_flax(
     if missing:
         problems.append(f"missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
     if source:
-        problems.append(f"unexpected in the checkpoint ({len(source)}): {', '.join(sorted(source))}")
+        problems.append(
+            f"unexpected in the checkpoint ({len(source)}): {', '.join(sorted(source))}"
+        )
     if mismatched:
         problems.append(f"wrong shapes ({len(mismatched)}): {'; '.join(mismatched)}")
     if problems:
@@ -294,7 +305,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     return unwrap_state_dict(checkpoint)
 
 
-def load_torch_checkpoint(path: str | os.PathLike, model_name: str, **overrides: Any) -> dict[str, Any]:
+def load_torch_checkpoint(
+    path: str | os.PathLike, model_name: str, **overrides: Any
+) -> dict[str, Any]:
     """Reads a PyTorch checkpoint file and converts it with `torch_to_flax`."""
     return torch_to_flax(read_state_dict(path), model_name, **overrides)
 
@@ -305,10 +318,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Convert an official DeiT / timm PyTorch checkpoint into an Orbax checkpoint.",
     )
     parser.add_argument("--checkpoint", required=True, help=".pth, .pt, .bin or .safetensors file")
-    parser.add_argument("--model", required=True, help="registered model name, e.g. deit_tiny_patch16_224")
-    parser.add_argument("--output", required=True, help="directory for the Orbax checkpoint (must not exist)")
-    parser.add_argument("--img-size", type=int, default=None, help="resize position embeddings to this size")
-    parser.add_argument("--num-classes", type=int, default=None, help="re-initialise heads for this many classes")
+    parser.add_argument(
+        "--model", required=True, help="registered model name, e.g. deit_tiny_patch16_224"
+    )
+    parser.add_argument(
+        "--output", required=True, help="directory for the Orbax checkpoint (must not exist)"
+    )
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="resize position embeddings to this size"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="re-initialise heads for this many classes"
+    )
     return parser.parse_args(argv)
 
 
@@ -317,11 +338,17 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = _parse_args(argv)
-    overrides = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v}
+    overrides = {
+        k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
+    }
     variables = load_torch_checkpoint(args.checkpoint, args.model, **overrides)
-    checkpoint.save_variables(args.output, variables, model_name=args.model, model_overrides=overrides)
+    checkpoint.save_variables(
+        args.output, variables, model_name=args.model, model_overrides=overrides
+    )
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
-    log.info("Wrote %s (%s, %s values) to %s", args.checkpoint, args.model, f"{count:,}", args.output)
+    log.info(
+        "Wrote %s (%s, %s values) to %s", args.checkpoint, args.model, f"{count:,}", args.output
+    )
 
 
 if __name__ == "__main__":

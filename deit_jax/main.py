@@ -57,8 +57,12 @@ def _check_override_keys(argv: list[str]) -> None:
             key = arg[len("--config.") :].split("=", 1)[0]
             if key not in valid:
                 close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-                hint = f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
-                sys.exit(f"error: unknown config key --config.{key}.{hint} (all keys: deit_jax/config.py)")
+                hint = (
+                    f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
+                )
+                sys.exit(
+                    f"error: unknown config key --config.{key}.{hint} (all keys: deit_jax/config.py)"
+                )
 
 
 def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:

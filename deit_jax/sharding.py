@@ -20,7 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXES = ("data", "fsdp")
 
 
-def create_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def create_mesh(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A ('data', 'fsdp') mesh over all devices; `config.data = -1` takes what fsdp leaves."""
     devices = list(jax.devices() if devices is None else devices)
     fsdp = int(config.fsdp)

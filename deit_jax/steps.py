@@ -66,9 +66,7 @@ def _student_outputs(outputs: Any, distilled: bool) -> tuple[jax.Array, jax.Arra
     return outputs, None
 
 
-def teacher_logits(
-    teacher: nn.Module, teacher_variables: Any, images: jax.Array
-) -> jax.Array:
+def teacher_logits(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
     """Frozen teacher forward in eval mode, at the teacher's own input size if it differs."""
     h, w = input_size(teacher)
     if images.shape[1:3] != (h, w):
@@ -142,9 +140,9 @@ def make_train_step(
             opt_state=keep(opt_state, state.opt_state),
             ema_params=ema_params,
             rng=rng,
-            nan_step=jnp.where(
-                (state.nan_step < 0) & ~finite, state.step, state.nan_step
-            ).astype(jnp.int32),
+            nan_step=jnp.where((state.nan_step < 0) & ~finite, state.step, state.nan_step).astype(
+                jnp.int32
+            ),
         )
         metrics = {
             "loss": loss,
@@ -172,7 +170,9 @@ def make_eval_step(
     """
     distilled = bool(getattr(model, "distilled", False))
     # Both heads, deterministically: train-mode output format with every drop rate at zero.
-    both_heads = model.clone(drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0) if distilled else None
+    both_heads = (
+        model.clone(drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0) if distilled else None
+    )
 
     def predict(params, model_state, images) -> dict[str, jax.Array]:
         variables = {"params": params, **model_state}

@@ -99,7 +99,9 @@ def build_teacher(
     variables, overrides = load_weights(config.teacher.checkpoint, config.teacher.name)
     overrides = {**overrides, "dtype": _dtype(config.dtype)}
     if "img_size" in model_options(config.teacher.name):
-        overrides["img_size"] = config.teacher.img_size or overrides.get("img_size", config.data.img_size)
+        overrides["img_size"] = config.teacher.img_size or overrides.get(
+            "img_size", config.data.img_size
+        )
     teacher = create_model(config.teacher.name, **overrides)
     h, w = input_size(teacher)
     images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
@@ -114,7 +116,7 @@ def build_teacher(
 
 
 def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
-    """Pretrained params over fresh ones: pos_embed resized, heads of another class count kept fresh."""
+    """Pretrained params over fresh ones; pos_embed resized, heads of other class counts fresh."""
     flat, source = traverse_util.flatten_dict(params), traverse_util.flatten_dict(pretrained)
     problems, fresh_heads = [], []
     for path, value in flat.items():
@@ -164,7 +166,9 @@ def _state_and_shardings(config, model, tx, mesh):
 def _validate(config: ml_collections.ConfigDict) -> None:
     kinds = ("none", "soft", "hard")
     if config.distillation.kind not in kinds:
-        raise ValueError(f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}.")
+        raise ValueError(
+            f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}."
+        )
     distilled = model_options(config.model_name).get("distilled", False)
     if config.distillation.kind != "none" and not distilled:
         raise ValueError(
@@ -172,7 +176,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             f"token, but {config.model_name!r} has none; use a *_distilled_* model."
         )
     if config.batch_size % jax.process_count():
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes.")
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes."
+        )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -238,7 +244,9 @@ def train_and_evaluate(
                 params = _merge_pretrained(state.params, pretrained["params"], model)
                 state = state.replace(
                     params=jax.device_put(params, state_shardings.params),
-                    ema_params=jax.device_put(params, state_shardings.params) if state.ema_params else {},
+                    ema_params=jax.device_put(params, state_shardings.params)
+                    if state.ema_params
+                    else {},
                 )
                 log.info("Initialised from %s", config.init_from)
 
@@ -282,7 +290,9 @@ def train_and_evaluate(
                     metrics = jax.device_get(metrics)
                     _check_finite(state, step)
                     now = time.perf_counter()
-                    metrics["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+                    metrics["images_per_sec"] = (
+                        (step - tick_step) * config.batch_size / (now - tick)
+                    )
                     metrics["epoch"] = step / steps_per_epoch
                     tick, tick_step = now, step
                     writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
@@ -322,7 +332,9 @@ def train_and_evaluate(
             _export(workdir, config, state, info.num_classes)
         if not eval_metrics and start_step >= total_steps:
             eval_metrics = _eval_loop(
-                eval_step, eval_data, (state.params, state.model_state, state.ema_params, teacher_variables)
+                eval_step,
+                eval_data,
+                (state.params, state.model_state, state.ema_params, teacher_variables),
             )
         return eval_metrics
 
@@ -343,14 +355,18 @@ def _format_eval(step: int, metrics: dict[str, float]) -> str:
     return f"eval @ step {step}: " + ", ".join(parts) + f" (loss {metrics['loss']:.4f})"
 
 
-def _export(workdir: str, config: ml_collections.ConfigDict, state: steps.TrainState, num_classes: int) -> None:
+def _export(
+    workdir: str, config: ml_collections.ConfigDict, state: steps.TrainState, num_classes: int
+) -> None:
     """Final weights as a deit_jax weights directory (usable as a teacher or with init_from)."""
     path = os.path.join(workdir, "weights")
     if os.path.exists(path):
         return
     variables = {"params": state.params, **state.model_state}
     overrides = student_overrides(config, num_classes)
-    checkpoint.save_variables(path, variables, model_name=config.model_name, model_overrides=overrides)
+    checkpoint.save_variables(
+        path, variables, model_name=config.model_name, model_overrides=overrides
+    )
     log.info("Exported final weights to %s", path)
 
 
@@ -364,8 +380,12 @@ def evaluate(
     model = build_student(config, info.num_classes)
     teacher, teacher_variables = build_teacher(config, info.num_classes)
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
-    tx, _ = optim.create_optimizer(config.optim, global_batch_size=config.batch_size, steps_per_epoch=1,
-                                   num_epochs=max(config.num_epochs, 1))
+    tx, _ = optim.create_optimizer(
+        config.optim,
+        global_batch_size=config.batch_size,
+        steps_per_epoch=1,
+        num_epochs=max(config.num_epochs, 1),
+    )
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
         init, abstract, _ = _state_and_shardings(config, model, tx, mesh)
         checkpointer = checkpoint.TrainCheckpointer(
@@ -391,7 +411,12 @@ def evaluate(
         metrics = _eval_loop(
             jax.jit(steps.make_eval_step(model, teacher)),
             eval_data,
-            (params, model_state, ema, jax.device_put(teacher_variables, sharding.replicated(mesh))),
+            (
+                params,
+                model_state,
+                ema,
+                jax.device_put(teacher_variables, sharding.replicated(mesh)),
+            ),
         )
     print(_format_eval(-1, metrics).replace("step -1", "evaluation"))
     return metrics

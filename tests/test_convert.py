@@ -59,7 +59,9 @@ def test_resize_differs_from_jax_image_resize():
     import jax
 
     grid = np.random.default_rng(0).normal(size=(14, 14, 8)).astype(np.float32)
-    ours = convert.resize_pos_embed(np.concatenate([np.zeros((1, 8)), grid.reshape(-1, 8)])[None], (24, 24), 1)
+    ours = convert.resize_pos_embed(
+        np.concatenate([np.zeros((1, 8)), grid.reshape(-1, 8)])[None], (24, 24), 1
+    )
     theirs = jax.image.resize(grid, (24, 24, 8), "bicubic").reshape(1, -1, 8)
     assert rel_l2(ours[:, 1:], theirs) > 1e-3
 
@@ -103,7 +105,9 @@ def test_wrong_model_lists_all_mismatched_shapes(tiny_state_dict):
 
 
 def test_distilled_checkpoint_into_plain_model_lists_unexpected_keys(tiny_state_dict):
-    with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected .*dist_token.*head_dist"):
+    with pytest.raises(
+        convert.CheckpointMismatchError, match=r"unexpected .*dist_token.*head_dist"
+    ):
         convert.torch_to_flax(tiny_state_dict, TINY)
 
 
@@ -165,8 +169,19 @@ def test_official_training_checkpoint_with_args_namespace_loads(tiny_state_dict,
 def test_cli_writes_an_orbax_checkpoint(tiny_state_dict, tmp_path):
     torch.save({"model": tiny_state_dict}, tmp_path / "ckpt.pth")
     out = tmp_path / "converted"
-    cmd = [sys.executable, "-m", "deit_jax.convert", "--checkpoint", str(tmp_path / "ckpt.pth"),
-           "--model", TINY_DISTILLED, "--output", str(out), "--num-classes", "10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deit_jax.convert",
+        "--checkpoint",
+        str(tmp_path / "ckpt.pth"),
+        "--model",
+        TINY_DISTILLED,
+        "--output",
+        str(out),
+        "--num-classes",
+        "10",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "re-initialising" in result.stderr
@@ -188,7 +203,8 @@ def test_tensorflow_first_then_timm_does_not_crash():
         "print(tf.constant(2).numpy() + timm.create_model('deit_tiny_patch16_224').num_classes)\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "1002"

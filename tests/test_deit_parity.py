@@ -85,9 +85,7 @@ def test_intermediates_match_timm_attention():
     torch_model = random_timm_model(name)
     variables = convert.torch_to_flax(torch_model.state_dict(), name)
     images = np.random.default_rng(1).normal(size=(1, 224, 224, 3)).astype(np.float32)
-    _, inter = deit_jax.forward_with_intermediates(
-        deit_jax.create_model(name), variables, images
-    )
+    _, inter = deit_jax.forward_with_intermediates(deit_jax.create_model(name), variables, images)
     with torch.no_grad():
         tokens = torch_model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
     assert len(inter["attention"]) == 12

@@ -67,7 +67,11 @@ def final_params(workdir):
 
 
 def losses(workdir):
-    return [r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    return [
+        r["train/loss"]
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "train/loss" in r
+    ]
 
 
 def assert_trees_close(a, b, atol):

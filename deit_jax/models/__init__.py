@@ -8,8 +8,14 @@ import flax.linen as nn
 import jax
 
 from deit_jax.models.cnn import SmallCNN
+from deit_jax.models.registry import (
+    create_model,
+    input_size,
+    list_models,
+    model_options,
+    register_model,
+)
 from deit_jax.models.regnet import RegNet
-from deit_jax.models.registry import create_model, input_size, list_models, model_options, register_model
 from deit_jax.models.resnet import ResNet
 from deit_jax.models.vit import Attention, Block, DeiT, DropPath, Mlp, PatchEmbed
 
@@ -55,10 +61,14 @@ def forward_with_intermediates(
     block and `intermediates["tokens"]` the final normalised tokens (B, N, D), class token first,
     then the distillation token when the model has one.
     """
-    out, state = model.apply(variables, images, train=train, mutable=["intermediates"], **apply_kwargs)
+    out, state = model.apply(
+        variables, images, train=train, mutable=["intermediates"], **apply_kwargs
+    )
     flat: dict[str, Any] = {}
     inter = state["intermediates"]
-    blocks = sorted((k for k in inter if k.startswith("blocks_")), key=lambda k: int(k.split("_")[1]))
+    blocks = sorted(
+        (k for k in inter if k.startswith("blocks_")), key=lambda k: int(k.split("_")[1])
+    )
     if blocks:
         flat["attention"] = [inter[k]["attn"]["attention"][0] for k in blocks]
     if "tokens" in inter:

@@ -36,7 +36,9 @@ def model_options(name: str) -> dict[str, Any]:
         raise ValueError(_unknown("model", name, list(_MODELS)))
     cls, defaults = _MODELS[name]
     fields = {
-        k: p.default for k, p in inspect.signature(cls).parameters.items() if k not in ("parent", "name")
+        k: p.default
+        for k, p in inspect.signature(cls).parameters.items()
+        if k not in ("parent", "name")
     }
     return {**fields, **defaults}
 
