@@ -60,9 +60,7 @@ def _check_override_keys(argv: list[str]) -> None:
                 hint = (
                     f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
                 )
-                sys.exit(
-                    f"error: unknown config key --config.{key}.{hint} (all keys: deit_jax/config.py)"
-                )
+                sys.exit(f"error: unknown config key --config.{key}.{hint} See deit_jax/config.py.")
 
 
 def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
