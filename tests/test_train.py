@@ -7,6 +7,8 @@ deterministic, so resumed runs must match an uninterrupted run to 1e-6.
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -105,3 +107,43 @@ def test_eval_reports_every_head_ema_and_teacher(data_dir, tmp_path):
     records = read_jsonl(tmp_path / "student" / "metrics.jsonl")
     assert any("train/loss_distillation" in r for r in records)
     assert json.loads((tmp_path / "student" / "weights" / "deit_jax.json").read_text())
+
+
+def test_distillation_without_teacher_checkpoint_is_refused(data_dir, tmp_path):
+    config = tiny_config(data_dir, **{"distillation.kind": "soft"})
+    with pytest.raises(ValueError, match="needs a trained teacher"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_distillation_with_a_plain_student_is_refused(data_dir, tmp_path):
+    config = tiny_config(
+        data_dir, model_name="deit_tiny_patch16_224", **{"distillation.kind": "hard"}
+    )
+    with pytest.raises(ValueError, match="needs a student with a distillation token"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_class_count_mismatch_is_refused(data_dir, tmp_path):
+    config = tiny_config(data_dir, **{"model.num_classes": 5})
+    with pytest.raises(ValueError, match="has 10 classes"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unknown_config_key_names_the_closest_keys(tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from deit_jax.config import base_config\n\ndef get_config():\n    return base_config()\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "deit_jax.main",
+        f"--config={config_file}",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.optim.lrr=0.1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown config key --config.optim.lrr" in result.stderr
+    assert "Did you mean --config.optim.lr" in result.stderr
+    assert not (tmp_path / "w").exists()
