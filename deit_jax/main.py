@@ -85,6 +85,7 @@ def main(argv: list[str]) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or workdir is None:
         sys.exit("error: --config and --workdir are required (see --help).")

@@ -119,7 +119,7 @@ def make_train_step(
         )(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         # A non-finite step is not applied: the state keeps the last good values, and the
         # training loop stops when it sees `nan_step` (naming the step).
