@@ -114,7 +114,7 @@ class Case:
     batch: int
     res: int = 224
     steps: tuple[str, ...] = ("train", "infer")
-    timm: bool = True  # also measure timm
+    reps: int | None = None  # timed rounds; None: the preset's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,28 +125,30 @@ class Preset:
     distill: tuple[str, str, str, int]  # student, teacher, precision, batch
     warmup: int = 1
     reps: int = 5
+    sweep_reps: int = 3  # for the sweeps and the distillation steps
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     teacher_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     note: str = ""
 
 
 PRESETS = {
-    # About 5 minutes on an idle 2-core CPU. DeiT-B runs only in the GPU preset; bf16 and DeiT-S
-    # use batch 8 (bf16 is emulated on CPUs without AVX512-BF16, and slow on both frameworks).
+    # About 5 minutes on an idle 2-core CPU. DeiT-B and bf16 training run only in the GPU preset:
+    # without AVX512-BF16, bf16 is emulated, and torch's autocast train step is ~10x slower.
     "cpu": Preset(
-        main=(Case("Ti", "float32", 32), Case("Ti", "bf16", 8), Case("S", "float32", 8)),
-        batch_sweep=(
-            Case("Ti", "float32", 8, steps=("train",)),
-            Case("Ti", "float32", 16, steps=("train",)),
+        main=(
             Case("Ti", "float32", 32),
+            Case("Ti", "bf16", 8, steps=("infer",), reps=3),
+            Case("S", "float32", 8, reps=3),
         ),
+        batch_sweep=(Case("Ti", "float32", 8, steps=("train",)), Case("Ti", "float32", 32)),
         resolution=(
             Case("Ti", "float32", 8, steps=("train",)),
             Case("Ti", "float32", 8, res=384, steps=("train",)),
         ),
-        distill=("deit_tiny_distilled_patch16_224", "regnety_160", "float32", 8),
+        distill=("deit_tiny_distilled_patch16_224", "regnety_160", "float32", 2),
         reps=5,
-        note="CPU preset: DeiT-B is measured only with --gpu; bf16 and DeiT-S at batch 8.",
+        note="CPU preset: DeiT-B and bf16 training only with --gpu; bf16 inference and DeiT-S "
+        "at batch 8, sweeps and distillation with 3 rounds.",
     ),
     "gpu": Preset(
         main=(
@@ -167,6 +169,7 @@ PRESETS = {
         distill=("deit_base_distilled_patch16_224", "regnety_160", "bf16", 128),
         warmup=2,
         reps=10,
+        sweep_reps=10,
         note="GPU preset: float32 rows use TF32 matmuls on both sides.",
     ),
     # Every code path on tiny inputs (32x32 images, 1-block DeiTs, a 4-block RegNetY teacher);
@@ -180,6 +183,7 @@ PRESETS = {
         ),
         distill=("deit_tiny_distilled_patch16_224", "regnety_002", "float32", 2),
         reps=2,
+        sweep_reps=2,
         model_overrides={"depth": 1},
         teacher_overrides={"depths": (1, 1, 1, 1)},
         note="Smoke preset: tiny 1-block models, numbers mean nothing.",
@@ -241,7 +245,9 @@ class Runner:
         self.reps = reps
         self.rss = None if gpu else RssSampler().start()
 
-    def measure(self, fns: dict[str, Callable[[], Any]]) -> dict[str, Measured]:
+    def measure(
+        self, fns: dict[str, Callable[[], Any]], reps: int | None = None
+    ) -> dict[str, Measured]:
         results = {k: Measured([]) for k in fns}
         for key, fn in fns.items():  # warm-up (the first call also measures memory)
             before = self._reset_memory(key)
@@ -249,7 +255,7 @@ class Runner:
             results[key].memory = self._peak_memory(key, before)
             for _ in range(self.warmup - 1):
                 fn()
-        for _ in range(self.reps):
+        for _ in range(reps or self.reps):
             for key, fn in fns.items():
                 start = time.perf_counter()
                 fn()
@@ -427,8 +433,9 @@ def mib(x: int | None) -> str:
 class Row:
     case: Case
     step: str
-    jax_s: float
+    jax_s: float  # median step time
     timm_s: float | None
+    min_ratio: float | None  # timm / deit_jax of the fastest rounds: less hit by other load
     flops: float | None  # per step
     jax_mem: int | None
     jax_plan: int | None
@@ -449,19 +456,19 @@ class Bench:
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    def run_case(self, case: Case) -> None:
+    def run_case(self, case: Case, reps: int | None = None) -> None:
         """Measures every step of `case` not measured yet, deit_jax and timm interleaved."""
-        todo = [s for s in case.steps if not any(c == case_key(case, s) for c in self.rows)]
+        todo = [s for s in case.steps if case_key(case, s) not in self.rows]
         if not todo:
             return
-        case = dataclasses.replace(case, steps=tuple(todo))
+        case = dataclasses.replace(case, steps=tuple(todo), reps=case.reps or reps)
         t0 = time.perf_counter()
         js = jax_steps(case, self.preset, self.args.drop_path)
         fns = {f"jax-{k}": v for k, v in js.fns.items()}
-        if case.timm and not self.args.no_timm:
+        if not self.args.no_timm:
             ts = timm_steps(case, self.preset, self.args.drop_path, self.device)
             fns.update({f"timm-{k}": ts[k] for k in todo})
-        res = self.runner.measure(fns)
+        res = self.runner.measure(fns, case.reps)
         for step in todo:
             t = res.get(f"timm-{step}")
             row = Row(
@@ -469,6 +476,7 @@ class Bench:
                 step,
                 res[f"jax-{step}"].median,
                 None if t is None else t.median,
+                None if t is None else min(t.seconds) / min(res[f"jax-{step}"].seconds),
                 js.flops[step],
                 res[f"jax-{step}"].memory,
                 js.plan_bytes[step],
@@ -511,9 +519,9 @@ class Bench:
     def main_table(self) -> str:
         lines = [
             "| model | res | precision | batch | step | deit_jax img/s | timm img/s "
-            "| deit_jax/timm | XLA GFLOP/img | deit_jax TFLOP/s | MFU | mem deit_jax MiB "
-            "| mem timm MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| deit_jax/timm | (fastest rounds) | XLA GFLOP/img | deit_jax TFLOP/s | MFU "
+            "| mem deit_jax MiB | mem timm MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for case in self.preset.main:
             for step in case.steps:
@@ -523,10 +531,11 @@ class Bench:
                 mfu = ratio(tflops, peak)
                 jax_mem = r.jax_plan if self.gpu else r.jax_mem
                 lines.append(
-                    f"| DeiT-{case.size} | {case.res} | {case.precision} | {case.batch} | {step} "
+                    f"| DeiT-{case.size}{'*' if case.reps else ''} | {case.res} | {case.precision} "
+                    f"| {case.batch} | {step} "
                     f"| {fmt(case.batch / r.jax_s)} "
                     f"| {fmt(None if r.timm_s is None else case.batch / r.timm_s)} "
-                    f"| {fmt(None if r.timm_s is None else r.timm_s / r.jax_s, 2)} "
+                    f"| {fmt(ratio(r.timm_s, r.jax_s), 2)} | {fmt(r.min_ratio, 2)} "
                     f"| {fmt(ratio(r.flops, case.batch * 1e9), 2)} | {fmt(tflops, 3)} "
                     f"| {'-' if mfu is None else f'{100 * mfu:.1f}%'} "
                     f"| {mib(jax_mem)} | {mib(r.timm_mem)} |"
@@ -610,7 +619,7 @@ class Bench:
         t_fwd = xla_flops(
             jax.jit(lambda v, x: teacher.apply(v, x, train=False)).lower(t_vars, images)
         )
-        res_t = self.runner.measure(fns)
+        res_t = self.runner.measure(fns, self.preset.sweep_reps)
         plain, dist = res_t["none"].median, res_t["hard"].median
         self.log(f"distillation: plain {batch / plain:.1f} img/s, with teacher {batch / dist:.1f}")
         analytic = None if s_fwd is None or t_fwd is None else (3 * s_fwd + t_fwd) / (3 * s_fwd)
@@ -696,8 +705,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     preset = PRESETS["smoke" if args.smoke else "gpu" if args.gpu else "cpu"]
-    if args.reps:
-        preset = dataclasses.replace(preset, reps=args.reps)
+    if args.reps:  # every measurement
+        main = tuple(dataclasses.replace(c, reps=None) for c in preset.main)
+        preset = dataclasses.replace(preset, main=main, reps=args.reps, sweep_reps=args.reps)
     if args.smoke:  # tiny inputs for every case
         fix = lambda c: dataclasses.replace(c, res=32 if c.res == 224 else c.res)  # noqa: E731
         preset = dataclasses.replace(
@@ -726,10 +736,13 @@ def main(argv: list[str] | None = None) -> None:
         f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
         f"torch {torch.__version__}, timm {timm.__version__}; XLA_FLAGS="
         f"'{os.environ.get('XLA_FLAGS', '')}'. Medians of {preset.reps} interleaved rounds "
+        f"({preset.sweep_reps} for rows marked *, the sweeps and the distillation) "
         f"after {preset.warmup} warm-up. Train step: forward, cross-entropy, backward, AdamW, "
         f"drop path {args.drop_path}. {preset.note}",
         "",
-        f"glibc malloc tuned (tune_malloc): {bool(MALLOC_TUNED)}. Memory: "
+        "deit_jax/timm: ratio of images/s from median times; (fastest rounds): from minimum "
+        "times, less hit by other load on a shared machine (which slows timm's OpenMP threads "
+        f"more than XLA's). glibc malloc tuned (tune_malloc): {bool(MALLOC_TUNED)}. Memory: "
         + (
             "deit_jax = XLA's plan (arguments + outputs + temporaries - donated); "
             "timm = torch.cuda.max_memory_allocated."
@@ -749,13 +762,13 @@ def main(argv: list[str] | None = None) -> None:
         (
             "batch",
             "## Step time against batch size",
-            lambda: [bench.run_case(c) for c in preset.batch_sweep],
+            lambda: [bench.run_case(c, preset.sweep_reps) for c in preset.batch_sweep],
             lambda: bench.scaling_table(preset.batch_sweep, "batch"),
         ),
         (
             "resolution",
             "## Step time against resolution",
-            lambda: [bench.run_case(c) for c in preset.resolution],
+            lambda: [bench.run_case(c, preset.sweep_reps) for c in preset.resolution],
             lambda: bench.scaling_table(preset.resolution, "resolution"),
         ),
         ("distill", "## Distillation overhead", lambda: None, bench.distill),

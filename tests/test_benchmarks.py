@@ -32,7 +32,7 @@ def test_throughput_smoke(tmp_path):
     ):
         assert title in out, out
     # Both frameworks measured: a ratio column with numbers, for train and inference steps.
-    rows = [line for line in out.splitlines() if line.startswith("| DeiT-Ti |")]
+    rows = [line for line in out.splitlines() if line.startswith("| DeiT-Ti")]
     assert {"train", "infer"} <= {row.split("|")[5].strip() for row in rows}, out
     assert all(row.split("|")[8].strip() not in ("", "-") for row in rows), out
     assert "| distilled (kind hard) |" in out

@@ -172,10 +172,11 @@ class Attention(nn.Module):
     """Multi-head self-attention with timm's fused `qkv` and `proj` parameters.
 
     The fused q|k|v kernel (D, 3D) is read as (D, 3, heads, head_dim), PyTorch's row order, and
-    each of q, k, v is projected straight into the (batch, heads, length, head_dim) layout the
-    attention products want, so no activation is transposed. The softmax is normalised after the
-    product with v (dividing B*H*N*head_dim numbers instead of B*H*N*N); the attention maps
-    themselves are only formed when 'intermediates' is mutable.
+    one einsum projects the tokens straight into the (3, batch, heads, length, head_dim) layout
+    the attention products want. The softmax is normalised after the product with v (dividing
+    B*H*N*head_dim numbers instead of B*H*N*N), and `proj` contracts (heads, head_dim) directly.
+    The attention maps themselves are only formed when 'intermediates' is mutable. Measurements
+    behind these choices: benchmarks/NOTES.md.
     """
 
     num_heads: int
@@ -186,7 +187,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        b, n, d = x.shape
+        d = x.shape[-1]
         h = self.num_heads
         if d % h:
             raise ValueError(f"Width {d} is not divisible by the number of heads {h}.")
