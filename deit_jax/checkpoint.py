@@ -47,7 +47,9 @@ def load_variables(directory: str | os.PathLike, target: Any = None) -> tuple[An
     """Reads variables saved by `save_variables`; returns `(variables, metadata)`.
 
     `target`, a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings), restores straight
-    into those shapes and placements; without it, arrays land on the default device.
+    into those shapes and placements; without it, the arrays are numpy arrays in host memory,
+    whatever devices and processes wrote them (weights exported by a multi-host run name devices
+    that another run does not have; `jax.device_put` them where they are needed).
     """
     directory = os.path.abspath(os.fspath(directory))
     meta_path = os.path.join(directory, METADATA_FILE)
@@ -58,12 +60,18 @@ def load_variables(directory: str | os.PathLike, target: Any = None) -> tuple[An
         )
     with open(meta_path) as f:
         metadata = json.load(f)
+    path = os.path.join(directory, _ITEM)
+    if target is None:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(path).item_metadata.tree
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+            variables = checkpointer.restore(
+                path, args=ocp.args.PyTreeRestore(restore_args=as_numpy)
+            )
+        return variables, metadata
     with ocp.StandardCheckpointer() as checkpointer:
-        if target is None:
-            variables = checkpointer.restore(os.path.join(directory, _ITEM))
-        else:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-            variables = checkpointer.restore(os.path.join(directory, _ITEM), abstract)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        variables = checkpointer.restore(path, abstract)
     return variables, metadata
 
 
@@ -303,10 +311,10 @@ def _all_processes_agree(ok: bool) -> bool:
 def _check_same_arrays(step: int, directory: str, stored: Any, abstract_state: Any) -> None:
     """Raises `CheckpointMismatchError` if the stored tree or shapes differ from the target."""
     have = {"/".join(k): v.shape for k, v in ocp.tree.to_flat_dict(stored).items()}
-    want = {
-        "/".join(k): v
-        for k, v in ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state)).items()
-    }
+    # Keep empty nodes: without them a tuple with an empty middle entry (optax's masked weight
+    # decay state) cannot be serialised (Orbax asserts), and the stored list indices would shift.
+    serialized = ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)
+    want = {"/".join(k): v for k, v in ocp.tree.to_flat_dict(serialized).items()}
     problems = [f"{k}: missing from the checkpoint" for k in sorted(want.keys() - have.keys())]
     problems += [f"{k}: in the checkpoint, not in the model" for k in sorted(have.keys() - want)]
     for k in sorted(want.keys() & have.keys()):

@@ -16,7 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "train"  # train | eval
+    c.mode = "train"  # train | eval | quickstart (configs/quickstart.py)
 
     # Student: a registered model name plus `create_model` overrides (configs may add more keys
     # under `with c.unlocked():`). `img_size` is `data.img_size`; `num_classes` the data's.
@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 16_384
     c.data.cache = False
     c.data.prefetch = 2  # batches prefetched onto the devices
+    # Training data shares (0: one per process). A fixed count, a multiple of the process count,
+    # makes the batches (and results) the same on any number of hosts (deit_jax/data/pipeline.py).
+    c.data.num_shares = 0
 
     c.augment = ml_collections.ConfigDict()
     c.augment.scale = (0.08, 1.0)  # RandomResizedCrop area bounds
@@ -77,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
-    c.optim.warmup_epochs = 5
+    c.optim.warmup_epochs = 5.0  # may be fractional
     c.optim.warmup_lr = 1e-6
     c.optim.min_lr = 1e-5
     c.optim.clip_grad_norm = 0.0  # 0 = no clipping (reference)

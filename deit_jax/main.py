@@ -92,12 +92,23 @@ def main(argv: list[str]) -> None:
 
     from deit_jax import train
 
-    if config.mode == "train":
-        train.train_and_evaluate(config, workdir)
-    elif config.mode == "eval":
-        train.evaluate(config, workdir)
-    else:
-        sys.exit(f"error: config.mode must be 'train' or 'eval', got {config.mode!r}.")
+    try:
+        if config.mode == "train":
+            train.train_and_evaluate(config, workdir)
+        elif config.mode == "eval":
+            train.evaluate(config, workdir)
+        elif config.mode == "quickstart":
+            from deit_jax import quickstart
+
+            quickstart.run(config, workdir)
+        else:
+            sys.exit(
+                f"error: config.mode must be 'train', 'eval' or 'quickstart', got {config.mode!r}."
+            )
+    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        # Diverged training and config/data/checkpoint errors: their messages say what to change,
+        # and a traceback would bury them.
+        sys.exit(f"error: {e}")
 
 
 def run() -> None:

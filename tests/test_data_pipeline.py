@@ -116,6 +116,21 @@ def test_resume_continues_the_same_stream(seed0_run, digits_dir, mesh):
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_fixed_share_count_feeds_each_share_its_part_of_the_batch(digits_dir, mesh):
+    # num_shares=2 in one process: rows 0-15 come from the first half of the split, rows 16-31
+    # from the second, as two processes would feed them (tests/test_train_processes.py compares
+    # whole training runs).
+    config = digits_config(digits_dir, train_split="train[:160]", num_shares=2)
+    with build_train(config, mesh, with_ids=True) as train:
+        batches = take(train, 5)  # One epoch.
+        assert train.get_state()["num_shares"] == 2
+    ids = np.stack([b["id"] for b in batches])
+    assert (ids[:, :16] < 80).all() and (ids[:, 16:] >= 80).all()
+    assert len(set(ids.ravel().tolist())) == 160
+    with pytest.raises(ValueError, match="num_shares=3"):
+        build_train(digits_config(digits_dir, num_shares=3), mesh)
+
+
 def test_repeated_augmentation_takes_a_third_three_times(digits_dir, mesh):
     config = digits_config(digits_dir, train_split="train[:192]", repeated_aug=3)
     config.mixup.prob = 0.0  # compare the augmented images themselves

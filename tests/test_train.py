@@ -13,49 +13,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _train_config import tiny_config
 
 from deit_jax import checkpoint, train
-from deit_jax.config import base_config
 from deit_jax.metrics import read_jsonl
-
-
-def tiny_config(data_dir: str, **changes):
-    c = base_config()
-    c.data.name = "digits"
-    c.data.data_dir = data_dir
-    c.data.img_size = 16
-    c.data.repeated_aug = 1
-    c.data.eval_split = "test"
-    c.data.shuffle_buffer = 256
-    c.augment.randaugment = ""
-    c.augment.color_jitter = 0.0
-    c.augment.reprob = 0.0
-    c.augment.scale = (0.5, 1.0)
-    c.model_name = "deit_tiny_distilled_patch16_224"
-    with c.unlocked():
-        c.model.embed_dim = 32
-        c.model.depth = 2
-        c.model.num_heads = 2
-        c.model.patch_size = 4
-    c.model.drop_path_rate = 0.0
-    c.batch_size = 32
-    c.eval_batch_size = 128
-    c.num_epochs = 8 / 44  # 1,437 training images: 44 steps per epoch; 8 steps
-    c.eval_every_epochs = 100.0
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 4
-    c.progress_bar = False
-    c.optim.warmup_epochs = 0
-    c.optim.lr = 1e-3
-    c.optim.ema_decay = 0.9
-    c.distillation.kind = "none"
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,17 @@ step's batch: the global batch holds the same images either way.) A tfds source 
 its files, then through a `config.data.shuffle_buffer` of records; a folder, fully; with
 `config.data.cache`, each process's records stay in memory and are fully shuffled. Every random
 choice is seeded
-from `config.seed`: the shuffles from (seed, epoch, process share), each example's augmentation
+from `config.seed`: the shuffles from (seed, epoch, share), each example's augmentation
 from (seed, epoch, share, position in the epoch) and each batch's mixup/cutmix from (seed,
 epoch, share, step), with stateless ops. A run's stream is therefore fixed by the seed (and the
-process layout), and `TrainIterator.get_state()` (epoch, step) is all it takes to resume it: the
+number of shares), and `TrainIterator.get_state()` (epoch, step) is all it takes to resume it: the
 restarted pipeline skips the epoch's first examples before decoding them.
+
+Shares. By default each process is one share of the training data, so the stream depends on the
+number of processes. `config.data.num_shares = S` (a multiple of the process count) fixes it:
+the data is read as S shares, each process feeds S / P of them (their batch parts side by side,
+mixup within each part), and the global batches are the same whether 1 or S processes feed them.
+A run then gives the same results on any number of hosts, and resumes on another one unchanged.
 
 Evaluation. Each pass reads the eval split once. Every process runs the same number of steps;
 the batches past the end of a process's share are padded with `mask == False`, so summing
@@ -146,14 +152,18 @@ class TrainIterator(_Feeder):
             )
         if data.repeated_aug < 1:
             raise ValueError(f"config.data.repeated_aug must be >= 1, got {data.repeated_aug}.")
+        self.data_shares, self.num_data_shares = _data_shares(
+            data.num_shares, self.share, self.num_shares, self.global_batch
+        )
+        self.share_batch = self.global_batch // self.num_data_shares
         self.with_ids = with_ids
         self._epoch, self._step = 0, 0
         self._prefetcher: _Prefetcher | None = None
-        self._cached: tf.data.Dataset | None = None
+        self._cached: dict[int, tf.data.Dataset] = {}
         logging.info(
-            "Train: %s %r, %d examples, %d steps/epoch, process share %d of %d (%d per batch).",
+            "Train: %s %r, %d examples, %d steps/epoch, data shares %s of %d (%d per batch).",
             self.source.name, data.train_split, self.num_examples, self.steps_per_epoch,
-            self.share, self.num_shares, self.local_batch,
+            list(self.data_shares), self.num_data_shares, self.local_batch,
         )  # fmt: skip
 
     def __iter__(self) -> TrainIterator:
@@ -181,13 +191,13 @@ class TrainIterator(_Feeder):
             "step": self._step,
             "seed": self.config.seed,
             "batch_size": self.global_batch,
-            "num_shares": self.num_shares,
+            "num_shares": self.num_data_shares,
         }
 
     def set_state(self, state: dict[str, int]) -> None:
         """Continues from `state` (from `get_state`): the next batch is the one it points at."""
         epoch, step = int(state["epoch"]), int(state["step"])
-        layout = (self.config.seed, self.global_batch, self.num_shares)
+        layout = (self.config.seed, self.global_batch, self.num_data_shares)
         saved = (state.get("seed"), state.get("batch_size"), state.get("num_shares"))
         if saved != layout:
             logging.warning(
@@ -223,14 +233,24 @@ class TrainIterator(_Feeder):
         One tf.data graph for the whole run, the epoch a tensor inside it: no per-epoch
         rebuilding (and re-tracing of RandAugment).
         """
-        data, local_batch = self.config.data, self.local_batch
+        parts = [self._share_batches(s, start_epoch, start_step) for s in self.data_shares]
+        ds = parts[0]
+        if len(parts) > 1:  # The process's shares side by side, in share order.
+            ds = tf.data.Dataset.zip(tuple(parts)).map(
+                lambda *bs: {k: tf.concat([b[k] for b in bs], 0) for k in bs[0]}
+            )
+        return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+    def _share_batches(self, share: int, start_epoch: int, start_step: int) -> tf.data.Dataset:
+        """Share `share`'s endless parts of the batches (`share_batch` rows each)."""
+        data, local_batch = self.config.data, self.share_batch
         per_epoch = self.steps_per_epoch * local_batch
         repeats, start = data.repeated_aug, start_step * local_batch
-        seeds = {tag: _tf_seed(self.config.seed, tag, self.share) for tag in range(4)}
+        seeds = {tag: _tf_seed(self.config.seed, tag, share) for tag in range(4)}
 
         def epoch_records(epoch):
             ds = self._shuffled(
-                _fold(seeds[_SHUFFLE_FILES], epoch), _fold(seeds[_SHUFFLE_BUFFER], epoch)
+                share, _fold(seeds[_SHUFFLE_FILES], epoch), _fold(seeds[_SHUFFLE_BUFFER], epoch)
             )
             if repeats > 1:
                 # RASampler: the first ~1/R of the epoch's shuffle, each record R times in a row.
@@ -261,20 +281,21 @@ class TrainIterator(_Feeder):
         ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local_batch, drop_remainder=True)  # Never across epochs: per_epoch fits.
-        ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+        return ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
 
-    def _shuffled(self, files_seed: tf.Tensor, buffer_seed: tf.Tensor) -> tf.data.Dataset:
-        """This process's share of the train split as records, in an order fixed by the seeds."""
-        data, split = self.config.data, self.config.data.train_split
+    def _shuffled(
+        self, share: int, files_seed: tf.Tensor, buffer_seed: tf.Tensor
+    ) -> tf.data.Dataset:
+        """Share `share` of the train split as records, in an order fixed by the seeds."""
+        data, split, count = self.config.data, self.config.data.train_split, self.num_data_shares
         if data.cache:
             # Read once, keep the share's records in memory, shuffle all of them every epoch.
             with tf.init_scope():
-                if self._cached is None:
-                    self._cached = self.source.read(split, self.share, self.num_shares).cache()
-            start, stop = self.source.shard_range(split, self.share, self.num_shares)
-            return self._cached.shuffle(stop - start, seed=_int64(buffer_seed))
-        ds = self.source.read(split, self.share, self.num_shares, shuffle_seed=_int64(files_seed))
+                if share not in self._cached:
+                    self._cached[share] = self.source.read(split, share, count).cache()
+            start, stop = self.source.shard_range(split, share, count)
+            return self._cached[share].shuffle(stop - start, seed=_int64(buffer_seed))
+        ds = self.source.read(split, share, count, shuffle_seed=_int64(files_seed))
         if not self.source.exact_shuffle:
             ds = ds.shuffle(data.shuffle_buffer, seed=_int64(buffer_seed))
         return ds
@@ -283,7 +304,7 @@ class TrainIterator(_Feeder):
         return _train_preprocess_fn(self.size, _frozen(self.config.augment))
 
     def _mix_fn(self):
-        shape = (self.local_batch, *self.size)
+        shape = (self.share_batch, *self.size)
         return _mixup_fn(shape, self.num_classes, _frozen(self.config.mixup))
 
 
@@ -458,6 +479,21 @@ def _process_share(
     if distinct != [(i * size, (i + 1) * size) for i in range(len(distinct))]:
         raise ValueError(f"The processes' batch rows {blocks} do not split the batch evenly.")
     return distinct.index(blocks[jax.process_index()]), len(distinct)
+
+
+def _data_shares(
+    requested: int, process_share: int, process_shares: int, batch: int
+) -> tuple[range, int]:
+    """(this process's training data shares, their total): `requested` (0: one per process)."""
+    count = int(requested) or process_shares
+    if count < 1 or count % process_shares or batch % count:
+        raise ValueError(
+            f"config.data.num_shares={requested} must be a multiple of the {process_shares} "
+            f"processes feeding the batch and divide batch_size {batch} (or be 0: one share per "
+            "process)."
+        )
+    per_process = count // process_shares
+    return range(process_share * per_process, (process_share + 1) * per_process), count
 
 
 def _source(data: ml_collections.ConfigDict) -> sources.Source:

@@ -48,9 +48,32 @@ def kaiming_fan_out(groups: int = 1) -> Initializer:
     return init
 
 
-def torch_linear_init(fan_in: int) -> tuple[Initializer, Initializer]:
-    """PyTorch's default `nn.Linear` init (the same uniform bounds as its Conv2d default)."""
-    return torch_default_conv_init(fan_in)
+def classifier(
+    num_classes: int,
+    fan_in: int | None = None,
+    *,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str = "fc",
+) -> nn.Dense:
+    """The pooled-features classifier `fc` of the convnets.
+
+    With `fan_in`, PyTorch's default `nn.Linear` init (uniform, bound 1/sqrt(fan_in), as ResNet
+    and the small CNN use); without it, timm's `ClassifierHead` init of RegNet (normal(0, 0.01)
+    weights, zero bias).
+    """
+    if fan_in is None:
+        kernel_init, bias_init = nn.initializers.normal(0.01), nn.initializers.zeros
+    else:
+        kernel_init, bias_init = torch_default_conv_init(fan_in)
+    return nn.Dense(
+        num_classes,
+        kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "classes")),
+        bias_init=nn.with_logical_partitioning(bias_init, ("classes",)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
 
 
 def conv(
@@ -197,14 +220,7 @@ class SmallCNN(nn.Module):
         for i, (width, stride) in enumerate(zip(self.widths, self.strides, strict=True)):
             x = ConvNormAct(width, 3, stride, **kw, name=f"features_{i}")(x, train=train)
         x = x.mean(axis=(1, 2))
-        kernel_init, bias_init = torch_linear_init(x.shape[-1])
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "classes")),
-            bias_init=nn.with_logical_partitioning(bias_init, ("classes",)),
-            **kw,
-            name="fc",
-        )(x)
+        return classifier(self.num_classes, x.shape[-1], **kw)(x)
 
 
 register_model("cnn_small", SmallCNN)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deit_jax.models.cnn import ConvNormAct, check_images, conv
+from deit_jax.models.cnn import ConvNormAct, check_images, classifier, conv
 from deit_jax.models.registry import register_model
 from deit_jax.models.vit import Dtype
 
@@ -122,16 +122,7 @@ class _Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.01), ("embed", "classes")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="fc",
-        )(x)
+        return classifier(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 class RegNet(nn.Module):

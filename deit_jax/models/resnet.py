@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deit_jax.models.cnn import BatchNorm, check_images, conv, torch_linear_init
+from deit_jax.models.cnn import BatchNorm, check_images, classifier, conv
 from deit_jax.models.registry import register_model
 from deit_jax.models.vit import Dtype
 
@@ -86,14 +86,7 @@ class ResNet(nn.Module):
                     x, train=train
                 )
         x = x.mean(axis=(1, 2))
-        kernel_init, bias_init = torch_linear_init(x.shape[-1])
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "classes")),
-            bias_init=nn.with_logical_partitioning(bias_init, ("classes",)),
-            **kw,
-            name="fc",
-        )(x)
+        return classifier(self.num_classes, x.shape[-1], **kw)(x)
 
 
 register_model("resnet18", ResNet, layers=(2, 2, 2, 2), block="basic")
