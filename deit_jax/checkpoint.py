@@ -197,7 +197,9 @@ class TrainCheckpointer:
         )
         return self._manager.save(step, args=args, metrics=self._check_metrics(metrics), force=True)
 
-    def restore(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore(
+        self, abstract_state: Any, *, delete_unreadable: bool = True
+    ) -> tuple[int, Any, dict[str, Any]] | None:
         """Restores the newest readable checkpoint; returns `(step, state, data_state)` or None.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s (or arrays) with shardings; arrays
@@ -206,7 +208,8 @@ class TrainCheckpointer:
         skipped ones are deleted once an older one restores (training redoes those steps, and
         would otherwise collide with them). A checkpoint whose tree or shapes differ from
         `abstract_state` raises `CheckpointMismatchError`: the run's config changed, and restoring
-        an older step would not help.
+        an older step would not help. Read-only callers (evaluation) pass
+        `delete_unreadable=False`: they skip such checkpoints but leave them on disk.
         """
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         if any(leaf.sharding is None for leaf in jax.tree.leaves(abstract_state)):
@@ -221,7 +224,7 @@ class TrainCheckpointer:
             restored, error = self._try_restore(step, abstract_state)
             # Every process must make the same choice, or they would restore different steps.
             if _all_processes_agree(error is None):
-                for bad in unreadable:
+                for bad in unreadable if delete_unreadable else ():
                     log.warning("Deleting unreadable checkpoint %d in %s.", bad, self.directory)
                     self._manager.delete(bad)
                 return step, restored["state"], dict(restored["data"])
@@ -231,7 +234,7 @@ class TrainCheckpointer:
                 step,
                 self.directory,
                 type(error).__name__,
-                str(error)[:2000],
+                str(error)[:300],
             )
             unreadable.append(step)
         if unreadable:

@@ -105,6 +105,8 @@ def main(argv: list[str]) -> None:
             sys.exit(
                 f"error: config.mode must be 'train', 'eval' or 'quickstart', got {config.mode!r}."
             )
+    except train.Preempted:
+        sys.exit(0)  # a clean stop: the checkpoint is written, the same command resumes
     except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
         # Diverged training and config/data/checkpoint errors: their messages say what to change,
         # and a traceback would bury them.

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 BEST_METRIC = "top1"
 
 
+class Preempted(Exception):
+    """SIGTERM stopped training after saving a checkpoint; running again resumes from it."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
@@ -202,6 +206,8 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains (resuming if `workdir` holds checkpoints); returns the final eval metrics.
 
+    On SIGTERM it saves a checkpoint and raises `Preempted`.
+
     `devices` (default: all) are the devices the mesh is built over.
     """
     _validate(config)
@@ -328,8 +334,11 @@ def train_and_evaluate(
             train_data.close()
             signal.signal(signal.SIGTERM, previous_handler)
 
-        if not stop["signal"]:
-            _export(workdir, config, state, info.num_classes)
+        if stop["signal"]:
+            # Raised, not returned, so that callers running several stages (the quickstart)
+            # stop here too instead of starting the next one.
+            raise Preempted(f"SIGTERM: checkpoint saved in {checkpointer.directory}")
+        _export(workdir, config, state, info.num_classes)
         if not eval_metrics and start_step >= total_steps:
             eval_metrics = _eval_loop(
                 eval_step,
@@ -394,7 +403,7 @@ def evaluate(
             keep=config.keep_checkpoints,
             best_metric=BEST_METRIC,
         )
-        restored = checkpointer.restore(abstract)
+        restored = checkpointer.restore(abstract, delete_unreadable=False)
         checkpointer.close()
         if restored is not None:
             step, state, _ = restored

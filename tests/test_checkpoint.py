@@ -180,6 +180,10 @@ def test_unreadable_checkpoints_are_skipped(tmp_path, mesh, caplog, damage):
     caplog.set_level(logging.WARNING, logger="deit_jax.checkpoint")
     with TrainCheckpointer(tmp_path, save_every_steps=1, keep=5, async_save=False) as ckpt:
         assert ckpt.latest_step() == 4
+        # Read-only (evaluation): the same step is found, nothing is deleted.
+        step, _, _ = ckpt.restore(_abstract(states[1]), delete_unreadable=False)
+        assert step == 2 and _steps_on_disk(tmp_path) == [1, 2, 3, 4]
+        caplog.clear()
         step, restored, data_state = ckpt.restore(_abstract(states[1]))
         assert step == 2 and data_state == {"position": 2}
         _assert_same(restored, states[2])

@@ -86,8 +86,14 @@ def test_intermediates_match_timm_attention():
     variables = convert.torch_to_flax(torch_model.state_dict(), name)
     images = np.random.default_rng(1).normal(size=(1, 224, 224, 3)).astype(np.float32)
     _, inter = deit_jax.forward_with_intermediates(deit_jax.create_model(name), variables, images)
+    block_outputs = []
+    for block in torch_model.blocks:
+        block.register_forward_hook(lambda module, args, out: block_outputs.append(out.numpy()))
     with torch.no_grad():
         tokens = torch_model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert len(inter["block_tokens"]) == 12
+    for ours, theirs in zip(inter["block_tokens"], block_outputs, strict=True):
+        assert rel_l2(ours, theirs) <= RTOL
     assert len(inter["attention"]) == 12
     assert inter["attention"][0].shape == (1, 3, 198, 198)
     np.testing.assert_allclose(np.asarray(inter["attention"][-1]).sum(-1), 1.0, atol=1e-5)

@@ -58,8 +58,9 @@ def forward_with_intermediates(
     """Runs `model` and returns `(outputs, intermediates)`.
 
     For DeiT, `intermediates["attention"]` is a list with one (B, heads, N, N) attention map per
-    block and `intermediates["tokens"]` the final normalised tokens (B, N, D), class token first,
-    then the distillation token when the model has one.
+    block, `intermediates["block_tokens"]` a list of each block's output tokens (B, N, D), and
+    `intermediates["tokens"]` the final normalised tokens (B, N, D); tokens are ordered class
+    token, then the distillation token when the model has one, then the patches.
     """
     out, state = model.apply(
         variables, images, train=train, mutable=["intermediates"], **apply_kwargs
@@ -71,6 +72,7 @@ def forward_with_intermediates(
     )
     if blocks:
         flat["attention"] = [inter[k]["attn"]["attention"][0] for k in blocks]
+        flat["block_tokens"] = [inter[k]["tokens"][0] for k in blocks]
     if "tokens" in inter:
         flat["tokens"] = inter["tokens"][0]
     return out, flat

@@ -261,7 +261,9 @@ class Block(nn.Module):
             y, deterministic=deterministic
         )
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        self.sow("intermediates", "tokens", x)
+        return x
 
 
 class DeiT(nn.Module):
