@@ -6,13 +6,15 @@ scikit-learn's handwritten digits (1,437 training and 360 test images of 8x8 pix
 the package: no download), upsampled to 16x16. For each of 3 seeds: a small convnet teacher
 (`cnn_small`, 10 epochs, mild crops, at the native 8x8), then a 4-block, 64-wide DeiT with 4x4
 patches (16 patch tokens) twice, with the same data, augmentation (strong random-resized crops,
-random erasing) and 60-epoch schedule: without distillation (`deit_tiny_patch16_224` overridden
+random erasing) and 30-epoch schedule: without distillation (`deit_tiny_patch16_224` overridden
 to that size, the baseline) and with a distillation token trained by hard distillation from the
 teacher (`deit_tiny_distilled_patch16_224`, same overrides). Writes results.md, results.json and
 results.png to the workdir and prints the table; rerunning resumes.
 
-Hardware and time: RUNTIME on 2 CPU cores. Expected (test top-1, mean over seeds 0-2):
-EXPECTED
+Hardware and time: 10 min 14 s on 2 CPU cores (2026-11-27). Expected test top-1, mean +- std
+over seeds 0-2: teacher 98.15 +- 0.42, student without distillation 83.52 +- 1.58, distilled
+student (average of heads) 81.67 +- 7.01: no gain beyond the seed spread on this data set (the
+README's quickstart section has the eleven recipes tried and the numbers).
 One stage alone: `--config.mode=train` trains the distilled student (given
 `--config.teacher.checkpoint`), add `--config.distillation.kind=none
 --config.model_name=deit_tiny_patch16_224` for the baseline.
@@ -60,8 +62,8 @@ def get_config():
     c.mixup.cutmix_alpha = 0.0
     c.batch_size = 128
     c.eval_batch_size = 360
-    c.num_epochs = 60.0
-    c.eval_every_epochs = 6.0
+    c.num_epochs = 30.0
+    c.eval_every_epochs = 3.0
     c.log_every_steps = 20
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 1

@@ -18,6 +18,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from deit_jax.convert import CheckpointMismatchError
+
+__all__ = ["CheckpointMismatchError", "TrainCheckpointer", "load_variables", "save_variables"]
+
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "deit_jax.json"
@@ -77,10 +81,6 @@ def load_variables(directory: str | os.PathLike, target: Any = None) -> tuple[An
 
 # --------------------------------------------------------------------------------------------------
 # Training checkpoints: the full train state, the data-iterator position and eval metrics.
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's arrays do not fit the model/config that tries to restore it."""
 
 
 class TrainCheckpointer:

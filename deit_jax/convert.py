@@ -47,7 +47,8 @@ _LEAF_TO_TORCH = {
 
 
 class CheckpointMismatchError(ValueError):
-    """A state dict that does not fit the requested model (all problems listed at once)."""
+    """Stored arrays that do not fit the model or config that loads them (all problems listed at
+    once): a PyTorch state dict here, an Orbax training checkpoint in `deit_jax.checkpoint`."""
 
 
 # --------------------------------------------------------------------------- position embeddings
