@@ -313,7 +313,8 @@ def train_and_evaluate(
                         (state.params, state.model_state, state.ema_params, teacher_variables),
                     )
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                    progress.write(_format_eval(step, eval_metrics))
+                    if jax.process_index() == 0:  # tqdm.write prints even when disabled
+                        progress.write(_format_eval(step, eval_metrics))
                 if evaluated or checkpointer.should_save(step) or stop["signal"]:
                     _check_finite(state, step)
                     checkpointer.save(

@@ -233,14 +233,14 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(reference, la
         for i in range(2)
     ]
     try:
-        for proc in procs:
-            run_ok(proc)
+        outputs = [run_ok(proc) for proc in procs]
     finally:  # One failed process leaves the other waiting in a collective.
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
 
-    # Only process 0 writes metrics: every step once, one TensorBoard file.
+    # Only process 0 reports and writes metrics: every step once, one TensorBoard file.
+    assert "eval @ step" in outputs[0] and "eval @ step" not in outputs[1]
     losses, want = train_losses(workdir), train_losses(reference)
     assert {step: len(v) for step, v in losses.items()} == {s: 1 for s in range(1, STEPS + 1)}
     assert len(glob.glob(str(workdir / "tensorboard" / "events.*"))) == 1
