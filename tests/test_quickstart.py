@@ -1,10 +1,12 @@
-"""The README's first command, shortened, and both notebooks, executed.
+"""The README's first command at its real size, and both notebooks, executed.
 
 `python -m deit_jax.main --config configs/quickstart.py` runs here as a new user runs it (a real
-process), with 2 seeds and a few epochs instead of 3 seeds and 60: the test checks the machinery
-(every stage, the table, the JSON's statistics, the plot), not the accuracy. The full run does not
-show a distillation gain beyond the seed spread on digits (README, "Quickstart"), so no test
-claims one. The notebooks run through nbclient on a real kernel with their small-size parameters.
+process, the default config: 3 seeds, about 7 minutes on 2 idle cores). The tests check the
+machinery (every stage, the table, the JSON's statistics against each run's metrics, the plot) and
+the claim the README makes: the distilled student beats the student trained without distillation
+by more than the spread between seeds. Runs are deterministic on a given machine, so this asserts
+the numbers CI's own run produced. The notebooks run through nbclient on a real kernel with their
+small-size parameters.
 """
 
 import json
@@ -34,10 +36,6 @@ def quickstart(tmp_path_factory):
         f"--workdir={workdir}",
         f"--config.data.data_dir={workdir / 'tfds'}",
         "--config.progress_bar=False",
-        "--config.quickstart.seeds=(0, 1)",
-        "--config.num_epochs=2",
-        "--config.eval_every_epochs=1",
-        "--config.quickstart.teacher.num_epochs=2",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -47,7 +45,7 @@ def quickstart(tmp_path_factory):
 def test_results_json_holds_each_seed_and_the_statistics_of_the_runs(quickstart):
     workdir, _ = quickstart
     results = json.loads((workdir / "results.json").read_text())
-    assert results["seeds"] == [0, 1]
+    assert results["seeds"] == [0, 1, 2]
     rows = results["rows"]
     for label, run, metric in (
         ("teacher", "teacher", "top1"),
@@ -73,7 +71,25 @@ def test_results_json_holds_each_seed_and_the_statistics_of_the_runs(quickstart)
     spread = max(np.ptp(baseline), np.ptp(distilled))
     assert np.isclose(results["gain"], gain) and np.isclose(results["spread"], spread)
     assert results["gain_exceeds_spread"] == bool(gain > spread)
-    assert min(rows["teacher"]["values"]) > 0.5  # two epochs make cnn_small a useful teacher
+
+
+def test_distillation_gain_exceeds_the_spread_between_seeds(quickstart):
+    workdir, stdout = quickstart
+    results = json.loads((workdir / "results.json").read_text())
+    rows = results["rows"]
+    baseline = np.array(rows["student, no distillation"]["values"])
+    distilled = np.array(rows["distilled student: average of heads"]["values"])
+    assert results["gain_exceeds_spread"], format_failure(results)
+    assert np.mean(distilled) - np.mean(baseline) > max(np.ptp(baseline), np.ptp(distilled))
+    assert np.all(distilled > baseline), "every seed gains"
+    assert "exceeds the spread between seeds" in stdout
+
+
+def format_failure(results: dict) -> str:
+    return "\n".join(
+        f"{label}: {np.round(100 * np.array(row['values']), 2)}"
+        for label, row in results["rows"].items()
+    )
 
 
 def test_results_table_plot_and_per_seed_runs(quickstart):

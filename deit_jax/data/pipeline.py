@@ -553,4 +553,8 @@ def _frozen(config: ml_collections.ConfigDict) -> tuple:
 def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
+    # No autotuning model thread: deleting an iterator waits for that thread's sleep, which grows
+    # to a minute in long runs (30 s of idle at the end of each quickstart stage). AUTOTUNE
+    # parallelism then means one worker per core, which is what a host feeding devices wants.
+    options.autotune.enabled = False
     return options
