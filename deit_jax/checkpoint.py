@@ -18,9 +18,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from deit_jax.convert import CheckpointMismatchError
-
 __all__ = ["CheckpointMismatchError", "TrainCheckpointer", "load_variables", "save_variables"]
+
+
+class CheckpointMismatchError(ValueError):
+    """Stored arrays that do not fit the model or config that loads them (all problems listed at
+    once): an Orbax training checkpoint here, a PyTorch state dict in `deit_jax.convert`."""
+
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from deit_jax import _compat
+from deit_jax import _compat, checkpoint
+from deit_jax.checkpoint import CheckpointMismatchError
 from deit_jax.models import create_model, input_size
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,6 @@ _LEAF_TO_TORCH = {
     "mean": "running_mean",
     "var": "running_var",
 }
-
-
-class CheckpointMismatchError(ValueError):
-    """Stored arrays that do not fit the model or config that loads them (all problems listed at
-    once): a PyTorch state dict here, an Orbax training checkpoint in `deit_jax.checkpoint`."""
 
 
 # --------------------------------------------------------------------------- position embeddings
@@ -335,8 +331,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from deit_jax import checkpoint
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = _parse_args(argv)
     overrides = {

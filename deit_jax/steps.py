@@ -21,6 +21,7 @@ import optax
 
 from deit_jax import losses, optim
 from deit_jax.models import input_size
+from deit_jax.teacher import teacher_logits
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -64,15 +65,6 @@ def _student_outputs(outputs: Any, distilled: bool) -> tuple[jax.Array, jax.Arra
         cls_logits, dist_logits = outputs
         return cls_logits, dist_logits
     return outputs, None
-
-
-def teacher_logits(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
-    """Frozen teacher forward in eval mode, at the teacher's own input size if it differs."""
-    h, w = input_size(teacher)
-    if images.shape[1:3] != (h, w):
-        images = jax.image.resize(images, (images.shape[0], h, w, images.shape[3]), "bilinear")
-    logits = teacher.apply(teacher_variables, images, train=False)
-    return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
 def make_train_step(

@@ -1,0 +1,82 @@
+"""A registry model as the teacher: weights from a deit_jax directory or a PyTorch file, run
+frozen (eval mode, `stop_gradient`) inside the jitted train and eval steps."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from deit_jax import checkpoint, convert
+from deit_jax.models import create_model, input_size, model_options
+
+
+def compute_dtype(name: str) -> Any:
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}.")
+    return jnp.dtype(name)
+
+
+def load_weights(path: str, model_name: str) -> tuple[Any, dict[str, Any]]:
+    """`(variables, model_overrides)` from a deit_jax weights directory or a PyTorch /
+    safetensors checkpoint file (whose overrides are empty: the registered defaults)."""
+    if os.path.isdir(path):
+        variables, metadata = checkpoint.load_variables(path)
+        if metadata["model_name"] != model_name:
+            raise ValueError(
+                f"{path!r} holds weights of {metadata['model_name']!r}, not {model_name!r}; set "
+                "the model name to match the weights."
+            )
+        return variables, metadata["model_overrides"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Weights {path!r} do not exist: give a deit_jax weights directory (from python -m "
+            "deit_jax.convert, or the `weights` directory of a finished run) or a .pth / "
+            ".safetensors file."
+        )
+    return convert.load_torch_checkpoint(path, model_name), {}
+
+
+def build_teacher(
+    config: ml_collections.ConfigDict, num_classes: int
+) -> tuple[nn.Module | None, Any]:
+    """The frozen teacher and its variables, or `(None, {})` without distillation."""
+    if config.distillation.kind == "none":
+        return None, {}
+    if not config.teacher.checkpoint:
+        raise ValueError(
+            f"distillation.kind={config.distillation.kind!r} needs a trained teacher: set "
+            "--config.teacher.checkpoint to a weights directory (python -m deit_jax.convert, or "
+            "the `weights` directory of a finished deit_jax run) or a .pth/.safetensors file, "
+            "or use --config.distillation.kind=none."
+        )
+    variables, overrides = load_weights(config.teacher.checkpoint, config.teacher.name)
+    overrides = {**overrides, "dtype": compute_dtype(config.dtype)}
+    if "img_size" in model_options(config.teacher.name):
+        overrides["img_size"] = config.teacher.img_size or overrides.get(
+            "img_size", config.data.img_size
+        )
+    teacher = create_model(config.teacher.name, **overrides)
+    h, w = input_size(teacher)
+    images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+    predicted = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False), variables, images)
+    if predicted.shape[-1] != num_classes:
+        raise ValueError(
+            f"The teacher {config.teacher.checkpoint!r} predicts {predicted.shape[-1]} classes but "
+            f"data set {config.data.name!r} has {num_classes}; fine-tune or convert the teacher "
+            "for this data set (python -m deit_jax.convert ... --num-classes N)."
+        )
+    return teacher, variables
+
+
+def teacher_logits(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
+    """Frozen teacher forward in eval mode, at the teacher's own input size if it differs."""
+    h, w = input_size(teacher)
+    if images.shape[1:3] != (h, w):
+        images = jax.image.resize(images, (images.shape[0], h, w, images.shape[3]), "bilinear")
+    logits = teacher.apply(teacher_variables, images, train=False)
+    return jax.lax.stop_gradient(logits.astype(jnp.float32))
