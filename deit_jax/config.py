@@ -33,9 +33,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.img_size = ml_collections.FieldReference(None, field_type=int)  # None: student's
 
     c.distillation = ml_collections.ConfigDict()
-    c.distillation.kind = "none"  # none | soft | hard
-    c.distillation.alpha = 0.5
+    # none | soft | hard (logit KD: the distillation head, or a plain student's only head) |
+    # feature (MSE of pooled pre-logit features through a learned projection; live teacher).
+    c.distillation.kind = "none"
+    c.distillation.alpha = 0.5  # total = (1 - alpha) * base + alpha * distillation
     c.distillation.tau = 1.0
+    # Soft KD's summed KL divided by batch x classes ("numel", the DeiT reference) or by the
+    # batch ("batchmean", Hinton / timm's tasks).
+    c.distillation.kl_reduction = "numel"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "imagenet2012"  # any tfds name, "digits" (offline), or "folder:/path/to/root"

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-DISTILLATION_KINDS = ("none", "soft", "hard")
+DISTILLATION_KINDS = ("none", "soft", "hard", "feature")
+KL_REDUCTIONS = ("numel", "batchmean")
 
 
 def _log_softmax(logits: jax.Array) -> jax.Array:
@@ -63,6 +64,15 @@ def label_smoothing_cross_entropy(
     return jnp.mean((1.0 - smoothing) * nll + smoothing * smooth)
 
 
+def check_kl_reduction(kl_reduction: str) -> None:
+    if kl_reduction not in KL_REDUCTIONS:
+        raise ValueError(
+            f"Unknown kl_reduction {kl_reduction!r}; set config.distillation.kl_reduction to "
+            "'numel' (the DeiT reference: summed KL / (batch x classes)) or 'batchmean' "
+            "(Hinton's KD and timm's tasks: summed KL / batch)."
+        )
+
+
 def distillation_loss(
     cls_logits: jax.Array,
     dist_logits: jax.Array | None,
@@ -72,25 +82,45 @@ def distillation_loss(
     kind: str,
     alpha: float,
     tau: float,
+    kl_reduction: str = "numel",
+    student_features: jax.Array | None = None,
+    teacher_features: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The reference `DistillationLoss`, returning `(total, {"base": ..., "distillation": ...})`.
+    """The reference `DistillationLoss`, generalised to any student; returns `(total, {"base":
+    ..., "distillation": ...})`.
+
+    The distillation term acts on the distillation head when the student has one
+    (`dist_logits`), else on its single class head (`dist_logits=None`: logit KD of a plain
+    ViT, ResNet, RegNet, ...). The base term is always on the class head.
 
     Args:
-      cls_logits: (B, C) class-token head logits of the student.
-      dist_logits: (B, C) distillation-token head logits; unused (may be None) for kind "none".
-      teacher_logits: (B, C) teacher logits on the same (mixed) images; never differentiated.
+      cls_logits: (B, C) class-token (or single) head logits of the student.
+      dist_logits: (B, C) distillation-token head logits, or None for a single-head student.
+      teacher_logits: (B, C) teacher logits (or log-probabilities) on the same (mixed) images;
+        never differentiated. Unused for kinds "none" and "feature".
       targets: (B, C) target distribution, already mixed and label-smoothed.
-      kind: "none" (total = base), "soft" (KL to the tempered teacher) or "hard" (CE to the
-        teacher's argmax, no smoothing).
+      kind: "none" (total = base), "soft" (KL to the tempered teacher), "hard" (CE to the
+        teacher's argmax, no smoothing) or "feature" (MSE between `student_features` and
+        `teacher_features`, timm's `FeatureDistillationTask`).
       alpha: weight of the distillation term: total = (1 - alpha) * base + alpha * distillation.
-      tau: softmax temperature of the soft kind; the KL is scaled by tau**2 and divided by the
-        number of logits (B * C), as in the reference.
+        timm's tasks weigh the terms independently, `task_w * base + distill_w * kd`: their
+        complementary mode (only `task_loss_weight` given) is alpha = 1 - task_w; independent
+        weights are `(task_w + distill_w) * total` with alpha = distill_w / (task_w + distill_w),
+        i.e. the same gradients up to a learning-rate factor of task_w + distill_w.
+      tau: softmax temperature of the soft kind; the KL is scaled by tau**2.
+      kl_reduction: how the soft kind's summed KL is divided: "numel" by B * C (the DeiT
+        reference) or "batchmean" by B (Hinton et al., timm's `LogitDistillationTask` and
+        `TokenDistillationTask`); they differ by the factor C.
+      student_features: (B, D) pooled pre-logit features of the student, already projected to
+        the teacher's width (kind "feature" only).
+      teacher_features: (B, D) pooled pre-logit features of the teacher (kind "feature" only).
     """
     if kind not in DISTILLATION_KINDS:
         raise ValueError(
             f"Unknown distillation kind {kind!r}; set config.distillation.kind to one of "
             f"{', '.join(DISTILLATION_KINDS)}."
         )
+    check_kl_reduction(kl_reduction)
     if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"Distillation alpha must be in [0, 1], got {alpha}.")
     if isinstance(tau, (int, float)) and tau <= 0:
@@ -99,31 +129,55 @@ def distillation_loss(
     base = soft_target_cross_entropy(cls_logits, targets)
     if kind == "none":
         return base, {"base": base, "distillation": jnp.zeros((), jnp.float32)}
+    if kind == "feature":
+        distill = feature_distillation_loss(student_features, teacher_features)
+        return (1.0 - alpha) * base + alpha * distill, {"base": base, "distillation": distill}
 
-    if dist_logits is None or teacher_logits is None:
+    if teacher_logits is None:
         raise ValueError(
-            f"Distillation kind {kind!r} needs the student's distillation-head logits and the "
-            "teacher's logits: use a distilled model (e.g. deit_tiny_distilled_patch16_224, which "
-            "returns (cls_logits, dist_logits) in training) and a teacher, or set kind='none'."
+            f"Distillation kind {kind!r} needs the teacher's logits: set a teacher "
+            "(config.teacher.*), or set kind='none'."
         )
     num_classes = cls_logits.shape[-1]
-    _check_logits("dist_logits", dist_logits, num_classes)
+    # A single-head student distils through its only head.
+    student_logits = cls_logits if dist_logits is None else dist_logits
+    _check_logits("dist_logits", student_logits, num_classes)
     _check_logits("teacher_logits", teacher_logits, num_classes)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
 
     if kind == "soft":
         # F.kl_div(log_softmax(s/T), log_softmax(t/T), reduction='sum', log_target=True).
-        log_s = _log_softmax(jnp.asarray(dist_logits, jnp.float32) / tau)
+        log_s = _log_softmax(jnp.asarray(student_logits, jnp.float32) / tau)
         log_t = _log_softmax(jnp.asarray(teacher_logits, jnp.float32) / tau)
         kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s))
-        distill = kl * (tau * tau) / dist_logits.size
+        count = student_logits.size if kl_reduction == "numel" else student_logits.shape[0]
+        distill = kl * (tau * tau) / count
     else:
         teacher_labels = jnp.argmax(teacher_logits, axis=-1)
-        logp = _log_softmax(dist_logits)
+        logp = _log_softmax(student_logits)
         distill = -jnp.mean(jnp.take_along_axis(logp, teacher_labels[:, None], axis=-1))
 
     total = (1.0 - alpha) * base + alpha * distill
     return total, {"base": base, "distillation": distill}
+
+
+def feature_distillation_loss(
+    student_features: jax.Array | None, teacher_features: jax.Array | None
+) -> jax.Array:
+    """Mean squared error over every element (`F.mse_loss`), the teacher side frozen."""
+    if student_features is None or teacher_features is None:
+        raise ValueError(
+            "Distillation kind 'feature' needs the student's (projected) and the teacher's "
+            "pooled pre-logit features (deit_jax.models.pooled_features)."
+        )
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(
+            f"Student features {student_features.shape} and teacher features "
+            f"{teacher_features.shape} differ in shape: project the student's features to the "
+            "teacher's width (deit_jax.distill.Projection)."
+        )
+    teacher_features = jax.lax.stop_gradient(jnp.asarray(teacher_features, jnp.float32))
+    return jnp.mean(jnp.square(jnp.asarray(student_features, jnp.float32) - teacher_features))
 
 
 def topk_correct(

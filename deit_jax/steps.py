@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from deit_jax import losses, optim
-from deit_jax.models import input_size
-from deit_jax.teacher import teacher_logits
+from deit_jax import feature_distillation, losses, optim
+from deit_jax.feature_distillation import Projection
+from deit_jax.models import input_size, pooled_features
+from deit_jax.teacher import teacher_features, teacher_logits
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -39,9 +40,17 @@ class TrainState:
 
 
 def init_state(
-    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, *, ema: bool
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    *,
+    ema: bool,
+    projection: Projection | None = None,
 ) -> TrainState:
-    """A fresh state; params keep their logical-partitioning boxes (for the mesh shardings)."""
+    """A fresh state; params keep their logical-partitioning boxes (for the mesh shardings).
+
+    With a feature-distillation `projection`, `params` gains its subtree `"projection"`.
+    """
     init_rng, state_rng = jax.random.split(rng)
     h, w = input_size(model)
     images = jnp.zeros((1, h, w, getattr(model, "in_chans", 3)), jnp.float32)
@@ -49,6 +58,12 @@ def init_state(
     variables = dict(variables)
     variables.pop("intermediates", None)
     params = variables.pop("params")
+    if projection is not None:
+        # A key of its own: the student's init (and so every other run) stays as it was.
+        params = {
+            **params,
+            feature_distillation.PROJECTION: projection.init_params(jax.random.fold_in(rng, 1)),
+        }
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -73,8 +88,12 @@ def make_train_step(
     schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
     teacher: nn.Module | None = None,
+    projection: Projection | None = None,
 ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, Metrics]]:
+    """`projection`: the feature-distillation projection whose params are `params["projection"]`
+    (None when the widths match or for logit distillation)."""
     kind = config.distillation.kind
+    kl_reduction = config.distillation.kl_reduction
     distilled = bool(getattr(model, "distilled", False))
     ema_decay = float(config.optim.ema_decay)
     accum = int(config.optim.grad_accum_steps)
@@ -82,18 +101,25 @@ def make_train_step(
     def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
         rng, dropout_rng = jax.random.split(state.rng)
         images, targets = batch["image"], batch["target"]
-        t_logits = None
-        if kind != "none":
+        t_logits = t_features = None
+        if kind == "feature":
+            t_features = teacher_features(teacher, teacher_variables, images)
+        elif kind != "none":
             t_logits = teacher_logits(teacher, teacher_variables, images)
 
         def loss_fn(params):
-            outputs, new_model_state = model.apply(
-                {"params": params, **state.model_state},
-                images,
-                train=True,
-                rngs={"dropout": dropout_rng},
-                mutable=list(state.model_state),
-            )
+            variables = {"params": feature_distillation.student_params(params), **state.model_state}
+            apply_kwargs = dict(train=True, rngs={"dropout": dropout_rng})
+            s_features = None
+            if kind == "feature":
+                outputs, s_features, new_model_state = pooled_features(
+                    model, variables, images, mutable=list(state.model_state), **apply_kwargs
+                )
+                s_features = feature_distillation.project(projection, params, s_features)
+            else:
+                outputs, new_model_state = model.apply(
+                    variables, images, mutable=list(state.model_state), **apply_kwargs
+                )
             cls_logits, dist_logits = _student_outputs(outputs, distilled)
             total, parts = losses.distillation_loss(
                 cls_logits.astype(jnp.float32),
@@ -103,6 +129,9 @@ def make_train_step(
                 kind=kind,
                 alpha=config.distillation.alpha,
                 tau=config.distillation.tau,
+                kl_reduction=kl_reduction,
+                student_features=s_features,
+                teacher_features=t_features,
             )
             return total, (parts, new_model_state, cls_logits)
 
@@ -167,7 +196,7 @@ def make_eval_step(
     )
 
     def predict(params, model_state, images) -> dict[str, jax.Array]:
-        variables = {"params": params, **model_state}
+        variables = {"params": feature_distillation.student_params(params), **model_state}
         if distilled:
             cls_logits, dist_logits = both_heads.apply(variables, images, train=True)
             return {"": (cls_logits + dist_logits) / 2, "cls_": cls_logits, "dist_": dist_logits}

@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from deit_jax import checkpoint, convert, data, optim, sharding, steps
+from deit_jax import checkpoint, convert, data, feature_distillation, losses, optim, sharding, steps
 from deit_jax.metrics import MetricsWriter
 from deit_jax.models import create_model, model_options
 from deit_jax.teacher import build_teacher, load_weights
@@ -68,6 +68,8 @@ def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
     flat, source = traverse_util.flatten_dict(params), traverse_util.flatten_dict(pretrained)
     problems, fresh_heads = [], []
     for path, value in flat.items():
+        if path[0] == feature_distillation.PROJECTION:
+            continue  # feature distillation's projection is not part of the weights: fresh
         if path not in source:
             problems.append(f"missing {'/'.join(path)}")
             continue
@@ -91,13 +93,13 @@ def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
 # --------------------------------------------------------------------------- state on the mesh
 
 
-def _state_and_shardings(config, model, tx, mesh):
+def _state_and_shardings(config, model, tx, mesh, projection=None):
     ema = config.optim.ema_decay > 0
     rng = jax.random.PRNGKey(config.seed)
-    boxed = jax.eval_shape(lambda: steps.init_state(model, tx, rng, ema=ema))
+    boxed = jax.eval_shape(lambda: steps.init_state(model, tx, rng, ema=ema, projection=projection))
     state_shardings = sharding.tree_shardings(boxed, mesh)
     init = jax.jit(
-        lambda: nn.meta.unbox(steps.init_state(model, tx, rng, ema=ema)),
+        lambda: nn.meta.unbox(steps.init_state(model, tx, rng, ema=ema, projection=projection)),
         out_shardings=state_shardings,
     )
     values = jax.tree.map(
@@ -112,24 +114,33 @@ def _state_and_shardings(config, model, tx, mesh):
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-    kinds = ("none", "soft", "hard")
+    kinds = losses.DISTILLATION_KINDS
     if config.distillation.kind not in kinds:
         raise ValueError(
             f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}."
         )
-    distilled = model_options(config.model_name).get("distilled", False)
-    if config.distillation.kind != "none" and not distilled:
-        raise ValueError(
-            f"distillation.kind={config.distillation.kind!r} needs a student with a distillation "
-            f"token, but {config.model_name!r} has none; use a *_distilled_* model."
-        )
+    losses.check_kl_reduction(config.distillation.kl_reduction)
     if config.batch_size % jax.process_count():
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes."
         )
 
 
+def _projection(config, model, teacher) -> feature_distillation.Projection | None:
+    if config.distillation.kind != "feature":
+        return None
+    return feature_distillation.build_projection(model, teacher)
+
+
 # --------------------------------------------------------------------------- evaluation
+
+
+def _eval_teacher(teacher: nn.Module | None, num_classes: int) -> nn.Module | None:
+    """The teacher for the eval metrics (teacher top-1, agreement): only if it predicts the
+    data's classes (a feature-distillation teacher may not)."""
+    if teacher is None or getattr(teacher, "num_classes", num_classes) != num_classes:
+        return None
+    return teacher
 
 
 def _eval_loop(eval_step, eval_data, args) -> dict[str, float]:
@@ -161,6 +172,7 @@ def train_and_evaluate(
     model = build_student(config, info.num_classes)
     teacher, teacher_variables = build_teacher(config, info.num_classes)
     teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
+    projection = _projection(config, model, teacher)
 
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
@@ -175,7 +187,7 @@ def train_and_evaluate(
     )
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
-        init, abstract, state_shardings = _state_and_shardings(config, model, tx, mesh)
+        init, abstract, state_shardings = _state_and_shardings(config, model, tx, mesh, projection)
         checkpointer = checkpoint.TrainCheckpointer(
             os.path.join(workdir, "checkpoints"),
             save_every_steps=config.checkpoint_every_steps,
@@ -201,11 +213,11 @@ def train_and_evaluate(
                 log.info("Initialised from %s", config.init_from)
 
         train_step = jax.jit(
-            steps.make_train_step(model, tx, schedule, config, teacher),
+            steps.make_train_step(model, tx, schedule, config, teacher, projection),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
-        eval_step = jax.jit(steps.make_eval_step(model, teacher))
+        eval_step = jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes)))
         writer = MetricsWriter(workdir)
         log.info(
             "Training %s (%s params) on %s: %d steps of %d images, %d devices %s",
@@ -316,7 +328,9 @@ def _export(
     path = os.path.join(workdir, "weights")
     if os.path.exists(path):
         return
-    variables = {"params": state.params, **state.model_state}
+    # Inference weights: the student alone, without feature distillation's projection.
+    params = feature_distillation.student_params(state.params)
+    variables = {"params": params, **state.model_state}
     overrides = student_overrides(config, num_classes)
     checkpoint.save_variables(
         path, variables, model_name=config.model_name, model_overrides=overrides
@@ -333,6 +347,7 @@ def evaluate(
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
     teacher, teacher_variables = build_teacher(config, info.num_classes)
+    projection = _projection(config, model, teacher)
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
     tx, _ = optim.create_optimizer(
         config.optim,
@@ -341,7 +356,7 @@ def evaluate(
         num_epochs=max(config.num_epochs, 1),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
-        init, abstract, _ = _state_and_shardings(config, model, tx, mesh)
+        init, abstract, _ = _state_and_shardings(config, model, tx, mesh, projection)
         checkpointer = checkpoint.TrainCheckpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints"),
             save_every_steps=1,
@@ -363,7 +378,7 @@ def evaluate(
                 "--config.init_from weights."
             )
         metrics = _eval_loop(
-            jax.jit(steps.make_eval_step(model, teacher)),
+            jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes))),
             eval_data,
             (
                 params,

@@ -171,8 +171,10 @@ def test_bad_inputs_raise_clear_errors():
         losses.distillation_loss(
             cls_logits, dist_logits, teacher_logits, targets, kind="sof", alpha=0.5, tau=1.0
         )
-    with pytest.raises(ValueError, match="distilled model"):
+    with pytest.raises(ValueError, match="needs the teacher's logits"):
         losses.distillation_loss(cls_logits, None, None, targets, kind="hard", alpha=0.5, tau=1.0)
+    with pytest.raises(ValueError, match="pooled pre-logit features"):
+        losses.distillation_loss(cls_logits, None, None, targets, kind="feature", alpha=0.5, tau=1)
     with pytest.raises(ValueError, match="alpha"):
         losses.distillation_loss(
             cls_logits, dist_logits, teacher_logits, targets, kind="soft", alpha=1.5, tau=1.0

@@ -156,6 +156,7 @@ class RegNet(nn.Module):
                 x, train=train
             )
         x = x.mean(axis=(1, 2))
+        self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
         return _Head(self.num_classes, **kw, name="head")(x)
 
 

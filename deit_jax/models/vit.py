@@ -5,8 +5,9 @@ Module and parameter names mirror timm's `VisionTransformer` / `VisionTransforme
 state dicts onto them by rule. Every parameter and the main activations carry logical axis names
 ('batch', 'length', 'embed', 'heads', 'mlp', 'classes'); `deit_jax.sharding` maps them to a mesh.
 
-Attention maps and final token features are sown into the 'intermediates' collection; use
-`deit_jax.models.forward_with_intermediates` to read them.
+Attention maps, final token features and the pooled pre-logit features are sown into the
+'intermediates' collection; use `deit_jax.models.forward_with_intermediates` or
+`deit_jax.models.pooled_features` to read them.
 """
 
 from __future__ import annotations
@@ -346,6 +347,11 @@ class DeiT(nn.Module):
             features = nn.Dropout(self.drop_rate)(features, deterministic=deterministic)
             return _dense(self.num_classes, ("embed", "classes"), name, **kw)(features)
 
+        # timm's forward_head(pre_logits=True): the class token, or for a distilled model the
+        # average of the class and distillation tokens.
+        self.sow(
+            "intermediates", "pre_logits", (x[:, 0] + x[:, 1]) / 2 if self.distilled else x[:, 0]
+        )
         cls_logits = head("head", x[:, 0])
         if not self.distilled:
             return cls_logits

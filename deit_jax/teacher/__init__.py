@@ -1,13 +1,19 @@
 """The teacher side of distillation, in one place.
 
 - `deit_jax.teacher.flax_teacher`: a registry model with deit_jax (or converted PyTorch) weights,
-  run frozen inside the jitted train step (`build_teacher`, `teacher_logits`).
+  run frozen inside the jitted train step (`build_teacher`, `teacher_logits`,
+  `teacher_features`).
 - `deit_jax.teacher.cache`: the teacher's top-k outputs over the exact seeded training stream,
   written once (`--config.mode=teacher_cache`) and read by any number of student runs
   (`--config.teacher.cache=DIR`).
 - `deit_jax.teacher.torch_teacher`: any timm / PyTorch model as the teacher of a cache.
 """
 
-from deit_jax.teacher.flax_teacher import build_teacher, load_weights, teacher_logits
+from deit_jax.teacher.flax_teacher import (
+    build_teacher,
+    load_weights,
+    teacher_features,
+    teacher_logits,
+)
 
-__all__ = ["build_teacher", "load_weights", "teacher_logits"]
+__all__ = ["build_teacher", "load_weights", "teacher_features", "teacher_logits"]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from deit_jax import checkpoint, convert
-from deit_jax.models import create_model, input_size, model_options
+from deit_jax.models import create_model, input_size, model_options, pooled_features
 
 
 def compute_dtype(name: str) -> Any:
@@ -64,7 +64,8 @@ def build_teacher(
     h, w = input_size(teacher)
     images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     predicted = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False), variables, images)
-    if predicted.shape[-1] != num_classes:
+    # Feature distillation matches pooled features, not classes: any teacher will do.
+    if config.distillation.kind != "feature" and predicted.shape[-1] != num_classes:
         raise ValueError(
             f"The teacher {config.teacher.checkpoint!r} predicts {predicted.shape[-1]} classes but "
             f"data set {config.data.name!r} has {num_classes}; fine-tune or convert the teacher "
@@ -73,10 +74,22 @@ def build_teacher(
     return teacher, variables
 
 
-def teacher_logits(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
-    """Frozen teacher forward in eval mode, at the teacher's own input size if it differs."""
+def _teacher_images(teacher: nn.Module, images: jax.Array) -> jax.Array:
     h, w = input_size(teacher)
     if images.shape[1:3] != (h, w):
         images = jax.image.resize(images, (images.shape[0], h, w, images.shape[3]), "bilinear")
-    logits = teacher.apply(teacher_variables, images, train=False)
+    return images
+
+
+def teacher_logits(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
+    """Frozen teacher forward in eval mode, at the teacher's own input size if it differs."""
+    logits = teacher.apply(teacher_variables, _teacher_images(teacher, images), train=False)
     return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+
+def teacher_features(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
+    """The frozen teacher's pooled pre-logit features (B, D), as `teacher_logits` runs it."""
+    _, features, _ = pooled_features(
+        teacher, teacher_variables, _teacher_images(teacher, images), train=False
+    )
+    return jax.lax.stop_gradient(features.astype(jnp.float32))

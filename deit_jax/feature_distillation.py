@@ -1,0 +1,76 @@
+"""Feature distillation's learned projection (timm's `FeatureDistillationTask`).
+
+When the student's pooled pre-logit width differs from the teacher's, a linear layer maps the
+student's features to the teacher's width before the MSE. Its parameters train with the student,
+by the same optimiser, as the extra subtree `params["projection"]` of the train state: present
+only for `distillation.kind="feature"` with differing widths, so every other run's checkpoint
+layout is unchanged. `student_params` strips it before the student's forward, and the exported
+inference weights (`deit_jax.train._export`) leave it out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deit_jax.models import feature_width
+from deit_jax.models.vit import Dtype, torch_default_conv_init
+
+PROJECTION = "projection"
+
+
+class Projection(nn.Module):
+    """`nn.Linear(in_features, out_features)` with PyTorch's default init, as timm creates it."""
+
+    in_features: int
+    out_features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_init, bias_init = torch_default_conv_init(self.in_features)
+        return nn.Dense(
+            self.out_features,
+            kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", None)),
+            bias_init=nn.with_logical_partitioning(bias_init, (None,)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc",
+        )(x)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return self.init(rng, jnp.zeros((1, self.in_features), jnp.float32))["params"]
+
+
+def build_projection(student: nn.Module, teacher: nn.Module | None) -> Projection | None:
+    """The projection from the student's feature width to the teacher's; None when they match.
+
+    Raises a ValueError naming the model when either exposes no pooled features.
+    """
+    if teacher is None:
+        raise ValueError(
+            "distillation.kind='feature' needs a live teacher (config.teacher.checkpoint): a "
+            "teacher cache stores logits only."
+        )
+    student_width, teacher_width = feature_width(student), feature_width(teacher)
+    if student_width == teacher_width:
+        return None
+    return Projection(student_width, teacher_width, dtype=getattr(student, "dtype", jnp.float32))
+
+
+def student_params(params: Any) -> Any:
+    """The student's own parameters: `params` without the projection subtree."""
+    if isinstance(params, dict) and PROJECTION in params:
+        return {k: v for k, v in params.items() if k != PROJECTION}
+    return params
+
+
+def project(projection: Projection | None, params: Any, features: jax.Array) -> jax.Array:
+    """The student's features at the teacher's width (unchanged without a projection)."""
+    if projection is None:
+        return features
+    return projection.apply({"params": params[PROJECTION]}, features)
