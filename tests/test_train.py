@@ -76,14 +76,6 @@ def test_distillation_without_teacher_checkpoint_is_refused(data_dir, tmp_path):
         train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_distillation_with_a_plain_student_is_refused(data_dir, tmp_path):
-    config = tiny_config(
-        data_dir, model_name="deit_tiny_patch16_224", **{"distillation.kind": "hard"}
-    )
-    with pytest.raises(ValueError, match="needs a student with a distillation token"):
-        train.train_and_evaluate(config, str(tmp_path))
-
-
 def test_class_count_mismatch_is_refused(data_dir, tmp_path):
     config = tiny_config(data_dir, **{"model.num_classes": 5})
     with pytest.raises(ValueError, match="has 10 classes"):
