@@ -1,16 +1,19 @@
 """The quickstart experiment (`mode=quickstart`): does distillation from a convnet help a DeiT?
 
-For each seed, three runs of the ordinary training loop (`deit_jax.train`), each in its own
-subdirectory of the workdir, so an interrupted quickstart resumes where it stopped:
+For each seed, four runs of the ordinary training loop (`deit_jax.train`), each in its own
+subdirectory of the workdir, so an interrupted quickstart resumes where it stopped (the DeiT
+paper's distillation ablation, Table 8: no distillation, usual distillation, distillation token):
 
   1. `seed<S>/teacher`:   the convnet teacher (`config.quickstart.teacher.*`), labels only, its
                           own crop scale and no mixup/cutmix (trained with its own recipe);
   2. `seed<S>/baseline`:  the student without distillation (`config.quickstart.baseline_model`,
                           the same architecture without the distillation token), labels only;
-  3. `seed<S>/distilled`: the distilled student (`config.model_name`) with `config.distillation`
+  3. `seed<S>/usual`:     the student of step 2 with `config.distillation` from the teacher of
+                          step 1 through its only (class) head: "usual distillation";
+  4. `seed<S>/distilled`: the distilled student (`config.model_name`) with `config.distillation`
                           from the teacher of step 1.
 
-Both students get the same data, augmentation, schedule and number of steps. The results go to
+Every student gets the same data, augmentation, schedule and number of steps. The results go to
 `results.md`, `results.json` and `results.png` (test accuracy curves) in the workdir.
 """
 
@@ -35,16 +38,18 @@ log = logging.getLogger(__name__)
 ROWS = (
     ("teacher", "teacher", "top1"),
     ("student, no distillation", "baseline", "top1"),
+    ("student, usual distillation (class head)", "usual", "top1"),
     ("distilled student: class head", "distilled", "cls_top1"),
     ("distilled student: distillation head", "distilled", "dist_top1"),
     ("distilled student: average of heads", "distilled", "top1"),
 )
 GAIN_ROW = "gain: distilled (average) - no distillation"
+USUAL_GAIN_ROW = "gain: usual distillation - no distillation"
 
 
 def stage_configs(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
-    """The teacher, baseline and distilled configs of one seed (the teacher's checkpoint path is
-    filled in by `run`)."""
+    """The teacher, baseline, usual and distilled configs of one seed (the teacher's checkpoint
+    path is filled in by `run`)."""
     qs = config.quickstart
     student = config.copy_and_resolve_references()
     student.mode = "train"
@@ -69,7 +74,9 @@ def stage_configs(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any
     baseline = student.copy_and_resolve_references()
     baseline.model_name = qs.baseline_model
     baseline.distillation.kind = "none"
-    return {"teacher": teacher, "baseline": baseline, "distilled": student}
+    usual = student.copy_and_resolve_references()
+    usual.model_name = qs.baseline_model
+    return {"teacher": teacher, "baseline": baseline, "usual": usual, "distilled": student}
 
 
 def _curve(workdir: str, metric: str) -> list[tuple[float, float]]:
@@ -91,7 +98,7 @@ def curves(workdir: str, seeds: list[int]) -> dict[str, list[list[tuple[float, f
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs every seed's three stages and writes results.{md,json,png}; returns the results."""
+    """Runs every seed's four stages and writes results.{md,json,png}; returns the results."""
     if "quickstart" not in config:
         raise ValueError(
             "mode=quickstart needs a config with a `quickstart` section; use "
@@ -107,8 +114,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for i, seed in enumerate(seeds):
         configs = stage_configs(config, seed)
         teacher_dir = os.path.join(workdir, f"seed{seed}", "teacher")
-        configs["distilled"].teacher.name = configs["teacher"].model_name
-        configs["distilled"].teacher.checkpoint = os.path.join(teacher_dir, "weights")
+        for name in ("usual", "distilled"):
+            configs[name].teacher.name = configs["teacher"].model_name
+            configs[name].teacher.checkpoint = os.path.join(teacher_dir, "weights")
         per_seed[seed] = {}
         for name, stage_config in configs.items():
             run_dir = os.path.join(workdir, f"seed{seed}", name)
@@ -142,7 +150,9 @@ def summarize(
         rows[label] = _stats(values)
     gains = [per_seed[s]["distilled"]["top1"] - per_seed[s]["baseline"]["top1"] for s in seeds]
     rows[GAIN_ROW] = _stats(gains)
-    baseline, distilled = rows[ROWS[1][0]], rows[ROWS[4][0]]
+    usual = [per_seed[s]["usual"]["top1"] - per_seed[s]["baseline"]["top1"] for s in seeds]
+    rows[USUAL_GAIN_ROW] = _stats(usual)
+    baseline, distilled = rows[ROWS[1][0]], rows[ROWS[5][0]]
     spread = max(baseline["range"], distilled["range"])
     return {
         "seeds": seeds,

@@ -1,0 +1,43 @@
+"""The distillation recipe configs load, pass the training loop's checks and say what they do."""
+
+import importlib.util
+import os
+
+import pytest
+
+from deit_jax import train
+from deit_jax.models import model_options
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(name: str, *args: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.get_config(*args)
+
+
+@pytest.mark.parametrize("student", ["resnet50", "resnet18"])
+def test_resnet_logit_kd_recipe(student):
+    module, config = load("resnet_logit_kd_imagenet", student)
+    train._validate(config)
+    assert config.model_name == student and config.teacher.name == "regnety_160"
+    assert (config.distillation.kind, config.distillation.kl_reduction) == ("soft", "batchmean")
+    # Only overrides the ResNet accepts: `create_model` refuses unknown ones.
+    assert set(config.model.to_dict()) <= {"num_classes"} | set(model_options(student))
+    for words in ("python -m deit_jax.main", "Hardware and time", "Expected ImageNet top-1"):
+        assert words in module.__doc__
+    with pytest.raises(ValueError, match="Unknown student"):
+        module.get_config("vgg16")
+
+
+def test_function_matching_recipe():
+    module, config = load("deit_function_matching_imagenet", "4800")
+    train._validate(config)
+    assert config.num_epochs == 4800
+    assert not model_options(config.model_name).get("distilled", False)  # a plain DeiT-S
+    assert (config.distillation.kind, config.distillation.alpha) == ("soft", 1.0)  # KL only
+    assert config.distillation.kl_reduction == "batchmean" and config.mixup.mixup_alpha > 0
+    for words in ("python -m deit_jax.main", "Hardware and time", "Expected ImageNet top-1"):
+        assert words in module.__doc__
