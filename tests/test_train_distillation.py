@@ -126,6 +126,8 @@ def test_plain_student_feature_kd_one_and_two_devices_resume_and_export(
     train.train_and_evaluate(config, resumed, devices=jax.devices()[:1])
     assert_trees_close(checkpoint_params(resumed), stored, atol=1e-6)
 
+    # Evaluating the checkpoint restores the state with its projection.
+    assert train.evaluate(config, one, devices=jax.devices()[:1])["top1"] == metrics["top1"]
     assert_exported_student(one, stored)
     plain = tiny_config(data_dir, model_name=STUDENT, init_from=os.path.join(one, "weights"))
     evaluated = train.evaluate(plain, str(tmp_path / "eval"), devices=jax.devices()[:1])
