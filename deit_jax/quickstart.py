@@ -2,7 +2,7 @@
 
 For each seed, four runs of the ordinary training loop (`deit_jax.train`), each in its own
 subdirectory of the workdir, so an interrupted quickstart resumes where it stopped (the DeiT
-paper's distillation ablation, Table 8: no distillation, usual distillation, distillation token):
+paper's distillation ablation: no distillation, usual distillation, distillation token):
 
   1. `seed<S>/teacher`:   the convnet teacher (`config.quickstart.teacher.*`), labels only, its
                           own crop scale and no mixup/cutmix (trained with its own recipe);
