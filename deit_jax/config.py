@@ -16,7 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "train"  # train | eval | quickstart (configs/quickstart.py)
+    c.mode = "train"  # train | eval | teacher_cache | quickstart (configs/quickstart.py)
 
     # Student: a registered model name plus `create_model` overrides (configs may add more keys
     # under `with c.unlocked():`). `img_size` is `data.img_size`; `num_classes` the data's.
@@ -31,6 +31,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.name = "regnety_160"
     c.teacher.checkpoint = ""  # deit_jax weights directory or .pth/.safetensors file
     c.teacher.img_size = ml_collections.FieldReference(None, field_type=int)  # None: student's
+    # flax: a registry model (`name`) with deit_jax or converted weights, run in the train step.
+    # torch: any timm model `name` with a local checkpoint file, run by PyTorch (cache writer only).
+    c.teacher.framework = "flax"
+    # Teacher-output cache (deit_jax/teacher/cache.py). `cache`: a cache directory written by
+    # `--config.mode=teacher_cache` with this config; training then reads the teacher's outputs
+    # from it instead of running a teacher.
+    c.teacher.cache = ""
+    c.teacher.cache_topk = 10  # top-k log-probabilities kept per example (hard needs 1)
+    c.teacher.cache_dtype = "float16"  # float16 | float32 (exact soft targets)
+    c.teacher.cache_epochs = ""  # "START:END": write only these epochs ("" = all)
+    c.teacher.cache_chunk_steps = 100  # steps per chunk (a kill -9 loses at most one chunk)
 
     c.distillation = ml_collections.ConfigDict()
     c.distillation.kind = "none"  # none | soft | hard

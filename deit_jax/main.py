@@ -97,13 +97,18 @@ def main(argv: list[str]) -> None:
             train.train_and_evaluate(config, workdir)
         elif config.mode == "eval":
             train.evaluate(config, workdir)
+        elif config.mode == "teacher_cache":
+            from deit_jax.teacher import cache
+
+            cache.write_cache(config, workdir)
         elif config.mode == "quickstart":
             from deit_jax import quickstart
 
             quickstart.run(config, workdir)
         else:
             sys.exit(
-                f"error: config.mode must be 'train', 'eval' or 'quickstart', got {config.mode!r}."
+                "error: config.mode must be 'train', 'eval', 'teacher_cache' or 'quickstart', got "
+                f"{config.mode!r}."
             )
     except train.Preempted:
         sys.exit(0)  # a clean stop: the checkpoint is written, the same command resumes

@@ -4,7 +4,8 @@
 meant to be wrapped in one `jax.jit` over the mesh (see `deit_jax.train`). The teacher runs in
 eval mode under `stop_gradient` on the same (mixed) images as the student, optionally resized
 to its own input size; it is an argument, not part of the state, so it is neither optimised
-nor checkpointed with the student.
+nor checkpointed with the student. With `config.teacher.cache` no teacher runs: the batch
+brings the teacher's cached top-k outputs (`teacher_logp`, `teacher_index`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import optax
 
 from deit_jax import losses, optim
 from deit_jax.models import input_size
-from deit_jax.teacher import teacher_logits
+from deit_jax.teacher import cache, teacher_logits
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -78,12 +79,16 @@ def make_train_step(
     distilled = bool(getattr(model, "distilled", False))
     ema_decay = float(config.optim.ema_decay)
     accum = int(config.optim.grad_accum_steps)
+    # With a teacher cache the batches carry the teacher's top-k outputs (deit_jax.teacher.cache).
+    cached = bool(config.teacher.cache)
 
     def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
         rng, dropout_rng = jax.random.split(state.rng)
         images, targets = batch["image"], batch["target"]
         t_logits = None
-        if kind != "none":
+        if kind != "none" and cached:
+            t_logits = cache.cached_teacher_logits(batch, targets.shape[-1], kind)
+        elif kind != "none":
             t_logits = teacher_logits(teacher, teacher_variables, images)
 
         def loss_fn(params):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from deit_jax import checkpoint, convert, data, optim, sharding, steps
 from deit_jax.metrics import MetricsWriter
 from deit_jax.models import create_model, model_options
-from deit_jax.teacher import build_teacher, load_weights
+from deit_jax.teacher import build_teacher, cache, load_weights
 from deit_jax.teacher.flax_teacher import compute_dtype
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,12 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             f"distillation.kind={config.distillation.kind!r} needs a student with a distillation "
             f"token, but {config.model_name!r} has none; use a *_distilled_* model."
         )
+    if config.teacher.cache and config.distillation.kind not in ("soft", "hard"):
+        raise ValueError(
+            f"config.teacher.cache={config.teacher.cache!r} holds teacher outputs for soft or hard "
+            f"distillation, but distillation.kind={config.distillation.kind!r}; set the kind, or "
+            "remove the cache."
+        )
     if config.batch_size % jax.process_count():
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes."
@@ -163,6 +169,8 @@ def train_and_evaluate(
     teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
 
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    # Before anything is built or compiled: a cache written for another stream is refused now.
+    reader = cache.CacheReader(config, train_data) if config.teacher.cache else None
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
@@ -200,6 +208,15 @@ def train_and_evaluate(
                 )
                 log.info("Initialised from %s", config.init_from)
 
+        if config.teacher.cache:
+            reader.check_coverage(start_step, total_steps)
+            train_data.extras = reader
+            log.info("Teacher outputs from the cache %s", config.teacher.cache)
+            if teacher is None:
+                log.info(
+                    "Evaluation skips teacher accuracy and agreement: no teacher checkpoint "
+                    "(set --config.teacher.checkpoint as well to report them)."
+                )
         train_step = jax.jit(
             steps.make_train_step(model, tx, schedule, config, teacher),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
