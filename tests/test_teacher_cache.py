@@ -12,6 +12,8 @@ float32 cache equal the teacher's, computed outside the step, to an absolute 1e-
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -271,3 +273,91 @@ def test_the_manifest_fingerprints_stream_teacher_and_layout(hard_cache, teacher
     assert manifest["teacher"]["teacher.weights_sha256"] == cache.weights_hash(teacher_dir)
     assert manifest["stream"]["data.num_train"] == 1437
     assert manifest["layout"]["topk"] == 10 and manifest["layout"]["values_dtype"] == "float16"
+
+
+# --------------------------------------------------------------------------- any teacher
+
+
+def test_a_timm_model_without_a_flax_port_teaches_through_the_cache(data_dir, tmp_path):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=10).eval()
+    weights = str(tmp_path / "test_efficientnet.pth")
+    torch.save(model.state_dict(), weights)
+    torch_teacher = {
+        "teacher.framework": "torch",
+        "teacher.name": "test_efficientnet",
+        "teacher.checkpoint": weights,
+        "teacher.img_size": 32,
+        "teacher.cache_dtype": "float32",
+        # Another normalisation than the teacher's (ImageNet's): the writer must convert.
+        "augment.mean": (0.5, 0.5, 0.5),
+        "augment.std": (0.25, 0.25, 0.25),
+    }
+    config = distill_config(data_dir, "", **torch_teacher)
+    cache.write_cache(config, str(tmp_path / "cache"), devices=jax.devices()[:1])
+    stored = read_cache(tmp_path / "cache")
+
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+    with data.build_train(config, mesh, data_axes=sharding.DATA_AXES) as batches:
+        for step in range(3):
+            images = torch.from_numpy(np.array(next(batches)["image"])).permute(0, 3, 1, 2)
+            pixels = images * 0.25 + 0.5  # the stream's normalisation undone
+            x = torch.nn.functional.interpolate(
+                (pixels - mean) / std, size=(32, 32), mode="bicubic", antialias=True
+            )
+            with torch.no_grad():
+                logp = torch.log_softmax(model(x), -1).numpy()
+            index = stored["indices"][0, step].astype(np.int64)
+            np.testing.assert_allclose(
+                stored["values"][0, step], np.take_along_axis(logp, index, -1), atol=1e-5
+            )
+            np.testing.assert_array_equal(np.sort(index, -1), np.tile(np.arange(10), (32, 1)))
+
+    # A DeiT student learns from it; no PyTorch model runs in its train step.
+    student = distill_config(
+        data_dir, "", **torch_teacher, **{"teacher.cache": str(tmp_path / "cache")}
+    )
+    train.train_and_evaluate(student, str(tmp_path / "student"), devices=jax.devices()[:1])
+    assert np.isfinite(train_losses(tmp_path / "student")).all()
+    assert len(train_losses(tmp_path / "student")) == STEPS
+
+
+def test_a_torch_teacher_without_its_checkpoint_file_is_refused(data_dir, tmp_path):
+    config = distill_config(
+        data_dir,
+        str(tmp_path / "missing.pth"),
+        **{"teacher.framework": "torch", "teacher.name": "test_efficientnet"},
+    )
+    with pytest.raises(FileNotFoundError, match="missing.pth.*does not exist"):
+        cache.write_cache(config, str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_torch_teacher_without_torch_installed_says_what_to_install(tmp_path):
+    # A real import failure: the interpreter is told torch and timm are not importable.
+    program = f"""
+import sys
+sys.modules["torch"] = sys.modules["timm"] = sys.modules["torchvision"] = None
+from deit_jax.config import base_config
+from deit_jax.teacher import torch_teacher
+c = base_config()
+c.teacher.framework, c.teacher.name = "torch", "convnext_tiny"
+c.teacher.checkpoint = {str(tmp_path / "w.pth")!r}
+open(c.teacher.checkpoint, "wb").close()
+try:
+    torch_teacher.TorchTeacher(c, 10)
+except ImportError as e:
+    print("ImportError:", e)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=300
+    )
+    assert "ImportError: config.teacher.framework='torch' needs PyTorch and timm" in out.stdout, (
+        out.stdout + out.stderr
+    )
+    assert "pip install 'deit_jax[torch]'" in out.stdout

@@ -339,6 +339,31 @@ def _flax_teacher_fn(
     return run
 
 
+def _check_teacher_source(config: ml_collections.ConfigDict) -> None:
+    """Refuses a missing teacher before any data is prepared or model built."""
+    t = config.teacher
+    if t.framework not in ("flax", "torch"):
+        raise CacheError(
+            f"config.teacher.framework={t.framework!r}: use 'flax' (a registry model with "
+            "deit_jax weights) or 'torch' (a timm model with a local checkpoint file)."
+        )
+    if not t.checkpoint or not os.path.exists(t.checkpoint):
+        raise FileNotFoundError(
+            f"config.teacher.checkpoint={t.checkpoint!r} does not exist: the cache writer needs "
+            "the teacher's weights (a deit_jax weights directory or a .pth/.safetensors file; "
+            "with framework 'torch', a local state-dict file of the timm model)."
+        )
+    if t.framework == "torch":
+        import importlib.util
+
+        missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                f"config.teacher.framework='torch' needs {' and '.join(missing)}: pip install "
+                "'deit_jax[torch]'."
+            )
+
+
 def _teacher_fn(config, num_classes, mesh, topk):
     if config.teacher.framework == "flax":
         return _flax_teacher_fn(config, num_classes, mesh, topk)
@@ -347,10 +372,7 @@ def _teacher_fn(config, num_classes, mesh, topk):
 
         teacher = torch_teacher.TorchTeacher(config, num_classes)
         return lambda batch: teacher.topk_log_probs(_local_rows(batch["image"]), topk)
-    raise CacheError(
-        f"config.teacher.framework={config.teacher.framework!r}: use 'flax' (a registry model "
-        "with deit_jax weights) or 'torch' (a timm model with a local checkpoint file)."
-    )
+    raise AssertionError(config.teacher.framework)  # _check_teacher_source refused it
 
 
 def _runs(units: list[tuple[int, int]], layout: Layout) -> Iterator[list[tuple[int, int]]]:
@@ -380,6 +402,7 @@ def write_cache(
     """
     from jax.experimental import multihost_utils
 
+    _check_teacher_source(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
     layout = layout_for(config, train_data)
