@@ -3,7 +3,9 @@
 Any config value can be overridden on the command line, e.g.
 `--config.batch_size=256 --config.distillation.kind=hard`. Running the same command again
 resumes from the latest checkpoint in DIR. `--config.mode=eval` evaluates the latest checkpoint
-(or `--config.init_from` weights).
+(or `--config.init_from` weights). `--config.mode=teacher_cache` writes the teacher's outputs over
+the run's exact batches into DIR, for training runs with `--config.teacher.cache=DIR`
+(deit_jax/teacher/cache.py).
 
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,
 which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the explicit
