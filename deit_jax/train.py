@@ -73,7 +73,7 @@ def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
             continue
         new = np.asarray(source[path])
         if new.shape != value.shape and path[-1] == "pos_embed":
-            new = convert.resize_pos_embed(new, model.grid_size, model.num_prefix_tokens)
+            new = convert.resize_pos_embed(new, model.grid_size, model.num_pos_prefix_tokens)
         if new.shape != value.shape and path[0] in ("head", "head_dist", "fc"):
             fresh_heads.append("/".join(path))
             continue
@@ -117,11 +117,12 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}."
         )
-    distilled = model_options(config.model_name).get("distilled", False)
+    distilled = config.model.get("distilled", model_options(config.model_name).get("distilled"))
     if config.distillation.kind != "none" and not distilled:
         raise ValueError(
             f"distillation.kind={config.distillation.kind!r} needs a student with a distillation "
-            f"token, but {config.model_name!r} has none; use a *_distilled_* model."
+            f"token, but {config.model_name!r} has none; use a *_distilled_* model (or, for "
+            "deit3_*, add config.model.distilled=True)."
         )
     if config.batch_size % jax.process_count():
         raise ValueError(
