@@ -8,6 +8,7 @@ workdir)` evaluates the latest checkpoint, or the weights in `config.init_from`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from deit_jax import checkpoint, convert, data, optim, sharding, steps
+from deit_jax import checkpoint, convert, data, losses, optim, sharding, steps
 from deit_jax.metrics import MetricsWriter
 from deit_jax.models import create_model, model_options
 from deit_jax.teacher import build_teacher, load_weights
@@ -111,7 +112,27 @@ def _state_and_shardings(config, model, tx, mesh):
     return init, abstract, state_shardings
 
 
+def _bce_without_smoothing(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """With `loss="bce"`, a copy of `config` without label smoothing (DeiT III's recipe).
+
+    The BCE binarises the mixed targets (`targets > 0`); smoothed targets are positive
+    everywhere, so smoothing would make every class a positive. The reference recipe sets it to
+    0; this ignores any other value, with a warning.
+    """
+    if config.loss != "bce" or not config.mixup.label_smoothing:
+        return config
+    log.warning(
+        "loss=bce ignores mixup.label_smoothing=%s (binarised targets): training with 0.",
+        config.mixup.label_smoothing,
+    )
+    config = copy.deepcopy(config)
+    config.mixup.label_smoothing = 0.0
+    return config
+
+
 def _validate(config: ml_collections.ConfigDict) -> None:
+    if config.loss not in losses.BASE_LOSSES:
+        raise ValueError(f"config.loss must be one of {losses.BASE_LOSSES}, got {config.loss!r}.")
     kinds = ("none", "soft", "hard")
     if config.distillation.kind not in kinds:
         raise ValueError(
@@ -156,6 +177,7 @@ def train_and_evaluate(
     `devices` (default: all) are the devices the mesh is built over.
     """
     _validate(config)
+    config = _bce_without_smoothing(config)
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
