@@ -7,6 +7,7 @@ would otherwise hide the residual branches) so every converted tensor matters.
 
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.deit import VisionTransformerDistilled
 
 import deit_jax
-from deit_jax import checkpoint, convert, train
+from deit_jax import checkpoint, convert, main, optim, train
 from deit_jax.metrics import read_jsonl
 
 RTOL = 1e-5
@@ -182,3 +183,36 @@ def test_deit3_trains_resumes_and_exports_to_timm(tmp_path):
         expected = torch_model.eval()(to_nchw(images)).numpy()
     model = deit_jax.create_model("deit3_small_patch16_224", **TINY)
     assert rel_l2(model.apply(final[0], images), expected) <= RTOL
+
+
+def test_init_from_resizes_patch_only_pos_embed():
+    """ViT-B's 192 -> 224 fine-tuning path: `init_from` weights at another size keep every
+    parameter and resize pos_embed as a grid with no token rows."""
+    small = deit_jax.create_model("deit3_small_patch16_224", **{**TINY, "img_size": 12})
+    large = deit_jax.create_model("deit3_small_patch16_224", **{**TINY, "img_size": 20})
+    pretrained = nn.meta.unbox(small.init(jax.random.key(1), jnp.zeros((1, 12, 12, 3))))
+    fresh = nn.meta.unbox(large.init(jax.random.key(2), jnp.zeros((1, 20, 20, 3))))
+    merged = train._merge_pretrained(fresh["params"], pretrained["params"], large)
+    expected = convert.resize_pos_embed(pretrained["params"]["pos_embed"], (5, 5), 0)
+    np.testing.assert_allclose(merged["pos_embed"], expected, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(
+        merged["blocks_1"]["ls2"]["gamma"], pretrained["params"]["blocks_1"]["ls2"]["gamma"]
+    )
+
+
+@pytest.mark.parametrize("variant", ["small", "medium", "base", "base_ft224"])
+def test_imagenet_configs_hold_the_recipe(variant):
+    config = main._load_config_file(f"configs/deit3_imagenet.py:{variant}")
+    overrides = train.student_overrides(config, 1000)
+    model = deit_jax.create_model(config.model_name, **overrides)
+    peak = optim.peak_learning_rate(config.optim, config.batch_size)
+    assert config.data.crop_pct == 1.0 and config.distillation.kind == "none"
+    if variant == "base_ft224":
+        assert (model.img_size, peak, config.optim.name, config.loss) == (224, 1e-5, "adamw", "ce")
+        return
+    expected = {"small": (224, 4e-3, 0.05), "medium": (224, 3e-3, 0.1), "base": (192, 3e-3, 0.2)}
+    assert (model.img_size, peak, model.drop_path_rate) == expected[variant]
+    assert (config.optim.name, config.loss, config.batch_size) == ("lamb", "bce", 2048)
+    assert config.augment.three_augment and config.augment.color_jitter == 0.3
+    assert config.augment.reprob == 0 and config.mixup.label_smoothing == 0
+    assert config.data.repeated_aug == 3 and config.num_epochs == 800
