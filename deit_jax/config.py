@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1
     c.model.drop_rate = 0.0
     c.model.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: data's
+    # None: the registered model's; True adds a distillation token (e.g. to a deit3_* student).
+    c.model.distilled = ml_collections.FieldReference(None, field_type=bool)
     c.init_from = ""  # deit_jax weights directory (python -m deit_jax.convert) to fine-tune from
 
     c.teacher = ml_collections.ConfigDict()

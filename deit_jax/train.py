@@ -138,7 +138,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}."
         )
-    distilled = config.model.get("distilled", model_options(config.model_name).get("distilled"))
+    distilled = config.model.get("distilled")
+    if distilled is None:
+        distilled = model_options(config.model_name).get("distilled", False)
     if config.distillation.kind != "none" and not distilled:
         raise ValueError(
             f"distillation.kind={config.distillation.kind!r} needs a student with a distillation "

@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.deit import VisionTransformerDistilled
 
 import deit_jax
-from deit_jax import checkpoint, convert, main, optim, train
+from deit_jax import checkpoint, convert, losses, main, optim, steps, train
 from deit_jax.metrics import read_jsonl
 
 RTOL = 1e-5
@@ -216,3 +216,46 @@ def test_imagenet_configs_hold_the_recipe(variant):
     assert config.augment.three_augment and config.augment.color_jitter == 0.3
     assert config.augment.reprob == 0 and config.mixup.label_smoothing == 0
     assert config.data.repeated_aug == 3 and config.num_epochs == 800
+
+
+def test_distilled_override_enables_distillation():
+    config = tiny_config(model_name="deit3_small_patch16_224", **{"distillation.kind": "hard"})
+    with pytest.raises(ValueError, match="config.model.distilled=True"):
+        train._validate(config)
+    config.model.distilled = True
+    train._validate(config)
+    model = train.build_student(config, 10)
+    assert model.distilled and model.no_embed_class and model.init_values == 1e-6
+
+
+def test_distilled_deit3_step_with_bce_and_hard_distillation():
+    """One real train step of a distilled DeiT III student (the override) under a teacher: BCE
+    on the class head, hard distillation on the distillation head, LAMB; both heads learn."""
+    config = tiny_config(
+        model_name="deit3_small_patch16_224",
+        **{"distillation.kind": "hard", "loss": "bce", "optim.name": "lamb"},
+    )
+    config.model.distilled = True
+    student = train.build_student(config, 10)
+    teacher = deit_jax.create_model("deit3_small_patch16_224", **TINY)
+    teacher_variables = teacher.init(jax.random.key(5), jnp.zeros((1, 16, 16, 3)))
+    tx, schedule = optim.create_optimizer(
+        config.optim, global_batch_size=8, steps_per_epoch=10, num_epochs=1
+    )
+    state = nn.meta.unbox(steps.init_state(student, tx, jax.random.key(0), ema=True))
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 8)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32),
+        "label": jnp.asarray(labels, jnp.int32),
+        "target": jnp.asarray(np.eye(10, dtype=np.float32)[labels]),
+    }
+    step = jax.jit(steps.make_train_step(student, tx, schedule, config, teacher))
+    new_state, metrics = step(state, nn.meta.unbox(teacher_variables), batch)
+    cls_logits, dist_logits = student.apply({"params": state.params}, batch["image"], train=True)
+    base = losses.binary_cross_entropy(cls_logits, batch["target"])
+    np.testing.assert_allclose(metrics["loss_base"], base, rtol=1e-5)
+    assert np.isfinite(metrics["loss_distillation"]) and metrics["loss_distillation"] > 0
+    for head in ("head", "head_dist"):
+        moved = new_state.params[head]["kernel"] - state.params[head]["kernel"]
+        assert np.abs(moved).max() > 0, head
