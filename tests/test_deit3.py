@@ -135,6 +135,8 @@ def test_pos_embed_resize_224_to_384_matches_timm():
     torch_model = randomise(timm.create_model("deit3_small_patch16_224", pretrained=False))
     pos = torch_model.pos_embed.detach()
     # The reference fine-tuning kernel: F.interpolate(bicubic, align_corners=False), no antialias.
+    # (timm's default antialias=True, used by its own pretrained loading, is PIL's a = -0.5 kernel
+    # when upsampling: about 8% relative L2 away from this one.)
     expected = resample_abs_pos_embed(pos, (24, 24), num_prefix_tokens=0, antialias=False)
     got = convert.resize_pos_embed(pos.numpy(), (24, 24), num_prefix_tokens=0)
     assert got.shape == (1, 576, 384)
@@ -259,3 +261,14 @@ def test_distilled_deit3_step_with_bce_and_hard_distillation():
     for head in ("head", "head_dist"):
         moved = new_state.params[head]["kernel"] - state.params[head]["kernel"]
         assert np.abs(moved).max() > 0, head
+
+
+def test_bce_ignores_label_smoothing_and_unknown_losses_are_refused(caplog):
+    config = tiny_config(**{"loss": "bce"})  # the base config's label smoothing, 0.1
+    resolved = train._bce_without_smoothing(config)
+    assert resolved.mixup.label_smoothing == 0.0 and config.mixup.label_smoothing == 0.1
+    assert "ignores mixup.label_smoothing=0.1" in caplog.text
+    ce = tiny_config()
+    assert train._bce_without_smoothing(ce) is ce
+    with pytest.raises(ValueError, match="config.loss must be one of"):
+        train._validate(tiny_config(**{"loss": "focal"}))
