@@ -48,39 +48,48 @@ _MAX_REACH = int(
 )
 
 
-def _box_blur_rows(x: tf.Tensor, box_radius: tf.Tensor) -> tf.Tensor:
-    """One PIL `ImagingHorizontalBoxBlur` pass along axis 1 of a float64 (H, W, C) image.
+def _box_blur_pass(x: tf.Tensor, weights: tuple[tf.Tensor, ...]) -> tf.Tensor:
+    """One PIL `ImagingHorizontalBoxBlur` pass along axis 0 of a float64 (N, M, C) image.
 
     Output = (ww * sum of the 2r+1 window pixels + fw * the two pixels at distance r+1 + 2**23)
-    >> 24, with r = int(radius), ww = 2**24 / (2 * radius + 1) and fw the remainder, halved.
+    >> 24 (`_box_weights`), in float64, where these integer sums (< 2**40) are exact. Axis 0,
+    because slices along it are contiguous copies (axis 1 slices are slower).
     """
+    reach, n = _MAX_REACH, tf.shape(x)[0]
+    # Edge pixels repeated: PIL clamps the indices at the borders.
+    padded = tf.concat([x[:1]] * reach + [x] + [x[-1:]] * reach, 0)
+    bulk = weights[0] * x
+    for distance in range(1, reach + 1):
+        pair = padded[reach - distance : reach - distance + n] + padded[reach + distance :][:n]
+        bulk += weights[distance] * pair
+    return tf.floor((bulk + 2.0**23) * 2.0**-24)  # a power of two: exact
+
+
+def _box_weights(box_radius: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """The weight of the pixels at distance 0, 1, ... of a pass: ww up to int(radius), fw at
+    int(radius) + 1, 0 beyond, with ww = 2**24 / (2 * radius + 1) and fw the remainder, halved."""
     whole = tf.floor(box_radius)
     ww = tf.floor(16777216.0 / (box_radius * 2.0 + 1.0))  # float32 division, as in PIL
     whole, ww = tf.cast(whole, tf.float64), tf.cast(ww, tf.float64)
     fw = tf.floor((16777216.0 - (2.0 * whole + 1.0) * ww) / 2.0)
-    reach = _MAX_REACH
-    width = tf.shape(x)[1]
-    # Edge pixels repeated: PIL clamps the indices at the borders.
-    padded = tf.concat([tf.repeat(x[:, :1], reach, 1), x, tf.repeat(x[:, -1:], reach, 1)], 1)
-    bulk = tf.zeros_like(x)
-    for offset in range(-reach, reach + 1):
-        distance = float(abs(offset))
-        weight = tf.where(distance <= whole, ww, tf.where(distance == whole + 1, fw, 0.0))
-        bulk += weight * padded[:, reach + offset : reach + offset + width]
-    return tf.floor((bulk + 8388608.0) / 16777216.0)
+    zero = tf.zeros([], tf.float64)
+    return tuple(
+        tf.where(float(d) <= whole, ww, tf.where(float(d) == whole + 1.0, fw, zero))
+        for d in range(_MAX_REACH + 1)
+    )
 
 
 @_no_autograph
 def gaussian_blur(x: tf.Tensor, radius: tf.Tensor) -> tf.Tensor:
     """PIL `ImageFilter.GaussianBlur(radius)` of a float32 (H, W, 3) image, for radius <= 2."""
-    box = _box_radius(radius)
-    y = tf.cast(x, tf.float64)
+    weights = _box_weights(_box_radius(radius))
+    y = tf.transpose(tf.cast(x, tf.float64), [1, 0, 2])  # PIL blurs the rows first
     for _ in range(_PASSES):
-        y = _box_blur_rows(y, box)
+        y = _box_blur_pass(y, weights)
     y = tf.transpose(y, [1, 0, 2])
     for _ in range(_PASSES):
-        y = _box_blur_rows(y, box)
-    return tf.cast(tf.transpose(y, [1, 0, 2]), tf.float32)
+        y = _box_blur_pass(y, weights)
+    return tf.cast(y, tf.float32)
 
 
 def greyscale(x: tf.Tensor) -> tf.Tensor:
