@@ -5,6 +5,8 @@ PIL exactly (the blur replicates PIL's fixed-point box passes; measured differen
 radius tried). The op choice is tested for uniformity with a chi-square bound (below).
 """
 
+import io
+
 import matplotlib.cbook
 import ml_collections
 import numpy as np
@@ -156,8 +158,15 @@ def test_simple_random_crop_is_resize_reflect_pad_and_crop():
     assert min(tops) <= 1 and max(tops) >= 7 and min(lefts) <= 3 and max(lefts) >= 17
 
 
-def test_src_train_transform(photo):
-    image = tf.constant(np.asarray(photo))
+def test_src_train_transform_on_encoded_and_decoded_images(photo):
+    """The pipeline passes encoded bytes: `--src` decodes the whole image, then the same ops."""
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    encoded = tf.constant(buffer.getvalue())
     config = augment_config(src=True)
-    out = augment.train_preprocess(image, tf.constant([1, 2]), size=32, config=config)
-    assert out.shape == (32, 32, 3) and np.isfinite(out.numpy()).all()
+    fn = tf.function(
+        lambda image: augment.train_preprocess(image, tf.constant([1, 2]), size=32, config=config)
+    )
+    out = fn(encoded).numpy()
+    assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+    np.testing.assert_array_equal(out, fn(tf.io.decode_jpeg(encoded, channels=3)).numpy())
