@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1
     c.model.drop_rate = 0.0
     c.model.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: data's
+    # None: the registered model's; True adds a distillation token (e.g. to a deit3_* student).
+    c.model.distilled = ml_collections.FieldReference(None, field_type=bool)
     c.init_from = ""  # deit_jax weights directory (python -m deit_jax.convert) to fine-tune from
 
     c.teacher = ml_collections.ConfigDict()
@@ -42,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.cache_dtype = "float16"  # float16 | float32 (exact soft targets)
     c.teacher.cache_epochs = ""  # "START:END": write only these epochs ("" = all)
     c.teacher.cache_chunk_steps = 100  # steps per chunk (a kill -9 loses at most one chunk)
+
+    # Base criterion on the class head: "ce" (soft-target cross-entropy, the DeiT reference) or
+    # "bce" (DeiT III: binary cross-entropy against the mixed targets binarised, targets > 0 -> 1;
+    # mixup.label_smoothing is then ignored, i.e. 0, as in the reference recipe).
+    c.loss = "ce"
 
     c.distillation = ml_collections.ConfigDict()
     c.distillation.kind = "none"  # none | soft | hard
@@ -73,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.color_jitter = 0.4  # used only when RandAugment is off; 0 disables
     c.augment.reprob = 0.25  # random erasing probability
     c.augment.remode = "pixel"  # random erasing fill: per-pixel normal noise
+    # DeiT III's 3-Augment: one of greyscale, solarisation, blur, then colour jitter (replaces
+    # RandAugment and random erasing); `src` replaces RandomResizedCrop by resize + 4-px padded
+    # random crop (deit_jax/data/three_augment.py).
+    c.augment.three_augment = False
+    c.augment.src = False
     c.augment.mean = IMAGENET_MEAN
     c.augment.std = IMAGENET_STD
 
@@ -85,7 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup.label_smoothing = 0.1
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | lamb (DeiT III)
     c.optim.lr = 5e-4  # for a global batch of 512; scaled linearly with the batch size
+    c.optim.unscale_lr = False  # True: lr is the peak rate, not scaled by batch / lr_batch_base
     c.optim.lr_batch_base = 512
     c.optim.weight_decay = 0.05
     c.optim.b1 = 0.9

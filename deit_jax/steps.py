@@ -108,6 +108,7 @@ def make_train_step(
                 kind=kind,
                 alpha=config.distillation.alpha,
                 tau=config.distillation.tau,
+                base_criterion=config.loss,
             )
             return total, (parts, new_model_state, cls_logits)
 

@@ -8,6 +8,7 @@ workdir)` evaluates the latest checkpoint, or the weights in `config.init_from`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from deit_jax import checkpoint, convert, data, optim, sharding, steps
+from deit_jax import checkpoint, convert, data, losses, optim, sharding, steps
 from deit_jax.metrics import MetricsWriter
 from deit_jax.models import create_model, model_options
 from deit_jax.teacher import build_teacher, cache, load_weights
@@ -73,7 +74,7 @@ def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
             continue
         new = np.asarray(source[path])
         if new.shape != value.shape and path[-1] == "pos_embed":
-            new = convert.resize_pos_embed(new, model.grid_size, model.num_prefix_tokens)
+            new = convert.resize_pos_embed(new, model.grid_size, model.num_pos_prefix_tokens)
         if new.shape != value.shape and path[0] in ("head", "head_dist", "fc"):
             fresh_heads.append("/".join(path))
             continue
@@ -111,17 +112,40 @@ def _state_and_shardings(config, model, tx, mesh):
     return init, abstract, state_shardings
 
 
+def _bce_without_smoothing(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """With `loss="bce"`, a copy of `config` without label smoothing (DeiT III's recipe).
+
+    The BCE binarises the mixed targets (`targets > 0`); smoothed targets are positive
+    everywhere, so smoothing would make every class a positive. The reference recipe sets it to
+    0; this ignores any other value, with a warning.
+    """
+    if config.loss != "bce" or not config.mixup.label_smoothing:
+        return config
+    log.warning(
+        "loss=bce ignores mixup.label_smoothing=%s (binarised targets): training with 0.",
+        config.mixup.label_smoothing,
+    )
+    config = copy.deepcopy(config)
+    config.mixup.label_smoothing = 0.0
+    return config
+
+
 def _validate(config: ml_collections.ConfigDict) -> None:
+    if config.loss not in losses.BASE_LOSSES:
+        raise ValueError(f"config.loss must be one of {losses.BASE_LOSSES}, got {config.loss!r}.")
     kinds = ("none", "soft", "hard")
     if config.distillation.kind not in kinds:
         raise ValueError(
             f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}."
         )
-    distilled = model_options(config.model_name).get("distilled", False)
+    distilled = config.model.get("distilled")
+    if distilled is None:
+        distilled = model_options(config.model_name).get("distilled", False)
     if config.distillation.kind != "none" and not distilled:
         raise ValueError(
             f"distillation.kind={config.distillation.kind!r} needs a student with a distillation "
-            f"token, but {config.model_name!r} has none; use a *_distilled_* model."
+            f"token, but {config.model_name!r} has none; use a *_distilled_* model (or, for "
+            "deit3_*, add config.model.distilled=True)."
         )
     if config.teacher.cache and config.distillation.kind not in ("soft", "hard"):
         raise ValueError(
@@ -161,6 +185,7 @@ def train_and_evaluate(
     `devices` (default: all) are the devices the mesh is built over.
     """
     _validate(config)
+    config = _bce_without_smoothing(config)
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
