@@ -93,6 +93,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deit_jax  # noqa: E402
 from deit_jax import config as deit_config  # noqa: E402
 from deit_jax import optim, steps  # noqa: E402
+from deit_jax import teacher as teacher_cache  # noqa: E402
 from deit_jax.models import model_options  # noqa: E402
 
 MODELS = {
@@ -561,7 +562,9 @@ class Bench:
         return "\n".join(lines)
 
     def distill(self) -> str:
-        """deit_jax's real train step: a distilled student plain, then with a frozen teacher."""
+        """deit_jax's real train step for a distilled student: plain, with the frozen teacher
+        live, and reading the teacher's cached top-k (`deit_jax.teacher.cache`); timm's own
+        `TokenDistillationTask` step with the same models; the cache writer's work per batch."""
         student_name, teacher_name, precision, batch = self.preset.distill
         dtype = DTYPES[precision][0]
         s_over = dict(self.preset.model_overrides, dtype=dtype)
@@ -572,7 +575,7 @@ class Bench:
             s_over["img_size"] = t_over["img_size"] = 32
         student = deit_jax.create_model(student_name, **s_over)
         teacher = deit_jax.create_model(teacher_name, **t_over)
-        res = student.img_size
+        res, topk = student.img_size, 10
         config = deit_config.base_config()
         config.distillation.alpha, config.distillation.tau = 0.5, 1.0
         # The learning-rate schedule of the reference batch (1024): its values do not change speed.
@@ -591,26 +594,44 @@ class Bench:
             lambda: meta.unbox(teacher.init(jax.random.key(1), images[:1], train=False))
         )()
         t_vars = {k: v for k, v in t_vars.items() if k != "intermediates"}
+        top = jax.jit(
+            lambda v, x: jax.lax.top_k(
+                jax.nn.log_softmax(teacher_cache.teacher_logits(teacher, v, x)), topk
+            )
+        )
+        logp, index = top(t_vars, images)
+        # What the cache reader puts in a batch (float16 storage, read back as float32).
+        cached_batch = {
+            **batch_data,
+            "teacher_logp": jnp.asarray(np.asarray(logp, np.float16), jnp.float32),
+            "teacher_index": index,
+        }
 
         init = jax.jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
         fns, flops = {}, {}
-        for kind in ("none", "hard"):
-            config.distillation.kind = kind
-            step = steps.make_train_step(
-                student, tx, schedule, config, teacher if kind != "none" else None
-            )
+        for name, kind, cache_dir, data_in in (
+            ("none", "none", "", batch_data),
+            ("hard", "hard", "", batch_data),
+            ("cached", "hard", "(batches bring the top-k)", cached_batch),
+        ):
+            config.distillation.kind, config.teacher.cache = kind, cache_dir
+            live = name == "hard"
+            step = steps.make_train_step(student, tx, schedule, config, teacher if live else None)
             state = meta.unbox(init())  # a fresh state for each: the steps donate theirs
-            tv = t_vars if kind != "none" else {}
-            lowered = jax.jit(step, donate_argnums=(0,)).lower(state, tv, batch_data)
+            tv = t_vars if live else {}
+            lowered = jax.jit(step, donate_argnums=(0,)).lower(state, tv, data_in)
             compiled = lowered.compile()
-            flops[kind] = xla_flops(lowered)
+            flops[name] = xla_flops(lowered)
             box = {"state": state}
 
-            def run(compiled=compiled, box=box, tv=tv):
-                box["state"], metrics = compiled(box["state"], tv, batch_data)
+            def run(compiled=compiled, box=box, tv=tv, data_in=data_in):
+                box["state"], metrics = compiled(box["state"], tv, data_in)
                 jax.block_until_ready(metrics)
 
-            fns[kind] = run
+            fns[name] = run
+        fns.update(self._cache_writer_fns(teacher, t_vars, images, top, topk))
+        if not self.args.no_timm:
+            fns["timm_hard"] = timm_distill_step(student_name, teacher_name, s_over, batch, res)
         # Forward FLOPs of each network alone: the analytic ratio is (3 S + T) / 3 S.
         s_vars = {"params": state.params}
         s_fwd = xla_flops(
@@ -620,25 +641,129 @@ class Bench:
             jax.jit(lambda v, x: teacher.apply(v, x, train=False)).lower(t_vars, images)
         )
         res_t = self.runner.measure(fns, self.preset.sweep_reps)
-        plain, dist = res_t["none"].median, res_t["hard"].median
-        self.log(f"distillation: plain {batch / plain:.1f} img/s, with teacher {batch / dist:.1f}")
+        med = {k: v.median for k, v in res_t.items()}
+        plain, dist, cached = med["none"], med["hard"], med["cached"]
+        self.records.append({"section": "distill", "batch": batch, "seconds": med})
+        self.log(
+            f"distillation: plain {batch / plain:.1f} img/s, live teacher {batch / dist:.1f}, "
+            f"cached {batch / cached:.1f}"
+        )
         analytic = None if s_fwd is None or t_fwd is None else (3 * s_fwd + t_fwd) / (3 * s_fwd)
+        timm_t = med.get("timm_hard")
+        rows = [
+            ("plain (kind none)", plain, flops["none"], 1.0),
+            ("distilled, live teacher (kind hard)", dist, flops["hard"], analytic),
+            ("distilled, cached teacher (kind hard)", cached, flops["cached"], 1.0),
+        ]
         lines = [
             f"Student {student_name}, teacher {teacher_name} (frozen, eval mode, stop_gradient), "
-            f"{precision}, batch {batch}, `deit_jax.steps.make_train_step` (AdamW + EMA).",
+            f"{precision}, batch {batch}, `deit_jax.steps.make_train_step` (AdamW + EMA); cached: "
+            f"the same step fed the teacher's top-{topk} (float16 storage) from the batch.",
             "",
-            "| step | img/s | ms | x time | x FLOPs (XLA, step) | x FLOPs (3 S + T) / 3 S |",
-            "|---|---|---|---|---|---|",
-            f"| plain (kind none) | {fmt(batch / plain)} | {fmt(1e3 * plain)} "
-            "| 1.00 | 1.00 | 1.00 |",
-            f"| distilled (kind hard) | {fmt(batch / dist)} | {fmt(1e3 * dist)} "
-            f"| {dist / plain:.2f} | {fmt(ratio(flops['hard'], flops['none']), 2)} "
-            f"| {fmt(analytic, 2)} |",
+            "| step | img/s | ms | x time | x FLOPs (XLA, step) | x FLOPs (3 S + T) / 3 S "
+            "| deit_jax / timm distillation (img/s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, t, fl, predicted in rows:
+            lines.append(
+                f"| {label} | {fmt(batch / t)} | {fmt(1e3 * t)} | {t / plain:.2f} "
+                f"| {fmt(ratio(fl, flops['none']), 2)} | {fmt(predicted, 2)} "
+                f"| {fmt(ratio(timm_t, t), 2) if timm_t else '-'} |"
+            )
+        if timm_t:
+            lines.append(
+                f"| timm `TokenDistillationTask`, live teacher (hard) | {fmt(batch / timm_t)} "
+                f"| {fmt(1e3 * timm_t)} | {timm_t / plain:.2f} | - | - | 1.00 |"
+            )
+        per_example = {k: k * (2 + 2) for k in (1, 10)}  # float16 values + int16 indices
+        imagenet = 1_281_167 * 300
+        lines += [
             "",
+            f"Live / cached step time: {dist / cached:.2f}x; cached / plain: "
+            f"{cached / plain:.2f}x.",
             f"Forward GFLOP/img (XLA): student {fmt(ratio(s_fwd, batch * 1e9), 2)}, "
             f"teacher {fmt(ratio(t_fwd, batch * 1e9), 2)}.",
+            "",
+            "Cache writer, per batch (the input pipeline, shared with training, not counted):",
+            "",
+            "| work | img/s |",
+            "|---|---|",
+            f"| teacher forward alone | {fmt(batch / med['teacher_forward'])} |",
+            f"| writer: forward + top-{topk} + copy to host + zarr write "
+            f"| {fmt(batch / med['cache_writer'])} |",
+            "",
+            "Storage (float16 values + int16 indices): "
+            + ", ".join(f"k = {k}: {b} B per example per epoch" for k, b in per_example.items())
+            + "; ImageNet-1k x 300 epochs: "
+            + ", ".join(f"k = {k}: {b * imagenet / 1e9:.1f} GB" for k, b in per_example.items())
+            + " (TinyViT, k = 10 with its 4-byte seed per record: 16 GB).",
         ]
         return "\n".join(lines)
+
+    def _cache_writer_fns(self, teacher, t_vars, images, top, topk) -> dict[str, Callable]:
+        """The teacher forward alone, and the writer's work for one batch (chunk of 1 step)."""
+        import tempfile
+
+        import tensorstore as ts
+
+        forward = jax.jit(lambda v, x: teacher_cache.teacher_logits(teacher, v, x))
+        batch = images.shape[0]
+        directory = tempfile.mkdtemp(prefix="deit_jax_bench_cache_")
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": directory},
+            "metadata": {
+                "shape": [1000, batch, topk],
+                "data_type": "float16",
+                "chunk_grid": {
+                    "name": "regular",
+                    "configuration": {"chunk_shape": [1, batch, topk]},
+                },
+                "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
+            },
+        }
+        store = ts.open(spec, create=True, delete_existing=True).result()
+        position = {"step": 0}
+
+        def write():
+            logp, index = top(t_vars, images)
+            step = position["step"] % 1000
+            store[step].write(np.asarray(logp, np.float16)).result()
+            np.asarray(index, np.int16)
+            position["step"] += 1
+
+        return {
+            "teacher_forward": lambda: jax.block_until_ready(forward(t_vars, images)),
+            "cache_writer": write,
+        }
+
+
+def timm_distill_step(
+    student_name: str, teacher_name: str, overrides: dict[str, Any], batch: int, res: int
+) -> Callable[[], None]:
+    """timm's own DeiT distillation step: `timm.task.TokenDistillationTask`, hard, eager."""
+    from timm.task import TokenDistillationTask
+
+    torch.manual_seed(0)
+    kw = {k: v for k, v in overrides.items() if k not in ("dtype", "img_size")}
+    student = timm.create_model(student_name, pretrained=False, img_size=res, **kw)
+    teacher = timm.create_model(teacher_name, pretrained=False).eval()
+    task = TokenDistillationTask(
+        student, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_type="hard",
+        task_loss_weight=0.5, verbose=False,
+    )  # fmt: skip
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.normal(size=(batch, 3, res, res)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 1000, size=(batch,)))
+
+    def train():
+        student.train()
+        opt.zero_grad(set_to_none=True)
+        task(images, labels)["loss"].backward()
+        opt.step()
+
+    return train
 
 
 def case_key(case: Case, step: str) -> tuple:

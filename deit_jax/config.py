@@ -16,7 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "train"  # train | eval | quickstart (configs/quickstart.py)
+    c.mode = "train"  # train | eval | teacher_cache | quickstart (configs/quickstart.py)
 
     # Student: a registered model name plus `create_model` overrides (configs may add more keys
     # under `with c.unlocked():`). `img_size` is `data.img_size`; `num_classes` the data's.
@@ -25,12 +25,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1
     c.model.drop_rate = 0.0
     c.model.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: data's
+    # None: the registered model's; True adds a distillation token (e.g. to a deit3_* student).
+    c.model.distilled = ml_collections.FieldReference(None, field_type=bool)
     c.init_from = ""  # deit_jax weights directory (python -m deit_jax.convert) to fine-tune from
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.name = "regnety_160"
     c.teacher.checkpoint = ""  # deit_jax weights directory or .pth/.safetensors file
     c.teacher.img_size = ml_collections.FieldReference(None, field_type=int)  # None: student's
+    # flax: a registry model (`name`) with deit_jax or converted weights, run in the train step.
+    # torch: any timm model `name` with a local checkpoint file, run by PyTorch (cache writer only).
+    c.teacher.framework = "flax"
+    # Teacher-output cache (deit_jax/teacher/cache.py). `cache`: a cache directory written by
+    # `--config.mode=teacher_cache` with this config; training then reads the teacher's outputs
+    # from it instead of running a teacher.
+    c.teacher.cache = ""
+    c.teacher.cache_topk = 10  # top-k log-probabilities kept per example (hard needs 1)
+    c.teacher.cache_dtype = "float16"  # float16 | float32 (exact soft targets)
+    c.teacher.cache_epochs = ""  # "START:END": write only these epochs ("" = all)
+    c.teacher.cache_chunk_steps = 100  # steps per chunk (a kill -9 loses at most one chunk)
+
+    # Base criterion on the class head: "ce" (soft-target cross-entropy, the DeiT reference) or
+    # "bce" (DeiT III: binary cross-entropy against the mixed targets binarised, targets > 0 -> 1;
+    # mixup.label_smoothing is then ignored, i.e. 0, as in the reference recipe).
+    c.loss = "ce"
 
     c.distillation = ml_collections.ConfigDict()
     # none | soft | hard (logit KD: the distillation head, or a plain student's only head) |
@@ -67,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.color_jitter = 0.4  # used only when RandAugment is off; 0 disables
     c.augment.reprob = 0.25  # random erasing probability
     c.augment.remode = "pixel"  # random erasing fill: per-pixel normal noise
+    # DeiT III's 3-Augment: one of greyscale, solarisation, blur, then colour jitter (replaces
+    # RandAugment and random erasing); `src` replaces RandomResizedCrop by resize + 4-px padded
+    # random crop (deit_jax/data/three_augment.py).
+    c.augment.three_augment = False
+    c.augment.src = False
     c.augment.mean = IMAGENET_MEAN
     c.augment.std = IMAGENET_STD
 
@@ -79,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup.label_smoothing = 0.1
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | lamb (DeiT III)
     c.optim.lr = 5e-4  # for a global batch of 512; scaled linearly with the batch size
+    c.optim.unscale_lr = False  # True: lr is the peak rate, not scaled by batch / lr_batch_base
     c.optim.lr_batch_base = 512
     c.optim.weight_decay = 0.05
     c.optim.b1 = 0.9

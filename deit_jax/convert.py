@@ -85,7 +85,8 @@ def resize_pos_embed(
 
     Follows the reference fine-tuning code: keep the class/distillation rows, reshape the rest to
     the grid, resize bicubically as `F.interpolate(mode="bicubic", align_corners=False)`, and
-    concatenate back. `old_grid` defaults to a square grid.
+    concatenate back. `old_grid` defaults to a square grid. `num_prefix_tokens` counts the
+    token rows of `pos_embed`: 1 or 2 for DeiT, 0 for DeiT III (`no_embed_class`).
     """
     pos_embed = np.asarray(pos_embed)
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
@@ -186,7 +187,7 @@ def torch_to_flax(
             continue
         value = _to_flax_layout(path[-1], _as_numpy(source.pop(key)))
         if value.shape != spec.shape and path[-1] == "pos_embed":
-            prefix = getattr(model, "num_prefix_tokens", 1)
+            prefix = getattr(model, "num_pos_prefix_tokens", 1)
             rows = value.shape[1] - prefix
             if value.shape[-1] == spec.shape[-1] and round(rows**0.5) ** 2 == rows:
                 value = resize_pos_embed(value, model.grid_size, prefix)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 DISTILLATION_KINDS = ("none", "soft", "hard", "feature")
 KL_REDUCTIONS = ("numel", "batchmean")
+BASE_LOSSES = ("ce", "bce")
 
 
 def _log_softmax(logits: jax.Array) -> jax.Array:
@@ -73,6 +74,33 @@ def check_kl_reduction(kl_reduction: str) -> None:
         )
 
 
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """DeiT III's base criterion: `BCEWithLogitsLoss()(logits, targets.gt(0.0))`.
+
+    The (mixed) targets are binarised first, as the reference does: every class with a positive
+    target weight is a positive. The mean runs over the batch and the classes. Label smoothing
+    would make every class positive, so it must be off (train.py ignores it with this loss).
+    """
+    _check_logits("logits", logits)
+    if targets.shape != logits.shape:
+        raise ValueError(
+            f"targets must be (batch, classes) like the logits {logits.shape}, got {targets.shape}."
+        )
+    x = jnp.asarray(logits, jnp.float32)
+    positive = (targets > 0).astype(jnp.float32)
+    # max(x, 0) - x * y + log(1 + exp(-|x|)): PyTorch's numerically stable form.
+    return jnp.mean(jnp.maximum(x, 0.0) - x * positive + jnp.log1p(jnp.exp(-jnp.abs(x))))
+
+
+def base_loss(name: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """The class head's criterion `config.loss`: "ce" (soft-target CE) or "bce" (DeiT III)."""
+    if name == "ce":
+        return soft_target_cross_entropy(logits, targets)
+    if name == "bce":
+        return binary_cross_entropy(logits, targets)
+    raise ValueError(f"Unknown config.loss {name!r}; use one of {', '.join(BASE_LOSSES)}.")
+
+
 def distillation_loss(
     cls_logits: jax.Array,
     dist_logits: jax.Array | None,
@@ -85,6 +113,7 @@ def distillation_loss(
     kl_reduction: str = "numel",
     student_features: jax.Array | None = None,
     teacher_features: jax.Array | None = None,
+    base_criterion: str = "ce",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The reference `DistillationLoss`, generalised to any student; returns `(total, {"base":
     ..., "distillation": ...})`.
@@ -114,6 +143,7 @@ def distillation_loss(
       student_features: (B, D) pooled pre-logit features of the student, already projected to
         the teacher's width (kind "feature" only).
       teacher_features: (B, D) pooled pre-logit features of the teacher (kind "feature" only).
+      base_criterion: the class head's loss, `base_loss`'s name ("ce" or "bce").
     """
     if kind not in DISTILLATION_KINDS:
         raise ValueError(
@@ -126,7 +156,7 @@ def distillation_loss(
     if isinstance(tau, (int, float)) and tau <= 0:
         raise ValueError(f"Distillation temperature tau must be > 0, got {tau}.")
 
-    base = soft_target_cross_entropy(cls_logits, targets)
+    base = base_loss(base_criterion, cls_logits, targets)
     if kind == "none":
         return base, {"base": base, "distillation": jnp.zeros((), jnp.float32)}
     if kind == "feature":

@@ -3,7 +3,9 @@
 Any config value can be overridden on the command line, e.g.
 `--config.batch_size=256 --config.distillation.kind=hard`. Running the same command again
 resumes from the latest checkpoint in DIR. `--config.mode=eval` evaluates the latest checkpoint
-(or `--config.init_from` weights).
+(or `--config.init_from` weights). `--config.mode=teacher_cache` writes the teacher's outputs over
+the run's exact batches into DIR, for training runs with `--config.teacher.cache=DIR`
+(deit_jax/teacher/cache.py).
 
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,
 which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the explicit
@@ -97,13 +99,18 @@ def main(argv: list[str]) -> None:
             train.train_and_evaluate(config, workdir)
         elif config.mode == "eval":
             train.evaluate(config, workdir)
+        elif config.mode == "teacher_cache":
+            from deit_jax.teacher import cache
+
+            cache.write_cache(config, workdir)
         elif config.mode == "quickstart":
             from deit_jax import quickstart
 
             quickstart.run(config, workdir)
         else:
             sys.exit(
-                f"error: config.mode must be 'train', 'eval' or 'quickstart', got {config.mode!r}."
+                "error: config.mode must be 'train', 'eval', 'teacher_cache' or 'quickstart', got "
+                f"{config.mode!r}."
             )
     except train.Preempted:
         sys.exit(0)  # a clean stop: the checkpoint is written, the same command resumes

@@ -1,4 +1,4 @@
-"""The reference DeiT optimiser: AdamW, linear-warmup + cosine learning rate, EMA of weights.
+"""The reference DeiT optimiser: AdamW (or DeiT III's LAMB), warmup + cosine rate, EMA of weights.
 
 Everything is built from `config.optim` (see `deit_jax.config`):
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Parameters the reference model lists in `no_weight_decay()`; besides these, every parameter
 # with at most one dimension (biases, LayerNorm scales) is excluded from weight decay.
 NO_WEIGHT_DECAY = frozenset({"pos_embed", "cls_token", "dist_token"})
+OPTIMIZERS = ("adamw", "lamb")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -41,6 +42,11 @@ def _validate(
     steps_per_epoch: float,
     num_epochs: float,
 ) -> None:
+    name = config.get("name", "adamw")
+    _check(
+        name in OPTIMIZERS,
+        f"config.optim.name {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}.",
+    )
     _check(config.lr >= 0, f"config.optim.lr must be >= 0, got {config.lr}.")
     _check(
         config.lr_batch_base > 0,
@@ -78,8 +84,11 @@ def _validate(
 def peak_learning_rate(config: ml_collections.ConfigDict, global_batch_size: int) -> float:
     """lr * effective batch / lr_batch_base (the reference's linear scaling rule).
 
-    warmup_lr and min_lr are not scaled, as in the reference.
+    warmup_lr and min_lr are not scaled, as in the reference. With `unscale_lr` (the reference's
+    `--unscale-lr`, used by DeiT III) the peak rate is `lr` itself.
     """
+    if config.get("unscale_lr", False):
+        return float(config.lr)
     effective_batch = global_batch_size * config.grad_accum_steps
     return config.lr * effective_batch / config.lr_batch_base
 
@@ -168,7 +177,9 @@ def create_optimizer(
     steps_per_epoch: float,
     num_epochs: float,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with the reference schedule and weight-decay mask; returns `(tx, schedule)`.
+    """AdamW (or `lamb`, `config.name`) with the reference schedule and weight-decay mask.
+
+    Returns `(tx, schedule)`.
 
     Optional global-norm gradient clipping (`clip_grad_norm > 0`) acts on the (accumulated)
     gradient before AdamW. With `grad_accum_steps = k > 1` the transformation is wrapped in
@@ -182,14 +193,17 @@ def create_optimizer(
         steps_per_epoch=steps_per_epoch,
         num_epochs=num_epochs,
     )
-    tx = optax.adamw(
-        schedule,
-        b1=config.b1,
-        b2=config.b2,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        mask=weight_decay_mask,
-    )
+    if config.get("name", "adamw") == "lamb":
+        tx = lamb(schedule, config)
+    else:
+        tx = optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=weight_decay_mask,
+        )
     if config.clip_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
     if config.grad_accum_steps > 1:
@@ -197,6 +211,29 @@ def create_optimizer(
             tx, every_k_schedule=config.grad_accum_steps
         ).gradient_transformation()
     return tx, schedule
+
+
+def lamb(
+    learning_rate: optax.ScalarOrSchedule, config: ml_collections.ConfigDict
+) -> optax.GradientTransformation:
+    """LAMB as the DeiT III reference runs it (apex `FusedLAMB`, through timm's optimiser factory).
+
+    optax's `lamb` pieces (Adam moments with bias correction, decoupled weight decay, the layer's
+    trust ratio ||param|| / ||update||, then the rate), with the reference's two differences from
+    `optax.lamb`: the weight-decay mask of `weight_decay_mask` and, as FusedLAMB's default
+    `use_nvlamb=False` (timm `Lamb(always_adapt=False)`), no trust ratio on the parameters
+    without weight decay (nowhere when weight_decay is 0). FusedLAMB also clips the global
+    gradient norm at 1.0 by default: the DeiT III configs set `clip_grad_norm = 1.0` for that.
+    """
+    decay = config.weight_decay > 0
+    return optax.chain(
+        optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+        optax.masked(optax.scale_by_trust_ratio(), weight_decay_mask)
+        if decay
+        else optax.identity(),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:

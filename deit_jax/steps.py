@@ -4,7 +4,8 @@
 meant to be wrapped in one `jax.jit` over the mesh (see `deit_jax.train`). The teacher runs in
 eval mode under `stop_gradient` on the same (mixed) images as the student, optionally resized
 to its own input size; it is an argument, not part of the state, so it is neither optimised
-nor checkpointed with the student.
+nor checkpointed with the student. With `config.teacher.cache` no teacher runs: the batch
+brings the teacher's cached top-k outputs (`teacher_logp`, `teacher_index`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import optax
 from deit_jax import feature_distillation, losses, optim
 from deit_jax.feature_distillation import Projection
 from deit_jax.models import input_size, pooled_features
-from deit_jax.teacher import teacher_features, teacher_logits
+from deit_jax.teacher import cache, teacher_features, teacher_logits
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -97,6 +98,8 @@ def make_train_step(
     distilled = bool(getattr(model, "distilled", False))
     ema_decay = float(config.optim.ema_decay)
     accum = int(config.optim.grad_accum_steps)
+    # With a teacher cache the batches carry the teacher's top-k outputs (deit_jax.teacher.cache).
+    cached = bool(config.teacher.cache)
 
     def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
         rng, dropout_rng = jax.random.split(state.rng)
@@ -104,6 +107,8 @@ def make_train_step(
         t_logits = t_features = None
         if kind == "feature":
             t_features = teacher_features(teacher, teacher_variables, images)
+        elif kind != "none" and cached:
+            t_logits = cache.cached_teacher_logits(batch, targets.shape[-1], kind)
         elif kind != "none":
             t_logits = teacher_logits(teacher, teacher_variables, images)
 
@@ -132,6 +137,7 @@ def make_train_step(
                 kl_reduction=kl_reduction,
                 student_features=s_features,
                 teacher_features=t_features,
+                base_criterion=config.loss,
             )
             return total, (parts, new_model_state, cls_logits)
 

@@ -8,6 +8,7 @@ workdir)` evaluates the latest checkpoint, or the weights in `config.init_from`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from deit_jax import checkpoint, convert, data, feature_distillation, losses, optim, sharding, steps
 from deit_jax.metrics import MetricsWriter
 from deit_jax.models import create_model, model_options
-from deit_jax.teacher import build_teacher, load_weights
+from deit_jax.teacher import build_teacher, cache, load_weights
 from deit_jax.teacher.flax_teacher import compute_dtype
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
             continue
         new = np.asarray(source[path])
         if new.shape != value.shape and path[-1] == "pos_embed":
-            new = convert.resize_pos_embed(new, model.grid_size, model.num_prefix_tokens)
+            new = convert.resize_pos_embed(new, model.grid_size, model.num_pos_prefix_tokens)
         if new.shape != value.shape and path[0] in ("head", "head_dist", "fc"):
             fresh_heads.append("/".join(path))
             continue
@@ -113,13 +114,39 @@ def _state_and_shardings(config, model, tx, mesh, projection=None):
     return init, abstract, state_shardings
 
 
+def _bce_without_smoothing(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """With `loss="bce"`, a copy of `config` without label smoothing (DeiT III's recipe).
+
+    The BCE binarises the mixed targets (`targets > 0`); smoothed targets are positive
+    everywhere, so smoothing would make every class a positive. The reference recipe sets it to
+    0; this ignores any other value, with a warning.
+    """
+    if config.loss != "bce" or not config.mixup.label_smoothing:
+        return config
+    log.warning(
+        "loss=bce ignores mixup.label_smoothing=%s (binarised targets): training with 0.",
+        config.mixup.label_smoothing,
+    )
+    config = copy.deepcopy(config)
+    config.mixup.label_smoothing = 0.0
+    return config
+
+
 def _validate(config: ml_collections.ConfigDict) -> None:
+    if config.loss not in losses.BASE_LOSSES:
+        raise ValueError(f"config.loss must be one of {losses.BASE_LOSSES}, got {config.loss!r}.")
     kinds = losses.DISTILLATION_KINDS
     if config.distillation.kind not in kinds:
         raise ValueError(
             f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}."
         )
     losses.check_kl_reduction(config.distillation.kl_reduction)
+    if config.teacher.cache and config.distillation.kind not in ("soft", "hard"):
+        raise ValueError(
+            f"config.teacher.cache={config.teacher.cache!r} holds teacher outputs for soft or hard "
+            f"distillation, but distillation.kind={config.distillation.kind!r}; set the kind, or "
+            "remove the cache."
+        )
     if config.batch_size % jax.process_count():
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes."
@@ -166,6 +193,7 @@ def train_and_evaluate(
     `devices` (default: all) are the devices the mesh is built over.
     """
     _validate(config)
+    config = _bce_without_smoothing(config)
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
@@ -175,6 +203,8 @@ def train_and_evaluate(
     projection = _projection(config, model, teacher)
 
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    # Before anything is built or compiled: a cache written for another stream is refused now.
+    reader = cache.CacheReader(config, train_data) if config.teacher.cache else None
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
@@ -212,6 +242,15 @@ def train_and_evaluate(
                 )
                 log.info("Initialised from %s", config.init_from)
 
+        if config.teacher.cache:
+            reader.check_coverage(start_step, total_steps)
+            train_data.extras = reader
+            log.info("Teacher outputs from the cache %s", config.teacher.cache)
+            if teacher is None:
+                log.info(
+                    "Evaluation skips teacher accuracy and agreement: no teacher checkpoint "
+                    "(set --config.teacher.checkpoint as well to report them)."
+                )
         train_step = jax.jit(
             steps.make_train_step(model, tx, schedule, config, teacher, projection),
             out_shardings=(state_shardings, sharding.replicated(mesh)),

@@ -51,3 +51,21 @@ def tiny_config(data_dir: str = "", **changes):
 
 def get_config():
     return tiny_config()
+
+
+def save_random_teacher(path: str, img_size: int = 16) -> str:
+    """A randomly initialised `cnn_small` for digits as a deit_jax weights directory: a teacher
+    for tests that need only a fixed function of the image (hard labels), not a good one."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from deit_jax import checkpoint
+    from deit_jax.models import create_model
+
+    overrides = {"num_classes": 10, "img_size": img_size}
+    model = create_model("cnn_small", **overrides)
+    images = jnp.zeros((1, img_size, img_size, 3))
+    variables = nn.meta.unbox(model.init(jax.random.key(7), images))
+    checkpoint.save_variables(path, variables, model_name="cnn_small", model_overrides=overrides)
+    return path

@@ -35,6 +35,9 @@ def test_throughput_smoke(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| DeiT-Ti")]
     assert {"train", "infer"} <= {row.split("|")[5].strip() for row in rows}, out
     assert all(row.split("|")[8].strip() not in ("", "-") for row in rows), out
-    assert "| distilled (kind hard) |" in out
+    assert "| distilled, live teacher (kind hard) |" in out
+    assert "| distilled, cached teacher (kind hard) |" in out
+    assert "| timm `TokenDistillationTask`, live teacher (hard) |" in out
+    assert "| writer: forward + top-10 + copy to host + zarr write |" in out
     assert "regnety_002" in out
     assert out_json.exists() and '"jax_seconds"' in out_json.read_text()

@@ -202,3 +202,55 @@ def test_topk_correct():
     top5 = torch.from_numpy(logits).topk(5, dim=1).indices.numpy()
     np.testing.assert_array_equal(hits["top1"], top5[:, 0] == labels)
     np.testing.assert_array_equal(hits["top5"], (top5 == labels[:, None]).any(1))
+
+
+def test_binary_cross_entropy_matches_torch_on_binarised_mixed_targets():
+    cls_logits, _, _, targets = _inputs(3)
+    targets[targets < 0.02] = 0.0  # mixed targets without smoothing: zeros off the two classes
+    targets[0] = np.eye(C, dtype=np.float32)[2]  # an unmixed row too
+    expected = torch.nn.BCEWithLogitsLoss()(
+        torch.from_numpy(cls_logits * 4), torch.from_numpy(targets).gt(0.0).float()
+    )
+    got = losses.binary_cross_entropy(jnp.asarray(cls_logits * 4), jnp.asarray(targets))
+    assert abs(float(got) - expected.item()) <= ATOL
+    # Binarised: the weights of the mix do not matter, only which classes have any.
+    same = losses.binary_cross_entropy(jnp.asarray(cls_logits * 4), jnp.asarray(targets > 0))
+    assert float(got) == float(same)
+    assert abs(float(got) - float(losses.soft_target_cross_entropy(cls_logits, targets))) > 0.1
+
+
+@pytest.mark.parametrize("kind", ["none", "soft", "hard"])
+def test_bce_is_the_base_term_of_every_distillation_kind(kind):
+    cls_logits, dist_logits, teacher_logits, targets = _inputs(4)
+    targets[targets < 0.02] = 0.0
+    total, parts = losses.distillation_loss(
+        cls_logits,
+        dist_logits,
+        teacher_logits,
+        targets,
+        kind=kind,
+        alpha=0.5,
+        tau=2.0,
+        base_criterion="bce",
+    )
+    base = torch.nn.BCEWithLogitsLoss()(
+        torch.from_numpy(cls_logits), torch.from_numpy(targets).gt(0.0).float()
+    ).item()
+    assert abs(float(parts["base"]) - base) <= ATOL
+    _, ce_parts = losses.distillation_loss(
+        cls_logits, dist_logits, teacher_logits, targets, kind=kind, alpha=0.5, tau=2.0
+    )
+    distill = float(ce_parts["distillation"])
+    expected = base if kind == "none" else 0.5 * base + 0.5 * distill
+    assert abs(float(total) - expected) <= ATOL
+    with pytest.raises(ValueError, match="Unknown config.loss 'mse'"):
+        losses.distillation_loss(
+            cls_logits,
+            dist_logits,
+            teacher_logits,
+            targets,
+            kind=kind,
+            alpha=0.5,
+            tau=2.0,
+            base_criterion="mse",
+        )

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import timm.optim
 import torch
 from flax import traverse_util
 from timm.models.deit import VisionTransformerDistilled
@@ -239,4 +240,78 @@ def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         optim.create_optimizer(
             _optim_config(), global_batch_size=64, steps_per_epoch=0, num_epochs=2
+        )
+
+
+def test_lamb_matches_the_reference_fused_lamb(tiny):
+    """LAMB against timm's `Lamb`, its port of the apex `FusedLAMB` the DeiT III recipe ran.
+
+    Reference options: betas (0.9, 0.999), eps from the config, the reference's weight-decay
+    groups, global gradient-norm clipping at 1.0 (FusedLAMB's `max_grad_norm`, set here as
+    `clip_grad_norm`), no trust ratio on the no-decay group (`always_adapt=False`). The
+    gradients' norms grow past 1 over the steps, so the clipping is exercised.
+    """
+    boxed, _ = tiny
+    params = nn.meta.unbox(boxed)
+    torch_model = VisionTransformerDistilled(**TINY)
+    torch_model.load_state_dict(convert.flax_to_torch({"params": params}))
+    lr, wd, steps = 1e-2, 0.5, 4
+    cfg = _optim_config(
+        name="lamb", lr=lr, weight_decay=wd, warmup_epochs=0, min_lr=lr, clip_grad_norm=1.0
+    )
+    cfg.unscale_lr = True
+    tx, schedule = optim.create_optimizer(
+        cfg, global_batch_size=64, steps_per_epoch=10, num_epochs=10
+    )
+    assert abs(float(schedule(3)) - lr) < 1e-9  # unscaled: batch 64 does not change the rate
+    torch_opt = timm.optim.Lamb(
+        reference_param_groups(torch_model, wd), lr=lr, betas=(0.9, 0.999), eps=1e-8
+    )
+    named = dict(torch_model.named_parameters())
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for step in range(steps):
+        grads = _random_grads(params, step, 10.0 ** (step - 3))
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for key, g in convert.flax_to_torch({"params": grads}).items():
+            named[key].grad = g.clone()
+        torch_opt.step()
+
+    got = convert.flax_to_torch({"params": params})
+    errors = {k: (got[k] - v).abs().max().item() for k, v in torch_model.state_dict().items()}
+    assert max(errors.values()) <= ATOL, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert (got["norm.weight"] - 1).abs().max().item() > 100 * ATOL
+
+
+def test_lamb_is_optax_lamb_on_decayed_parameters(tiny):
+    """optax's documented LAMB (Adam -> + wd * param -> trust ratio -> -lr) on decayed leaves;
+    on the others the plain bias-corrected Adam step, without trust ratio (the reference's rule).
+    """
+    params = nn.meta.unbox(tiny[0])
+    lr, wd = 1e-2, 0.5
+    cfg = _optim_config(name="lamb", lr=lr, weight_decay=wd, eps=1e-6)
+    ours = optim.lamb(lr, cfg)
+    reference = optax.lamb(lr, eps=1e-6, weight_decay=wd, mask=optim.weight_decay_mask)
+    adam = optax.chain(optax.scale_by_adam(eps=1e-6), optax.scale_by_learning_rate(lr))
+    grads = _random_grads(params, 0, 1.0)
+    got = ours.update(grads, ours.init(params), params)[0]
+    want = reference.update(grads, reference.init(params), params)[0]
+    plain = adam.update(grads, adam.init(params), params)[0]
+    mask = optim.weight_decay_mask(params)
+    for g, w, p, decays in zip(*map(jax.tree.leaves, (got, want, plain, mask)), strict=True):
+        np.testing.assert_array_equal(g, w if decays else p)
+    # The two rules differ on the no-decay leaves (else the test above could not fail).
+    norm = traverse_util.flatten_dict(got)[("norm", "scale")]
+    assert not np.allclose(norm, traverse_util.flatten_dict(want)[("norm", "scale")])
+
+
+def test_unscale_lr_and_unknown_optimizer():
+    cfg = _optim_config(lr=4e-3)
+    assert optim.peak_learning_rate(cfg, 2048) == pytest.approx(4e-3 * 2048 / 512)
+    cfg.unscale_lr = True
+    assert optim.peak_learning_rate(cfg, 2048) == 4e-3
+    with pytest.raises(ValueError, match="config.optim.name 'sgd' is unknown"):
+        optim.create_optimizer(
+            _optim_config(name="sgd"), global_batch_size=64, steps_per_epoch=10, num_epochs=2
         )

@@ -6,6 +6,10 @@ They reproduce timm's `create_transform` as the official DeiT code calls it:
          RandAugment is off) -> ToTensor + Normalize -> RandomErasing (per-pixel noise).
   eval:  resize the shorter side to int(size / crop_pct) (bicubic) -> centre crop -> Normalize.
 
+With `three_augment` (DeiT III, the official `new_data_aug_generator`): RandomResizedCrop, or
+with `src` Resize + RandomCrop(padding 4, reflect) -> flip -> one of greyscale, solarisation and
+Gaussian blur (three_augment.py) -> colour jitter -> Normalize; no RandAugment, no erasing.
+
 Between the resize and the normalisation images are float32 holding integers in [0, 255], as the
 uint8 PIL images of the reference are, so the RandAugment ops can match PIL exactly (see
 randaugment.py). Resizing uses TF's antialiased Keys-cubic kernel (a = -0.5, scaled when
@@ -35,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from deit_jax._compat import import_tensorflow
-from deit_jax.data import randaugment
+from deit_jax.data import randaugment, three_augment
 
 tf = import_tensorflow()
 # Plain TF ops only, no Python control flow on tensors: autograph would only slow tracing down
@@ -136,6 +140,35 @@ def resize(image: tf.Tensor, size_hw: Sequence[int] | tf.Tensor, method: str) ->
     return tf.clip_by_value(tf.round(out), 0.0, 255.0)
 
 
+@_no_autograph
+def simple_random_crop(image: tf.Tensor, seed: tf.Tensor, size_hw: tuple[int, int]) -> tf.Tensor:
+    """DeiT III's `--src` crop: Resize(size) (bicubic), RandomCrop(size, padding=4, reflect).
+
+    A square size resizes the shorter side to it (torchvision `Resize(int)`, the longer side
+    truncated); another (height, width) resizes to exactly that.
+    """
+    out_h, out_w = size_hw
+    x = tf.cast(image, tf.float32)
+    if out_h == out_w:
+        shape = tf.shape(x)
+        height, width = shape[0], shape[1]
+        h_is_short = height <= width
+        long_side = tf.where(h_is_short, width, height) * out_h // tf.minimum(height, width)
+        new_hw = tf.stack(
+            [tf.where(h_is_short, out_h, long_side), tf.where(h_is_short, long_side, out_h)]
+        )
+    else:
+        new_hw = tf.constant([out_h, out_w])
+    x = resize(x, new_hw, "bicubic")
+    pad = 4
+    x = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")  # numpy/torch 'reflect'
+    shape = tf.shape(x)
+    # torchvision RandomCrop: top = randint(0, h - th), left = randint(0, w - tw), inclusive.
+    u_top, u_left = tf.unstack(_uniform(seed, [2]))
+    top, left = _randint(u_top, shape[0] - out_h), _randint(u_left, shape[1] - out_w)
+    return tf.ensure_shape(x[top : top + out_h, left : left + out_w], (out_h, out_w, 3))
+
+
 def _resize_random_interp(image, size_hw, interpolation: str, seed) -> tf.Tensor:
     if interpolation != "random":
         return resize(image, size_hw, interpolation)
@@ -151,14 +184,24 @@ def _resize_random_interp(image, size_hw, interpolation: str, seed) -> tf.Tensor
 # Colour jitter (torchvision ColorJitter on PIL images; only used without RandAugment)
 
 
-@_no_autograph
-def color_jitter(x: tf.Tensor, seed: tf.Tensor, strength: Sequence[float]) -> tf.Tensor:
-    """Brightness, contrast and saturation factors ~ U(max(0, 1 - s), 1 + s), in random order."""
+def jitter_params(seed: tf.Tensor, strength: Sequence[float]) -> tuple[tf.Tensor, tf.Tensor]:
+    """(brightness, contrast, saturation) factors ~ U(max(0, 1 - s), 1 + s) and their order."""
     factor_seed, order_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     u = _uniform(factor_seed, [3])
     s = tf.constant(strength, tf.float32)
     factors = tf.maximum(0.0, 1.0 - s) + u * (1.0 + s - tf.maximum(0.0, 1.0 - s))
-    order = tf.argsort(_uniform(order_seed, [3]))
+    return factors, tf.argsort(_uniform(order_seed, [3]))
+
+
+@_no_autograph
+def color_jitter(x: tf.Tensor, seed: tf.Tensor, strength: Sequence[float]) -> tf.Tensor:
+    """Brightness, contrast and saturation factors ~ U(max(0, 1 - s), 1 + s), in random order."""
+    return apply_color_jitter(x, *jitter_params(seed, strength))
+
+
+@_no_autograph
+def apply_color_jitter(x: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
+    """torchvision's PIL adjust_brightness / contrast / saturation, in `order` (indices 0-2)."""
     ops = (randaugment.brightness, randaugment.contrast, randaugment.color)
     for i in range(3):
         index = order[i]
@@ -301,6 +344,8 @@ def train_preprocess(
     """
     _validate(config)
     size_hw = _size_hw(size)
+    if config.get("three_augment", False):
+        return _three_augment_preprocess(image, seed, size_hw, config)
     policy = randaugment.parse_policy(config.randaugment) if config.randaugment else None
     scale, ratio = tuple(config.scale), tuple(config.ratio)
     crop_seed, interp_seed, flip_seed, aug_seed, erase_seed = tf.unstack(
@@ -323,6 +368,34 @@ def train_preprocess(
     x = normalize(x, config.mean, config.std)
     x = random_erasing(x, erase_seed, prob=config.reprob, mode=config.remode)
     return tf.ensure_shape(x, (*size_hw, 3))
+
+
+def _three_augment_preprocess(
+    image: tf.Tensor, seed: tf.Tensor, size_hw: tuple[int, int], config
+) -> tf.Tensor:
+    """DeiT III's train transform (`train_preprocess` with `config.three_augment`)."""
+    scale, ratio = tuple(config.scale), tuple(config.ratio)
+    # The same seed split as train_preprocess: crop, interpolation, flip, ops (erasing unused).
+    crop_seed, interp_seed, flip_seed, aug_seed, _ = tf.unstack(
+        tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 5)
+    )
+    op_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(aug_seed, 2))
+    if config.get("src", False):
+        if image.dtype == tf.string:
+            image = tf.io.decode_image(image, channels=3, expand_animations=False)
+        x = simple_random_crop(image, crop_seed, size_hw)
+    else:
+        if image.dtype == tf.string:
+            x = _decode_and_crop(image, crop_seed, scale, ratio)
+        else:
+            x = _crop(image, crop_seed, scale, ratio)
+        x = _resize_random_interp(x, size_hw, config.interpolation, interp_seed)
+    if config.hflip > 0:
+        x = tf.cond(_uniform(flip_seed, []) < config.hflip, lambda: tf.reverse(x, [1]), lambda: x)
+    x = three_augment.three_augment(tf.ensure_shape(x, (*size_hw, 3)), op_seed)
+    if config.color_jitter:
+        x = color_jitter(x, jitter_seed, _jitter_strength(config.color_jitter))
+    return tf.ensure_shape(normalize(x, config.mean, config.std), (*size_hw, 3))
 
 
 @_no_autograph

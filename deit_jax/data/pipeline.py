@@ -38,7 +38,7 @@ import functools
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -157,6 +157,9 @@ class TrainIterator(_Feeder):
         )
         self.share_batch = self.global_batch // self.num_data_shares
         self.with_ids = with_ids
+        # `extras(epoch, step)` -> more arrays of this process's rows of that batch (the teacher
+        # cache's outputs); set before iterating.
+        self.extras: Callable[[int, int], dict[str, np.ndarray]] | None = None
         self._epoch, self._step = 0, 0
         self._prefetcher: _Prefetcher | None = None
         self._cached: dict[int, tf.data.Dataset] = {}
@@ -171,13 +174,24 @@ class TrainIterator(_Feeder):
 
     def __next__(self) -> dict[str, jax.Array]:
         if self._prefetcher is None:
-            batches = self.dataset(self._epoch, self._step).as_numpy_iterator()
-            self._prefetcher = _Prefetcher(map(self._to_global, batches), self.config.data.prefetch)
+            self._prefetcher = _Prefetcher(self._global_batches(), self.config.data.prefetch)
         batch = self._prefetcher.get()
         self._step += 1
         if self._step == self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
         return batch
+
+    def _global_batches(self) -> Iterator[dict[str, jax.Array]]:
+        """The batches from the current position on, with `extras` joined (in the prefetch
+        thread, so that what they read is ready with the batch)."""
+        epoch, step = self._epoch, self._step
+        for local in self.dataset(epoch, step).as_numpy_iterator():
+            if self.extras is not None:
+                local.update(self.extras(epoch, step))
+            yield self._to_global(local)
+            step += 1
+            if step == self.steps_per_epoch:
+                epoch, step = epoch + 1, 0
 
     @property
     def epoch(self) -> int:
@@ -433,6 +447,8 @@ class _Prefetcher:
             self._queue.put(item)  # Stay exhausted.
             raise StopIteration
         if isinstance(item, _Failure):
+            if isinstance(item.error, ValueError):  # deit_jax's own, e.g. a corrupt cache chunk
+                raise item.error
             raise RuntimeError("The input pipeline failed; see the cause above.") from item.error
         return item
 

@@ -1,4 +1,4 @@
-"""Models: DeiT variants and convnet teachers behind one registry (`create_model`)."""
+"""Models: DeiT and DeiT III variants and convnet teachers behind one registry (`create_model`)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from deit_jax.models.registry import (
 )
 from deit_jax.models.regnet import RegNet
 from deit_jax.models.resnet import ResNet
-from deit_jax.models.vit import Attention, Block, DeiT, DropPath, Mlp, PatchEmbed
+from deit_jax.models.vit import Attention, Block, DeiT, DropPath, LayerScale, Mlp, PatchEmbed
 
 __all__ = [
     "Attention",
     "Block",
     "DeiT",
+    "LayerScale",
     "DropPath",
     "Mlp",
     "PatchEmbed",
@@ -52,7 +53,32 @@ def _register_deit() -> None:
                 )
 
 
+def _register_deit3() -> None:
+    # DeiT III (timm's deit3_*): LayerScale (init 1e-6) and position embeddings for the patches.
+    shapes = {
+        "small": (16, 384, 12, 6, (224, 384)),
+        "medium": (16, 512, 12, 8, (224,)),
+        "base": (16, 768, 12, 12, (224, 384)),
+        "large": (16, 1024, 24, 16, (224, 384)),
+        "huge": (14, 1280, 32, 16, (224,)),
+    }
+    for size, (patch, dim, depth, heads, img_sizes) in shapes.items():
+        for img in img_sizes:
+            register_model(
+                f"deit3_{size}_patch{patch}_{img}",
+                DeiT,
+                patch_size=patch,
+                embed_dim=dim,
+                depth=depth,
+                num_heads=heads,
+                img_size=img,
+                init_values=1e-6,
+                no_embed_class=True,
+            )
+
+
 _register_deit()
+_register_deit3()
 
 
 def forward_with_intermediates(

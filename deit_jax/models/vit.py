@@ -236,14 +236,37 @@ class Mlp(nn.Module):
         return nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
 
 
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (timm's `LayerScale`, parameter `gamma`)."""
+
+    init_values: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param(
+            "gamma",
+            _partitioned(nn.initializers.constant(self.init_values), ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        return x * gamma.astype(self.dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    With `init_values` (DeiT III), each branch is scaled by a LayerScale (`ls1`, `ls2`) before
+    the drop path, as in timm.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    init_values: float | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -255,12 +278,16 @@ class Block(nn.Module):
         y = Attention(self.num_heads, self.attn_drop_rate, self.drop_rate, **kw, name="attn")(
             y, deterministic=deterministic
         )
+        if self.init_values is not None:
+            y = LayerScale(self.init_values, **kw, name="ls1")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         y = _layer_norm("norm2", **kw)(x)
         y = Mlp(int(d * self.mlp_ratio), self.drop_rate, **kw, name="mlp")(
             y, deterministic=deterministic
         )
+        if self.init_values is not None:
+            y = LayerScale(self.init_values, **kw, name="ls2")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         self.sow("intermediates", "tokens", x)
@@ -273,6 +300,11 @@ class DeiT(nn.Module):
     Call with NHWC float images. A plain model returns logits (B, num_classes). A distilled model
     returns `(cls_logits, dist_logits)` when `train=True` and their average otherwise, as the
     reference does. `train=True` also enables dropout and stochastic depth (rng 'dropout').
+
+    DeiT III (Touvron et al., 2022; timm's `deit3_*`) is this model with `init_values=1e-6`
+    (LayerScale on both residual branches of every block) and `no_embed_class=True` (`pos_embed`
+    covers the patch tokens only; the class and distillation tokens are concatenated after it
+    is added).
     """
 
     num_classes: int = 1000
@@ -284,6 +316,8 @@ class DeiT(nn.Module):
     num_heads: int = 12
     mlp_ratio: float = 4.0
     distilled: bool = False
+    init_values: float | None = None
+    no_embed_class: bool = False
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -298,6 +332,11 @@ class DeiT(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return 2 if self.distilled else 1
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        """Rows of `pos_embed` before the patch grid: the prefix tokens, none for DeiT III."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False):
@@ -320,11 +359,13 @@ class DeiT(nn.Module):
         if self.distilled:
             tokens.append(self.param("dist_token", token_init, (1, 1, d), self.param_dtype))
         tokens = [jnp.broadcast_to(t.astype(self.dtype), (b, 1, d)) for t in tokens]
-        x = jnp.concatenate([*tokens, x], axis=1)
         pos_embed = self.param(
-            "pos_embed", token_init, (1, gh * gw + self.num_prefix_tokens, d), self.param_dtype
+            "pos_embed", token_init, (1, gh * gw + self.num_pos_prefix_tokens, d), self.param_dtype
         )
-        x = x + pos_embed.astype(self.dtype)
+        if self.no_embed_class:
+            x = jnp.concatenate([*tokens, x + pos_embed.astype(self.dtype)], axis=1)
+        else:
+            x = jnp.concatenate([*tokens, x], axis=1) + pos_embed.astype(self.dtype)
         x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -337,6 +378,7 @@ class DeiT(nn.Module):
                 self.drop_rate,
                 self.attn_drop_rate,
                 rate,
+                self.init_values,
                 **kw,
                 name=f"blocks_{i}",
             )(x, deterministic=deterministic)

@@ -44,9 +44,30 @@ def load_weights(path: str, model_name: str) -> tuple[Any, dict[str, Any]]:
 def build_teacher(
     config: ml_collections.ConfigDict, num_classes: int
 ) -> tuple[nn.Module | None, Any]:
-    """The frozen teacher and its variables, or `(None, {})` without distillation."""
+    """The frozen teacher of a training run and its variables, or `(None, {})` without one.
+
+    Without distillation there is none; a run that reads a teacher cache builds one only when
+    `config.teacher.checkpoint` is also given (to report teacher accuracy and agreement).
+    """
     if config.distillation.kind == "none":
         return None, {}
+    if config.teacher.cache:
+        if not config.teacher.checkpoint or config.teacher.framework != "flax":
+            return None, {}
+        return build_flax_teacher(config, num_classes)
+    if config.teacher.framework != "flax":
+        raise ValueError(
+            f"config.teacher.framework={config.teacher.framework!r} teachers run only in the "
+            "cache writer: write a cache with --config.mode=teacher_cache, then train with "
+            "--config.teacher.cache=DIR (or use a Flax registry teacher)."
+        )
+    return build_flax_teacher(config, num_classes)
+
+
+def build_flax_teacher(
+    config: ml_collections.ConfigDict, num_classes: int
+) -> tuple[nn.Module, Any]:
+    """The registry teacher `config.teacher.name` with the weights `config.teacher.checkpoint`."""
     if not config.teacher.checkpoint:
         raise ValueError(
             f"distillation.kind={config.distillation.kind!r} needs a trained teacher: set "

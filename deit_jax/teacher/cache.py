@@ -1,0 +1,652 @@
+"""Distill once, train many: the teacher's top-k outputs over the exact training stream.
+
+A student run's batches are fixed by its config (seed, data, augmentation, mixup, batch size,
+data shares: `deit_jax/data/pipeline.py`), so a teacher's outputs for them can be computed once
+and read back by any number of student runs with the same stream: other seeds of the *model*
+(`config.seed` also fixes the data, so it must match), other students, other learning rates.
+
+    # once: the teacher over every batch of the run (any registry model, or `framework=torch`)
+    python -m deit_jax.main --config CONFIG --workdir CACHE --config.mode=teacher_cache
+    # then, as often as needed: no teacher weights are loaded
+    python -m deit_jax.main --config CONFIG --workdir RUN --config.teacher.cache=CACHE
+
+Layout of CACHE (a local directory or a `gs://` path: everything goes through TensorStore):
+
+- `manifest.json`: the stream's fingerprint (every config value that fixes the batches), the
+  teacher's (name, framework, input size, a SHA-256 of its weights, top-k, dtype), the layout
+  and the deit_jax version. A student whose stream differs is refused, naming every key.
+- `values/`, `indices/`: two zarr v3 arrays of shape (epochs, steps per epoch, batch, k): the
+  teacher's k largest log-probabilities (temperature 1, sorted, float16 or float32) and their
+  class indices (int16, or int32 past 32,767 classes). Chunks are (1, `cache_chunk_steps`,
+  rows of one data share, k), each with a crc32c checksum: one process writes each chunk (no
+  locks), a kill -9 loses at most the chunks being written, and the writer's next run writes
+  only the chunks that are missing. Any zarr v3 reader (TensorStore, zarr-python) opens them.
+
+Soft targets from the top-k follow TinyViT: the leftover probability mass is spread evenly over
+the other classes (exact when k is the class count); hard distillation needs only the top-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorstore as ts
+from tqdm import tqdm
+
+import deit_jax
+from deit_jax import data, sharding
+from deit_jax.teacher import flax_teacher
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "deit_jax.teacher_cache/1"
+_ARRAYS = ("values", "indices")
+
+
+class CacheError(ValueError):
+    """A teacher cache that does not fit the run or cannot be read; the message says the fix."""
+
+
+# --------------------------------------------------------------------------- what fixes a cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Shape of a cache: which (epoch, step, row) every stored example belongs to."""
+
+    num_epochs: int  # epochs stored (the last one may be partial)
+    steps_per_epoch: int
+    total_steps: int
+    batch_size: int
+    num_shares: int  # data shares of a batch (`config.data.num_shares`, or one per process)
+    topk: int
+    chunk_steps: int
+    values_dtype: str
+    indices_dtype: str
+
+    @property
+    def share_batch(self) -> int:
+        return self.batch_size // self.num_shares
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
+
+    def chunks_in_epoch(self, epoch: int) -> int:
+        return math.ceil(self.steps_in_epoch(epoch) / self.chunk_steps)
+
+    def chunk_steps_of(self, epoch: int, chunk: int) -> range:
+        start = chunk * self.chunk_steps
+        return range(start, min(start + self.chunk_steps, self.steps_in_epoch(epoch)))
+
+
+def layout_for(config: ml_collections.ConfigDict, train_data: data.TrainIterator) -> Layout:
+    spe = train_data.steps_per_epoch
+    total = max(1, int(round(config.num_epochs * spe)))
+    topk = int(config.teacher.cache_topk)
+    num_classes = train_data.num_classes
+    if not 1 <= topk <= num_classes:
+        raise CacheError(
+            f"config.teacher.cache_topk={topk}: must be between 1 and the {num_classes} classes "
+            "(1 is enough for hard distillation; the class count stores the exact distribution)."
+        )
+    if config.teacher.cache_dtype not in ("float16", "float32"):
+        raise CacheError(
+            f"config.teacher.cache_dtype={config.teacher.cache_dtype!r}: use 'float16' (compact) "
+            "or 'float32' (exact soft targets)."
+        )
+    if int(config.teacher.cache_chunk_steps) < 1:
+        raise CacheError(
+            f"config.teacher.cache_chunk_steps={config.teacher.cache_chunk_steps}: must be >= 1."
+        )
+    return Layout(
+        num_epochs=math.ceil(total / spe),
+        steps_per_epoch=spe,
+        total_steps=total,
+        batch_size=train_data.global_batch,
+        num_shares=train_data.num_data_shares,
+        topk=topk,
+        chunk_steps=min(int(config.teacher.cache_chunk_steps), spe),
+        values_dtype=config.teacher.cache_dtype,
+        indices_dtype="int16" if num_classes <= 32767 else "int32",
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+def stream_fingerprint(
+    config: ml_collections.ConfigDict, train_data: data.TrainIterator
+) -> dict[str, Any]:
+    """Every value that fixes the training batches (images, augmentation, mixing, order)."""
+    d = config.data
+    fingerprint = {
+        "data.name": d.name,
+        "data.train_split": d.train_split,
+        "data.num_train": train_data.num_examples,
+        "data.num_classes": train_data.num_classes,
+        "data.img_size": d.img_size,
+        "data.repeated_aug": d.repeated_aug,
+        "data.num_shares": train_data.num_data_shares,
+        "data.shuffle_buffer": d.shuffle_buffer,
+        "data.cache": d.cache,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+    for group in ("augment", "mixup"):
+        for key, value in sorted(config[group].to_dict().items()):
+            fingerprint[f"{group}.{key}"] = value
+    return _jsonable(fingerprint)
+
+
+def weights_hash(path: str) -> str:
+    """SHA-256 over a weights file, or over every file of a weights directory (sorted)."""
+    digest = hashlib.sha256()
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+        )
+    for name in files:
+        if os.path.isdir(path):
+            digest.update(os.path.relpath(name, path).encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    t = config.teacher
+    return _jsonable(
+        {
+            "teacher.name": t.name,
+            "teacher.framework": t.framework,
+            "teacher.img_size": t.img_size,
+            "teacher.checkpoint": t.checkpoint,
+            "teacher.weights_sha256": weights_hash(t.checkpoint) if t.checkpoint else "",
+            "teacher.cache_topk": int(t.cache_topk),
+            "teacher.cache_dtype": t.cache_dtype,
+            "dtype": config.dtype,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _kvstore(path: str, sub: str = "") -> Any:
+    """A TensorStore kvstore spec for `path/sub`: URLs (gs://, file://) as they are."""
+    if "://" in path:
+        return path.rstrip("/") + "/" + (sub + "/" if sub else "")
+    return {"driver": "file", "path": os.path.abspath(os.path.join(path, sub)) + "/"}
+
+
+def _array_spec(path: str, name: str, layout: Layout | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _kvstore(path, name)}
+    if layout is not None:
+        dtype = layout.values_dtype if name == "values" else layout.indices_dtype
+        spec["metadata"] = {
+            "shape": [layout.num_epochs, layout.steps_per_epoch, layout.batch_size, layout.topk],
+            "data_type": dtype,
+            "chunk_grid": {
+                "name": "regular",
+                "configuration": {
+                    "chunk_shape": [1, layout.chunk_steps, layout.share_batch, layout.topk]
+                },
+            },
+            "codecs": [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "crc32c"},
+            ],
+            "attributes": {"format": FORMAT},
+        }
+    return spec
+
+
+def _chunk_key(epoch: int, chunk: int, share: int) -> str:
+    return f"c/{epoch}/{chunk}/{share}/0"  # zarr v3's default chunk key encoding
+
+
+class CacheStore:
+    """The manifest and the two arrays of one cache directory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._root = ts.KvStore.open(_kvstore(path)).result()
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        result = self._root.read(MANIFEST).result()
+        if result.state != "value":
+            return None
+        return json.loads(bytes(result.value))
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self._root.write(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True)).result()
+
+    def open_arrays(self, layout: Layout | None = None) -> dict[str, ts.TensorStore]:
+        """Both arrays; `layout` creates them (or opens them if they exist with that layout)."""
+        kwargs = {"create": True, "open": True} if layout is not None else {"open": True}
+        return {
+            name: ts.open(_array_spec(self.path, name, layout), **kwargs).result()
+            for name in _ARRAYS
+        }
+
+    def written_chunks(self) -> set[tuple[int, int, int]]:
+        """(epoch, chunk, share) of every chunk present in both arrays."""
+        present = []
+        for name in _ARRAYS:
+            store = ts.KvStore.open(_kvstore(self.path, name)).result()
+            keys = set()
+            for key in store.list().result():
+                parts = key.decode().split("/")
+                if len(parts) == 5 and parts[0] == "c" and parts[4] == "0":  # not temp files
+                    keys.add((int(parts[1]), int(parts[2]), int(parts[3])))
+            present.append(keys)
+        return present[0] & present[1]
+
+    def chunk_files(self, epoch: int, chunk: int, share: int) -> list[str]:
+        return [os.path.join(self.path, name, _chunk_key(epoch, chunk, share)) for name in _ARRAYS]
+
+
+def _manifest(
+    config: ml_collections.ConfigDict, train_data: data.TrainIterator, layout: Layout
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "deit_jax_version": deit_jax.__version__,
+        "stream": stream_fingerprint(config, train_data),
+        "teacher": teacher_fingerprint(config),
+        "layout": dataclasses.asdict(layout),
+        "num_epochs": config.num_epochs,
+    }
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    missing = "(absent)"
+    return [
+        f"config.{k}: cache {stored.get(k, missing)!r}, this run {current.get(k, missing)!r}"
+        for k in keys
+        if stored.get(k, missing) != current.get(k, missing)
+    ]
+
+
+def _writer_command(path: str) -> str:
+    return (
+        "python -m deit_jax.main --config <this run's config and overrides> "
+        f"--workdir {path} --config.mode=teacher_cache"
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _epoch_range(spec: str, layout: Layout) -> range:
+    if not spec:
+        return range(layout.num_epochs)
+    try:
+        start_text, end_text = spec.split(":")
+        start = int(start_text) if start_text else 0
+        end = int(end_text) if end_text else layout.num_epochs
+    except ValueError:
+        raise CacheError(
+            f"config.teacher.cache_epochs={spec!r}: use 'START:END' (epochs, END exclusive), "
+            "e.g. '0:100'."
+        ) from None
+    if not 0 <= start < end <= layout.num_epochs:
+        raise CacheError(
+            f"config.teacher.cache_epochs={spec!r}: need 0 <= START < END <= {layout.num_epochs} "
+            "(the run's epochs)."
+        )
+    return range(start, end)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in row order."""
+    shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def _flax_teacher_fn(
+    config: ml_collections.ConfigDict, num_classes: int, mesh: jax.sharding.Mesh, topk: int
+) -> Callable[[dict[str, jax.Array]], tuple[np.ndarray, np.ndarray]]:
+    teacher, variables = flax_teacher.build_flax_teacher(config, num_classes)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+
+    @jax.jit
+    def top(variables, images):
+        logits = flax_teacher.teacher_logits(teacher, variables, images)
+        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+
+    def run(batch):
+        values, indices = top(variables, batch["image"])
+        return _local_rows(values), _local_rows(indices)
+
+    return run
+
+
+def _check_teacher_source(config: ml_collections.ConfigDict) -> None:
+    """Refuses a missing teacher before any data is prepared or model built."""
+    t = config.teacher
+    if t.framework not in ("flax", "torch"):
+        raise CacheError(
+            f"config.teacher.framework={t.framework!r}: use 'flax' (a registry model with "
+            "deit_jax weights) or 'torch' (a timm model with a local checkpoint file)."
+        )
+    if not t.checkpoint or not os.path.exists(t.checkpoint):
+        raise FileNotFoundError(
+            f"config.teacher.checkpoint={t.checkpoint!r} does not exist: the cache writer needs "
+            "the teacher's weights (a deit_jax weights directory or a .pth/.safetensors file; "
+            "with framework 'torch', a local state-dict file of the timm model)."
+        )
+    if t.framework == "torch":
+        import importlib.util
+
+        missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                f"config.teacher.framework='torch' needs {' and '.join(missing)}: pip install "
+                "'deit_jax[torch]'."
+            )
+
+
+def _teacher_fn(config, num_classes, mesh, topk):
+    if config.teacher.framework == "flax":
+        return _flax_teacher_fn(config, num_classes, mesh, topk)
+    if config.teacher.framework == "torch":
+        from deit_jax.teacher import torch_teacher
+
+        teacher = torch_teacher.TorchTeacher(config, num_classes)
+        return lambda batch: teacher.topk_log_probs(_local_rows(batch["image"]), topk)
+    raise AssertionError(config.teacher.framework)  # _check_teacher_source refused it
+
+
+def _runs(units: list[tuple[int, int]], layout: Layout) -> Iterator[list[tuple[int, int]]]:
+    """Splits (epoch, chunk) units into runs of consecutive batches of the stream."""
+    run: list[tuple[int, int]] = []
+    for unit in units:
+        if run:
+            epoch, chunk = run[-1]
+            follows = (
+                (epoch, chunk + 1) if chunk + 1 < layout.chunks_in_epoch(epoch) else (epoch + 1, 0)
+            )
+            if unit != follows:
+                yield run
+                run = []
+        run.append(unit)
+    if run:
+        yield run
+
+
+def write_cache(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, Any]:
+    """Runs the teacher over the run's batches and stores its top-k; returns a summary.
+
+    Chunks that are already written are skipped, so rerunning after a crash (or on several
+    machines with `config.teacher.cache_epochs` ranges) completes the cache.
+    """
+    from jax.experimental import multihost_utils
+
+    _check_teacher_source(config)
+    mesh = sharding.create_mesh(config.mesh, devices)
+    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    layout = layout_for(config, train_data)
+    epochs = _epoch_range(config.teacher.cache_epochs, layout)
+    teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk)
+    manifest = _manifest(config, train_data, layout)
+
+    store = CacheStore(workdir)
+    stored = store.read_manifest()
+    if stored is not None:
+        problems = _differences(
+            {**stored["stream"], **stored["teacher"]}, {**manifest["stream"], **manifest["teacher"]}
+        )
+        problems += _differences(
+            {f"layout.{k}": v for k, v in stored["layout"].items()},
+            {f"layout.{k}": v for k, v in manifest["layout"].items()},
+        )
+        if problems:
+            raise CacheError(
+                f"The teacher cache in {workdir!r} was written with another config:\n  "
+                + "\n  ".join(problems)
+                + "\nUse the same config to complete it, or another --workdir for a new cache."
+            )
+    elif jax.process_index() == 0:
+        store.write_manifest(manifest)
+    if jax.process_index() == 0:
+        store.open_arrays(layout)
+    multihost_utils.sync_global_devices("deit_jax teacher cache: arrays created")
+    arrays = store.open_arrays()
+
+    shares = list(train_data.data_shares)
+    done = store.written_chunks()
+    units = [
+        (e, c)
+        for e in epochs
+        for c in range(layout.chunks_in_epoch(e))
+        if any((e, c, s) not in done for s in shares)
+    ]
+    todo_steps = sum(len(layout.chunk_steps_of(e, c)) for e, c in units)
+    skipped = sum(layout.chunks_in_epoch(e) for e in epochs) - len(units)
+    log.info(
+        "Teacher cache %s: %s %s over epochs %d-%d, %d steps of %d images to write (%d chunks "
+        "already written), top-%d %s, shares %s of %d.",
+        workdir, config.teacher.framework, config.teacher.name, epochs.start, epochs.stop - 1,
+        todo_steps, layout.batch_size, skipped, layout.topk, layout.values_dtype, shares,
+        layout.num_shares,
+    )  # fmt: skip
+    progress = tqdm(
+        total=todo_steps * layout.batch_size,
+        unit="img",
+        unit_scale=True,
+        desc=f"teacher cache {config.teacher.name}",
+        disable=not config.progress_bar or jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    start = time.perf_counter()
+    pending: list[Any] = []
+    try:
+        for run in _runs(units, layout):
+            epoch, chunk = run[0]
+            train_data.set_state(
+                {**train_data.get_state(), "epoch": epoch, "step": chunk * layout.chunk_steps}
+            )
+            for epoch, chunk in run:
+                steps = layout.chunk_steps_of(epoch, chunk)
+                outputs = [teacher(next(train_data)) for _ in steps]
+                progress.update(len(steps) * layout.batch_size)
+                for future in pending:
+                    future.result()
+                pending = _write_chunk(arrays, layout, epoch, steps, shares, outputs)
+        for future in pending:
+            future.result()
+    finally:
+        progress.close()
+        train_data.close()
+    multihost_utils.sync_global_devices("deit_jax teacher cache: written")
+    seconds = time.perf_counter() - start
+    summary = {
+        "steps_written": todo_steps,
+        "images_per_sec": todo_steps * layout.batch_size / seconds if todo_steps else 0.0,
+        "seconds": seconds,
+        "bytes_per_example": layout.topk
+        * (np.dtype(layout.values_dtype).itemsize + np.dtype(layout.indices_dtype).itemsize),
+    }
+    log.info(
+        "Teacher cache %s: wrote %d steps in %.1f s (%.0f images/s).",
+        workdir, todo_steps, seconds, summary["images_per_sec"],
+    )  # fmt: skip
+    return summary
+
+
+def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
+    """Starts the writes of one chunk per data share of this process; returns their futures."""
+    values = np.stack([v for v, _ in outputs]).astype(layout.values_dtype)
+    indices = np.stack([i for _, i in outputs]).astype(layout.indices_dtype)
+    rows = layout.share_batch
+    futures = []
+    for position, share in enumerate(shares):
+        local = slice(position * rows, (position + 1) * rows)
+        target = (epoch, slice(steps.start, steps.stop), slice(share * rows, (share + 1) * rows))
+        futures.append(arrays["values"][target].write(values[:, local]).commit)
+        futures.append(arrays["indices"][target].write(indices[:, local]).commit)
+    return futures
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def required_topk(config: ml_collections.ConfigDict) -> int:
+    """The smallest k a run's loss can use: 1 for hard, `teacher.cache_topk` for soft."""
+    return 1 if config.distillation.kind == "hard" else int(config.teacher.cache_topk)
+
+
+class CacheReader:
+    """`reader(epoch, step)` -> this process's rows of that batch's cached teacher outputs.
+
+    Built before training: it checks that the cache was written for this run's stream and holds
+    a large enough top-k, and `check_coverage` that it covers every batch the run still needs, so
+    a run never finds out halfway (and never falls back to a live teacher).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, train_data: data.TrainIterator):
+        path = config.teacher.cache
+        self.path = path
+        self.store = CacheStore(path)
+        manifest = self.store.read_manifest()
+        if manifest is None:
+            raise CacheError(
+                f"config.teacher.cache={path!r} holds no teacher cache ({MANIFEST} is missing); "
+                f"write it first: {_writer_command(path)}"
+            )
+        if manifest.get("format") != FORMAT:
+            raise CacheError(f"{path!r} is not a {FORMAT} cache (format {manifest.get('format')}).")
+        problems = _differences(manifest["stream"], stream_fingerprint(config, train_data))
+        if problems:
+            raise CacheError(
+                f"The teacher cache {path!r} was written for another training stream:\n  "
+                + "\n  ".join(problems)
+                + "\nTrain with the config the cache was written with, or write a cache for this "
+                f"one: {_writer_command('NEW_CACHE')}"
+            )
+        self.layout = Layout(**manifest["layout"])
+        self.teacher = manifest["teacher"]
+        needed = required_topk(config)
+        if self.layout.topk < needed:
+            raise CacheError(
+                f"The teacher cache {path!r} holds the top-{self.layout.topk} teacher outputs, "
+                f"but distillation.kind={config.distillation.kind!r} with "
+                f"config.teacher.cache_topk={needed} needs at least {needed}: lower "
+                "config.teacher.cache_topk or write a cache with a larger one."
+            )
+        self.shares = list(train_data.data_shares)
+        self.arrays = self.store.open_arrays()
+        self._chunks: dict[int, tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
+
+    def check_coverage(self, start_step: int, total_steps: int) -> None:
+        """Refuses a cache that lacks any batch of this process from `start_step` on."""
+        layout, done = self.layout, self.store.written_chunks()
+        missing = []
+        spe = layout.steps_per_epoch
+        for step in range(start_step, total_steps):
+            epoch, in_epoch = divmod(step, spe)
+            chunk = in_epoch // layout.chunk_steps
+            stored = epoch < layout.num_epochs and in_epoch < layout.steps_in_epoch(epoch)
+            if not stored or any((epoch, chunk, s) not in done for s in self.shares):
+                missing.append(step)
+        if missing:
+            ranges = _ranges(missing)
+            spans = ", ".join(
+                f"steps {a}-{b} (epoch {a // spe} step {a % spe} to epoch {b // spe} step "
+                f"{b % spe})"
+                for a, b in ranges[:5]
+            )
+            more = f" and {len(ranges) - 5} more ranges" if len(ranges) > 5 else ""
+            raise CacheError(
+                f"The teacher cache {self.path!r} lacks {len(missing)} of the {total_steps} steps "
+                f"this run needs: {spans}{more} (steps per epoch {spe}). Complete it with "
+                f"{_writer_command(self.path)} and --config.num_epochs covering the run."
+            )
+
+    def __call__(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        chunk = step // self.layout.chunk_steps
+        values, indices = [], []
+        for share in self.shares:
+            key, v, i = self._chunks.get(share, (None, None, None))
+            if key != (epoch, chunk):
+                v, i = self._read_chunk(epoch, chunk, share)
+                self._chunks[share] = ((epoch, chunk), v, i)
+            values.append(v[step - chunk * self.layout.chunk_steps])
+            indices.append(i[step - chunk * self.layout.chunk_steps])
+        return {
+            "teacher_logp": np.concatenate(values).astype(np.float32),
+            "teacher_index": np.concatenate(indices).astype(np.int32),
+        }
+
+    def _read_chunk(self, epoch: int, chunk: int, share: int) -> tuple[np.ndarray, np.ndarray]:
+        steps = self.layout.chunk_steps_of(epoch, chunk)
+        rows = self.layout.share_batch
+        target = (epoch, slice(steps.start, steps.stop), slice(share * rows, (share + 1) * rows))
+        try:
+            return tuple(self.arrays[name][target].read().result() for name in _ARRAYS)
+        except ValueError as e:
+            files = " and ".join(self.store.chunk_files(epoch, chunk, share))
+            raise CacheError(
+                f"Teacher cache chunk (epoch {epoch}, steps {steps.start}-{steps.stop - 1}, data "
+                f"share {share}) of {self.path!r} is corrupt or truncated: {e}. Delete {files} "
+                f"and rewrite the missing chunk: {_writer_command(self.path)}"
+            ) from None
+
+
+def _ranges(steps: list[int]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for s in steps:
+        if ranges and ranges[-1][1] == s - 1:
+            ranges[-1] = (ranges[-1][0], s)
+        else:
+            ranges.append((s, s))
+    return ranges
+
+
+# --------------------------------------------------------------------------- in the train step
+
+
+def full_log_probs(logp: jax.Array, index: jax.Array, num_classes: int) -> jax.Array:
+    """(B, C) teacher log-probabilities rebuilt from the top-k (TinyViT): the leftover mass
+    1 - sum(top-k) spread evenly over the other C - k classes; exact when k == C."""
+    logp = logp.astype(jnp.float32)
+    batch, k = logp.shape
+    fill = jnp.zeros((batch, 1), jnp.float32)
+    if k < num_classes:
+        rest = jnp.maximum(1.0 - jnp.exp(logp).sum(-1, keepdims=True), 1e-12)
+        fill = jnp.log(rest / (num_classes - k))
+    full = jnp.broadcast_to(fill, (batch, num_classes))
+    return full.at[jnp.arange(batch)[:, None], index].set(logp)
+
+
+def cached_teacher_logits(batch: dict[str, jax.Array], num_classes: int, kind: str) -> jax.Array:
+    """What the loss takes as teacher logits, from a batch's cached top-k.
+
+    Hard distillation gets a one-hot of the stored top-1 class (its argmax is exactly the live
+    teacher's); soft, the rebuilt log-probabilities (softmax-invariant, so `tau` applies as to
+    logits).
+    """
+    index = batch["teacher_index"]
+    if kind == "hard":
+        return jax.nn.one_hot(index[:, 0], num_classes, dtype=jnp.float32)
+    return full_log_probs(batch["teacher_logp"], index, num_classes)
