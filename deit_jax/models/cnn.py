@@ -220,7 +220,8 @@ class SmallCNN(nn.Module):
         for i, (width, stride) in enumerate(zip(self.widths, self.strides, strict=True)):
             x = ConvNormAct(width, 3, stride, **kw, name=f"features_{i}")(x, train=train)
         x = x.mean(axis=(1, 2))
-        self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
+        if not self.is_initializing():  # init returns only the weights
+            self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
         return classifier(self.num_classes, x.shape[-1], **kw)(x)
 
 

@@ -156,7 +156,8 @@ class RegNet(nn.Module):
                 x, train=train
             )
         x = x.mean(axis=(1, 2))
-        self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
+        if not self.is_initializing():  # init returns only the weights
+            self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
         return _Head(self.num_classes, **kw, name="head")(x)
 
 

@@ -86,7 +86,8 @@ class ResNet(nn.Module):
                     x, train=train
                 )
         x = x.mean(axis=(1, 2))
-        self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
+        if not self.is_initializing():  # init returns only the weights
+            self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
         return classifier(self.num_classes, x.shape[-1], **kw)(x)
 
 
