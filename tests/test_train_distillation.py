@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from _train_config import tiny_config
+from _train_config import save_random_teacher, tiny_config
 
 from deit_jax import checkpoint, train
 from deit_jax.metrics import read_jsonl
 from deit_jax.models import create_model, list_models, register_model
+from deit_jax.teacher import cache
 
 STUDENT = "deit_tiny_patch16_224"
 
@@ -186,3 +187,17 @@ def test_logit_kd_from_a_teacher_of_another_class_count_is_refused(kind, data_di
     config = student_config(data_dir, five, kind)
     with pytest.raises(ValueError, match="predicts 5 classes but data set 'digits' has 10"):
         train.train_and_evaluate(config, str(tmp_path / "student"))
+
+
+def test_plain_student_hard_kd_from_the_teacher_cache_equals_the_live_teacher(data_dir, tmp_path):
+    """The cache serves a single-head student as it serves a distilled one (tolerances of
+    tests/test_teacher_cache.py: losses to a relative 1e-5)."""
+    weights = save_random_teacher(str(tmp_path / "teacher"))
+    live = student_config(data_dir, weights, "hard")
+    cache.write_cache(live, str(tmp_path / "cache"), devices=jax.devices()[:1])
+    train.train_and_evaluate(live, str(tmp_path / "live"), devices=jax.devices()[:1])
+    cached = student_config(data_dir, "", "hard", **{"teacher.cache": str(tmp_path / "cache")})
+    train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=jax.devices()[:1])
+    live_losses = np.array(train_losses(tmp_path / "live"))
+    assert live_losses.shape == (8, 2)
+    np.testing.assert_allclose(train_losses(tmp_path / "cached"), live_losses, rtol=1e-5)
