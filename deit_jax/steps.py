@@ -5,7 +5,9 @@ meant to be wrapped in one `jax.jit` over the mesh (see `deit_jax.train`). The t
 eval mode under `stop_gradient` on the same (mixed) images as the student, optionally resized
 to its own input size; it is an argument, not part of the state, so it is neither optimised
 nor checkpointed with the student. With `config.teacher.cache` no teacher runs: the batch
-brings the teacher's cached top-k outputs (`teacher_logp`, `teacher_index`).
+brings the teacher's cached top-k outputs (`teacher_logp`, `teacher_index`). Feature
+distillation (`kind="feature"`) compares pooled pre-logit features instead of logits, the
+student's through the projection whose parameters are `state.params["projection"]`.
 """
 
 from __future__ import annotations
