@@ -12,15 +12,50 @@ which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the 
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-import logging
 import os
+import signal
 import sys
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+# Before anything imports TensorFlow: its C++ start-up messages are not for deit_jax's users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+_STARTUP = {"workdir": None}
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM before training's own handler is installed (imports, data preparation, model
+    building, compilation) or after it is removed: stop at once, saying what is on disk."""
+    workdir = _STARTUP["workdir"]
+    checkpoints = os.path.join(workdir, "checkpoints") if workdir else ""
+    saved = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    if saved:
+        line = f"stopped: SIGTERM; the checkpoints in {checkpoints} are kept, rerun to resume."
+    else:
+        line = (
+            "stopped: SIGTERM during start-up, before the first training step: nothing was "
+            "saved yet; rerun the same command to start."
+        )
+    sys.stdout.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGTERM)  # The shell's code for "terminated by SIGTERM".
+
+
+if __name__ == "__main__":  # As early as possible: the imports below take seconds.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+import difflib  # noqa: E402
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from deit_jax import validation  # noqa: E402
+from deit_jax.errors import ConfigError, UserError  # noqa: E402
+
+log = logging.getLogger("deit_jax.main")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py.", lock_config=True
@@ -60,7 +95,11 @@ def _check_override_keys(argv: list[str]) -> None:
                 hint = (
                     f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
                 )
-                sys.exit(f"error: unknown config key --config.{key}.{hint} See deit_jax/config.py.")
+                print(
+                    f"error: unknown config key --config.{key}.{hint} See deit_jax/config.py.",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
 
 
 def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -72,23 +111,67 @@ def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a value that does not parse as its key's type reported as one
+    `error: config.<key>=<value>: ...` line (exit code 2) like every other config problem."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e), re.S)
+        if match:
+            key, value, why = match.groups()
+            _refuse([f"config.{key}={value!r}: not a value of this key's type ({why.strip()}); "
+                     "see deit_jax/config.py for its type"])  # fmt: skip
+        print(f"error: {e} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _refuse(problems: list[str]) -> None:
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _setup_logging() -> None:
+    """deit_jax's INFO lines (process 0 only); libraries' warnings, never their INFO chatter
+    (backend probing, Orbax's every file, tfds)."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("deit_jax").setLevel(logging.INFO)
+
+
 def main(argv: list[str]) -> None:
     del argv
+    _setup_logging()
     if _DISTRIBUTED.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    logging.basicConfig(
-        level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+    if jax.process_index() != 0:
+        logging.getLogger("deit_jax").setLevel(logging.WARNING)
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or workdir is None:
-        sys.exit("error: --config and --workdir are required (see --help).")
+        print("error: --config and --workdir are required (see --help).", file=sys.stderr)
+        sys.exit(2)
+    _STARTUP["workdir"] = os.path.abspath(workdir)
+    try:
+        # Before anything slow (TensorFlow, data sets, models, compilation).
+        validation.check_config(
+            config, num_devices=jax.device_count(), num_processes=jax.process_count()
+        )
+    except ConfigError as e:
+        _refuse(e.problems)
+    log.info(
+        "%s %s on %s (%d devices, %d processes) in %s: preparing data and compiling.",
+        config.mode, config.model_name, config.data.name, jax.device_count(),
+        jax.process_count(), _STARTUP["workdir"],
+    )  # fmt: skip
 
     from deit_jax import train
 
@@ -97,25 +180,27 @@ def main(argv: list[str]) -> None:
             train.train_and_evaluate(config, workdir)
         elif config.mode == "eval":
             train.evaluate(config, workdir)
-        elif config.mode == "quickstart":
+        else:
             from deit_jax import quickstart
 
             quickstart.run(config, workdir)
-        else:
-            sys.exit(
-                f"error: config.mode must be 'train', 'eval' or 'quickstart', got {config.mode!r}."
-            )
     except train.Preempted:
         sys.exit(0)  # a clean stop: the checkpoint is written, the same command resumes
-    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
-        # Diverged training and config/data/checkpoint errors: their messages say what to change,
-        # and a traceback would bury them.
-        sys.exit(f"error: {e}")
+    except ConfigError as e:
+        _refuse(e.problems)
+    except UserError as e:
+        # Config, data and checkpoint problems and diverged training: their messages say what to
+        # change, and a traceback would bury them. Any other exception is a bug: traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run() -> None:
+    """The command line entry point (also for `python -c "...; from deit_jax.main import run;
+    run()"`, which installs the start-up SIGTERM handler here)."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     _check_override_keys(sys.argv[1:])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
