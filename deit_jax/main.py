@@ -8,6 +8,12 @@ resumes from the latest checkpoint in DIR. `--config.mode=eval` evaluates the la
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,
 which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the explicit
 `--coordinator_address`, `--num_processes` and `--process_id` flags.
+
+The config is checked as a whole before anything slow starts (`deit_jax/validation.py`). Exit
+codes: 0 finished, or stopped by SIGTERM after saving a checkpoint (rerun to resume); 2 a bad
+config or command line (one `error: config.<key>=<value>: ...` line per problem); 1 a data,
+checkpoint or weights problem or diverged training (one `error: ...` line), or a bug (its
+traceback); 143 SIGTERM during start-up, before anything was saved.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import sys
 
 # Before anything imports TensorFlow: its C++ start-up messages are not for deit_jax's users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-_STARTUP = {"workdir": None}
+_STARTUP = {"workdir": None, "defaults": {}}
 
 
 def _stop_on_sigterm(signum, frame) -> None:
@@ -86,12 +92,12 @@ def _check_override_keys(argv: list[str]) -> None:
         spec = argv[argv.index("--config") + 1]
     if spec is None or not os.path.isfile(spec.partition(":")[0]):
         return  # absl reports the missing flag or file
-    valid = _flatten_keys(_load_config_file(spec).to_dict())
+    valid = _STARTUP["defaults"] = _flatten_keys(_load_config_file(spec).to_dict())
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
             key = arg[len("--config.") :].split("=", 1)[0]
             if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+                close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
                 hint = (
                     f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
                 )
@@ -102,12 +108,13 @@ def _check_override_keys(argv: list[str]) -> None:
                 sys.exit(2)
 
 
-def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
+def _flatten_keys(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Every dotted key of a nested dict, with its value."""
+    keys = {}
     for k, v in tree.items():
-        keys.append(prefix + k)
+        keys[prefix + k] = v
         if isinstance(v, dict):
-            keys += _flatten_keys(v, f"{prefix}{k}.")
+            keys.update(_flatten_keys(v, f"{prefix}{k}."))
     return keys
 
 
@@ -120,8 +127,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
         match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e), re.S)
         if match:
             key, value, why = match.groups()
-            _refuse([f"config.{key}={value!r}: not a value of this key's type ({why.strip()}); "
-                     "see deit_jax/config.py for its type"])  # fmt: skip
+            default = _STARTUP["defaults"].get(key)
+            wanted = f"of type {type(default).__name__}" if default is not None else "of its type"
+            _refuse([f"config.{key}={value!r}: must be {wanted} (it does not parse: {why}); see "
+                     "deit_jax/config.py"])  # fmt: skip
         print(f"error: {e} (see --help)", file=sys.stderr)
         sys.exit(2)
 
