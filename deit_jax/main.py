@@ -18,6 +18,7 @@ traceback); 143 SIGTERM during start-up, before anything was saved.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import sys
@@ -31,10 +32,10 @@ def _stop_on_sigterm(signum, frame) -> None:
     """SIGTERM before training's own handler is installed (imports, data preparation, model
     building, compilation) or after it is removed: stop at once, saying what is on disk."""
     workdir = _STARTUP["workdir"]
-    checkpoints = os.path.join(workdir, "checkpoints") if workdir else ""
-    saved = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    # A run's checkpoints, or the quickstart's finished stages' (<workdir>/seed<S>/<stage>/).
+    saved = workdir and glob.glob(os.path.join(workdir, "**", "checkpoints", "*"), recursive=True)
     if saved:
-        line = f"stopped: SIGTERM; the checkpoints in {checkpoints} are kept, rerun to resume."
+        line = f"stopped: SIGTERM; what was saved in {workdir} is kept, rerun to resume."
     else:
         line = (
             "stopped: SIGTERM during start-up, before the first training step: nothing was "

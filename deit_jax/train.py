@@ -112,9 +112,13 @@ def _state_and_shardings(config, model, tx, mesh):
     return init, abstract, state_shardings
 
 
-def _validate(config: ml_collections.ConfigDict, devices: list[jax.Device] | None) -> None:
+def _check_config(config: ml_collections.ConfigDict, devices: list[jax.Device] | None) -> None:
+    """The whole config, before any data set, model or compilation (`deit_jax.validation`)."""
     num_devices = jax.device_count() if devices is None else len(devices)
     validation.check_config(config, num_devices=num_devices, num_processes=jax.process_count())
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
     distilled = model_options(config.model_name).get("distilled", False)
     if config.distillation.kind != "none" and not distilled:
         raise ConfigError(
@@ -148,7 +152,8 @@ def train_and_evaluate(
 
     `devices` (default: all) are the devices the mesh is built over.
     """
-    _validate(config, devices)
+    _check_config(config, devices)
+    _validate(config)
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
@@ -322,7 +327,8 @@ def evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir`, else the weights in `config.init_from`."""
-    _validate(config, devices)
+    _check_config(config, devices)
+    _validate(config)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
