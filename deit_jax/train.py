@@ -152,8 +152,8 @@ def train_and_evaluate(
 
     `devices` (default: all) are the devices the mesh is built over.
     """
-    _check_config(config, devices)
     _validate(config)
+    _check_config(config, devices)
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
@@ -327,8 +327,8 @@ def evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir`, else the weights in `config.init_from`."""
-    _check_config(config, devices)
     _validate(config)
+    _check_config(config, devices)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
