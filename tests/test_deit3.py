@@ -270,5 +270,5 @@ def test_bce_ignores_label_smoothing_and_unknown_losses_are_refused(caplog):
     assert "ignores mixup.label_smoothing=0.1" in caplog.text
     ce = tiny_config()
     assert train._bce_without_smoothing(ce) is ce
-    with pytest.raises(ValueError, match="config.loss must be one of"):
-        train._validate(tiny_config(**{"loss": "focal"}))
+    with pytest.raises(ValueError, match="config.loss='focal': must be 'ce'"):
+        train._check_config(tiny_config(**{"loss": "focal"}), None)
