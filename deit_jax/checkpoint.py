@@ -18,12 +18,18 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from deit_jax.errors import CheckpointError, UserError, WeightsNotFoundError
+
 __all__ = ["CheckpointMismatchError", "TrainCheckpointer", "load_variables", "save_variables"]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """Stored arrays that do not fit the model or config that loads them (all problems listed at
     once): an Orbax training checkpoint here, a PyTorch state dict in `deit_jax.convert`."""
+
+
+class UnreadableCheckpointsError(UserError, RuntimeError):
+    """Every checkpoint of a run's directory is unreadable (each skipped with a warning)."""
 
 
 log = logging.getLogger(__name__)
@@ -62,7 +68,7 @@ def load_variables(directory: str | os.PathLike, target: Any = None) -> tuple[An
     directory = os.path.abspath(os.fspath(directory))
     meta_path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"{directory!r} is not a deit_jax weights directory (no {METADATA_FILE}). Create one "
             "with `python -m deit_jax.convert --checkpoint FILE --model NAME --output DIR`."
         )
@@ -242,7 +248,7 @@ class TrainCheckpointer:
             )
             unreadable.append(step)
         if unreadable:
-            raise RuntimeError(
+            raise UnreadableCheckpointsError(
                 f"No checkpoint in {self.directory} could be read (steps {sorted(unreadable)}; "
                 "see the warnings above). Delete the broken step directories to start over, or use "
                 "a new --workdir."

@@ -33,6 +33,7 @@ from flax import traverse_util
 
 from deit_jax import _compat, checkpoint
 from deit_jax.checkpoint import CheckpointMismatchError
+from deit_jax.errors import CheckpointError, WeightsNotFoundError
 from deit_jax.models import create_model, input_size
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a `.pth`/`.pt`/`.bin` (never executing pickled code) or `.safetensors` file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"Checkpoint {path!r} does not exist. Download the official DeiT or timm weights "
             "(a .pth or .safetensors file) and pass its local path."
         )
@@ -280,7 +281,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"Could not read {path!r} as safetensors ({e}); the file is truncated or corrupt: "
                 "download it again."
             ) from e
@@ -291,15 +292,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ValueError(
+        raise CheckpointError(
             f"Could not read {path!r} as a PyTorch checkpoint ({type(e).__name__}: {e}). The file "
             "is truncated or corrupt, or holds pickled objects other than tensors (refused: "
             "loading is done with weights_only=True)."
         ) from e
     except Exception as e:  # pickle.UnpicklingError from the weights_only unpickler
-        raise ValueError(f"Refused to load {path!r}: {e}") from e
+        raise CheckpointError(f"Refused to load {path!r}: {e}") from e
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a state dict.")
+        raise CheckpointError(f"{path!r} holds a {type(checkpoint).__name__}, not a state dict.")
     return unwrap_state_dict(checkpoint)
 
 

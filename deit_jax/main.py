@@ -10,19 +10,61 @@ the run's exact batches into DIR, for training runs with `--config.teacher.cache
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,
 which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the explicit
 `--coordinator_address`, `--num_processes` and `--process_id` flags.
+
+The config is checked as a whole before anything slow starts (`deit_jax/validation.py`). Exit
+codes: 0 finished, or stopped by SIGTERM after saving a checkpoint (rerun to resume); 2 a bad
+config or command line (one `error: config.<key>=<value>: ...` line per problem); 1 a data,
+checkpoint or weights problem or diverged training (one `error: ...` line), or a bug (its
+traceback); 143 SIGTERM during start-up, before anything was saved.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-import logging
+import glob
 import os
+import signal
 import sys
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+# Before anything imports TensorFlow: its C++ start-up messages are not for deit_jax's users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+_STARTUP = {"workdir": None, "defaults": {}}
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM before training's own handler is installed (imports, data preparation, model
+    building, compilation) or after it is removed: stop at once, saying what is on disk."""
+    workdir = _STARTUP["workdir"]
+    # A run's checkpoints, or the quickstart's finished stages' (<workdir>/seed<S>/<stage>/).
+    saved = workdir and glob.glob(os.path.join(workdir, "**", "checkpoints", "*"), recursive=True)
+    if saved:
+        line = f"stopped: SIGTERM; what was saved in {workdir} is kept, rerun to resume."
+    else:
+        line = (
+            "stopped: SIGTERM during start-up, before the first training step: nothing was "
+            "saved yet; rerun the same command to start."
+        )
+    sys.stdout.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGTERM)  # The shell's code for "terminated by SIGTERM".
+
+
+if __name__ == "__main__":  # As early as possible: the imports below take seconds.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+import difflib  # noqa: E402
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from deit_jax import validation  # noqa: E402
+from deit_jax.errors import ConfigError, UserError  # noqa: E402
+
+log = logging.getLogger("deit_jax.main")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py.", lock_config=True
@@ -53,44 +95,95 @@ def _check_override_keys(argv: list[str]) -> None:
         spec = argv[argv.index("--config") + 1]
     if spec is None or not os.path.isfile(spec.partition(":")[0]):
         return  # absl reports the missing flag or file
-    valid = _flatten_keys(_load_config_file(spec).to_dict())
+    valid = _STARTUP["defaults"] = _flatten_keys(_load_config_file(spec).to_dict())
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
             key = arg[len("--config.") :].split("=", 1)[0]
             if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+                close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
                 hint = (
                     f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
                 )
-                sys.exit(f"error: unknown config key --config.{key}.{hint} See deit_jax/config.py.")
+                print(
+                    f"error: unknown config key --config.{key}.{hint} See deit_jax/config.py.",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
 
 
-def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
+def _flatten_keys(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Every dotted key of a nested dict, with its value."""
+    keys = {}
     for k, v in tree.items():
-        keys.append(prefix + k)
+        keys[prefix + k] = v
         if isinstance(v, dict):
-            keys += _flatten_keys(v, f"{prefix}{k}.")
+            keys.update(_flatten_keys(v, f"{prefix}{k}."))
     return keys
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a value that does not parse as its key's type reported as one
+    `error: config.<key>=<value>: ...` line (exit code 2) like every other config problem."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e), re.S)
+        if match:
+            key, value, why = match.groups()
+            default = _STARTUP["defaults"].get(key)
+            wanted = f"of type {type(default).__name__}" if default is not None else "of its type"
+            _refuse([f"config.{key}={value!r}: must be {wanted} (it does not parse: {why}); see "
+                     "deit_jax/config.py"])  # fmt: skip
+        print(f"error: {e} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _refuse(problems: list[str]) -> None:
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _setup_logging() -> None:
+    """deit_jax's INFO lines (process 0 only); libraries' warnings, never their INFO chatter
+    (backend probing, Orbax's every file, tfds)."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("deit_jax").setLevel(logging.INFO)
 
 
 def main(argv: list[str]) -> None:
     del argv
+    _setup_logging()
     if _DISTRIBUTED.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    logging.basicConfig(
-        level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+    if jax.process_index() != 0:
+        logging.getLogger("deit_jax").setLevel(logging.WARNING)
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or workdir is None:
-        sys.exit("error: --config and --workdir are required (see --help).")
+        print("error: --config and --workdir are required (see --help).", file=sys.stderr)
+        sys.exit(2)
+    _STARTUP["workdir"] = os.path.abspath(workdir)
+    try:
+        # Before anything slow (TensorFlow, data sets, models, compilation).
+        validation.check_config(
+            config, num_devices=jax.device_count(), num_processes=jax.process_count()
+        )
+    except ConfigError as e:
+        _refuse(e.problems)
+    log.info(
+        "%s %s on %s (%d devices, %d processes) in %s: preparing data and compiling.",
+        config.mode, config.model_name, config.data.name, jax.device_count(),
+        jax.process_count(), _STARTUP["workdir"],
+    )  # fmt: skip
 
     from deit_jax import train
 
@@ -103,26 +196,27 @@ def main(argv: list[str]) -> None:
             from deit_jax.teacher import cache
 
             cache.write_cache(config, workdir)
-        elif config.mode == "quickstart":
+        else:
             from deit_jax import quickstart
 
             quickstart.run(config, workdir)
-        else:
-            sys.exit(
-                "error: config.mode must be 'train', 'eval', 'teacher_cache' or 'quickstart', got "
-                f"{config.mode!r}."
-            )
     except train.Preempted:
         sys.exit(0)  # a clean stop: the checkpoint is written, the same command resumes
-    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
-        # Diverged training and config/data/checkpoint errors: their messages say what to change,
-        # and a traceback would bury them.
-        sys.exit(f"error: {e}")
+    except ConfigError as e:
+        _refuse(e.problems)
+    except UserError as e:
+        # Config, data and checkpoint problems and diverged training: their messages say what to
+        # change, and a traceback would bury them. Any other exception is a bug: traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run() -> None:
+    """The command line entry point (also for `python -c "...; from deit_jax.main import run;
+    run()"`, which installs the start-up SIGTERM handler here)."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     _check_override_keys(sys.argv[1:])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from deit_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Parameters the reference model lists in `no_weight_decay()`; besides these, every parameter
@@ -33,7 +35,7 @@ OPTIMIZERS = ("adamw", "lamb")
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _validate(

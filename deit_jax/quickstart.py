@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from deit_jax import train
+from deit_jax.errors import ConfigError
 from deit_jax.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def curves(workdir: str, seeds: list[int]) -> dict[str, list[list[tuple[float, f
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every seed's four stages and writes results.{md,json,png}; returns the results."""
     if "quickstart" not in config:
-        raise ValueError(
+        raise ConfigError(
             "mode=quickstart needs a config with a `quickstart` section; use "
             "--config=configs/quickstart.py."
         )

@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from deit_jax.errors import ConfigError
+
 DATA_AXES = ("data", "fsdp")
 
 
@@ -27,13 +29,13 @@ def create_mesh(
     devices = list(jax.devices() if devices is None else devices)
     fsdp = int(config.fsdp)
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(
+        raise ConfigError(
             f"mesh.fsdp={fsdp} must be >= 1 and divide the {len(devices)} devices; "
             "set --config.mesh.fsdp to a divisor."
         )
     data = len(devices) // fsdp if config.data == -1 else int(config.data)
     if data * fsdp != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"mesh.data={config.data} x mesh.fsdp={fsdp} != {len(devices)} devices; "
             "use --config.mesh.data=-1 to take all the remaining devices."
         )

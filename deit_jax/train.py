@@ -23,7 +23,17 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from deit_jax import checkpoint, convert, data, feature_distillation, losses, optim, sharding, steps
+from deit_jax import (
+    checkpoint,
+    convert,
+    data,
+    feature_distillation,
+    optim,
+    sharding,
+    steps,
+    validation,
+)
+from deit_jax.errors import CheckpointError, ConfigError, UserError, WeightsNotFoundError
 from deit_jax.metrics import MetricsWriter
 from deit_jax.models import create_model, model_options
 from deit_jax.teacher import build_teacher, cache, load_weights
@@ -38,7 +48,7 @@ class Preempted(Exception):
     """SIGTERM stopped training after saving a checkpoint; running again resumes from it."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
 
@@ -49,7 +59,7 @@ def student_overrides(config: ml_collections.ConfigDict, num_classes: int) -> di
     """`create_model` overrides for the student: config.model plus the data's classes and size."""
     overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
     if overrides.setdefault("num_classes", num_classes) != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.num_classes={overrides['num_classes']} but data set "
             f"{config.data.name!r} has {num_classes} classes; remove the override or use "
             "matching data."
@@ -85,7 +95,7 @@ def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
             continue
         flat[path] = jnp.asarray(new, value.dtype)
     if problems:
-        raise ValueError("config.init_from does not fit the model: " + "; ".join(problems))
+        raise CheckpointError("config.init_from does not fit the model: " + "; ".join(problems))
     if fresh_heads:
         log.warning("init_from: class count differs, training new %s", ", ".join(fresh_heads))
     return traverse_util.unflatten_dict(flat)
@@ -132,25 +142,10 @@ def _bce_without_smoothing(config: ml_collections.ConfigDict) -> ml_collections.
     return config
 
 
-def _validate(config: ml_collections.ConfigDict) -> None:
-    if config.loss not in losses.BASE_LOSSES:
-        raise ValueError(f"config.loss must be one of {losses.BASE_LOSSES}, got {config.loss!r}.")
-    kinds = losses.DISTILLATION_KINDS
-    if config.distillation.kind not in kinds:
-        raise ValueError(
-            f"distillation.kind must be one of {kinds}, got {config.distillation.kind!r}."
-        )
-    losses.check_kl_reduction(config.distillation.kl_reduction)
-    if config.teacher.cache and config.distillation.kind not in ("soft", "hard"):
-        raise ValueError(
-            f"config.teacher.cache={config.teacher.cache!r} holds teacher outputs for soft or hard "
-            f"distillation, but distillation.kind={config.distillation.kind!r}; set the kind, or "
-            "remove the cache."
-        )
-    if config.batch_size % jax.process_count():
-        raise ValueError(
-            f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes."
-        )
+def _check_config(config: ml_collections.ConfigDict, devices: list[jax.Device] | None) -> None:
+    """The whole config, before any data set, model or compilation (`deit_jax.validation`)."""
+    num_devices = jax.device_count() if devices is None else len(devices)
+    validation.check_config(config, num_devices=num_devices, num_processes=jax.process_count())
 
 
 def _projection(config, model, teacher) -> feature_distillation.Projection | None:
@@ -192,7 +187,7 @@ def train_and_evaluate(
 
     `devices` (default: all) are the devices the mesh is built over.
     """
-    _validate(config)
+    _check_config(config, devices)
     config = _bce_without_smoothing(config)
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
@@ -381,7 +376,7 @@ def evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir`, else the weights in `config.init_from`."""
-    _validate(config)
+    _check_config(config, devices)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
@@ -412,7 +407,7 @@ def evaluate(
             variables = dict(load_weights(config.init_from, config.model_name)[0])
             params, model_state, ema = variables.pop("params"), variables, {}
         else:
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"Nothing to evaluate: no checkpoint in {workdir!r}/checkpoints and no "
                 "--config.init_from weights."
             )

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from deit_jax.data import sources
+from deit_jax.errors import DataError
 
 
 def data_config(name: str, data_dir, manual_dir: str = "") -> ml_collections.ConfigDict:
@@ -135,3 +136,38 @@ def test_missing_data_sets_say_how_to_prepare_them(tmp_path):
 def test_unknown_split_names_the_splits(digits):
     with pytest.raises(ValueError, match=r"splits: \['test', 'train'\]"):
         digits.num_examples("validation")
+
+
+def test_a_split_or_slice_that_does_not_exist_names_it_and_the_path(digits):
+    where = digits.location()
+    assert where.startswith(str(digits.builder.data_dir_root))
+    with pytest.raises(DataError) as e:
+        digits.num_examples("validation")
+    assert "'validation'" in str(e.value) and where in str(e.value)
+    for empty in ("test[360:]", "train[5:5]", "test[:0%]"):
+        with pytest.raises(DataError, match="selects no examples") as e:
+            digits.num_examples(empty)
+        assert repr(empty) in str(e.value) and where in str(e.value)
+
+
+def test_folder_splits_without_usable_images_name_the_split_and_the_path(tmp_path):
+    root = tmp_path / "images"
+    for cls in ("cat", "dog"):
+        os.makedirs(root / "train" / cls)
+        (root / "train" / cls / "a.jpg").write_bytes(b"\x00 not a jpeg")
+    (root / "train" / "dog" / "b.png").write_bytes(b"\x89PNG truncated")
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for cls in ("cat", "dog"):
+        os.makedirs(root / "val" / cls)
+    Image.fromarray(pixels).save(root / "val" / "cat" / "0.png")  # val/dog stays empty
+    os.makedirs(root / "test")  # a split folder without class folders
+    source = sources.get_source(data_config(f"folder:{root}", tmp_path / "tfds"))
+    with pytest.raises(DataError, match=r"'train'.* none of its 3 images .* decode") as e:
+        source.num_examples("train")
+    assert str(root / "train") in str(e.value)
+    with pytest.raises(DataError, match=r"'val'.*class folder .* has no") as e:
+        source.num_examples("val[:50%]")
+    assert str(root / "val" / "dog") in str(e.value)
+    with pytest.raises(DataError, match=r"'test'.* has no images") as e:
+        source.num_examples("test")
+    assert str(root / "test") in str(e.value)

@@ -19,9 +19,10 @@ def load(name: str, *args: str):
 
 
 @pytest.mark.parametrize("student", ["resnet50", "resnet18"])
-def test_resnet_logit_kd_recipe(student):
+def test_resnet_logit_kd_recipe(student, tmp_path):
     module, config = load("resnet_logit_kd_imagenet", student)
-    train._validate(config)
+    config.teacher.checkpoint = str(tmp_path)  # the check wants an existing teacher path
+    train._check_config(config, None)
     assert config.model_name == student and config.teacher.name == "regnety_160"
     assert (config.distillation.kind, config.distillation.kl_reduction) == ("soft", "batchmean")
     # Only overrides the ResNet accepts: `create_model` refuses unknown ones.
@@ -32,9 +33,10 @@ def test_resnet_logit_kd_recipe(student):
         module.get_config("vgg16")
 
 
-def test_function_matching_recipe():
+def test_function_matching_recipe(tmp_path):
     module, config = load("deit_function_matching_imagenet", "4800")
-    train._validate(config)
+    config.teacher.checkpoint = str(tmp_path)
+    train._check_config(config, None)
     assert config.num_epochs == 4800
     assert not model_options(config.model_name).get("distilled", False)  # a plain DeiT-S
     assert (config.distillation.kind, config.distillation.alpha) == ("soft", 1.0)  # KL only

@@ -333,7 +333,9 @@ def test_a_torch_teacher_without_its_checkpoint_file_is_refused(data_dir, tmp_pa
         str(tmp_path / "missing.pth"),
         **{"teacher.framework": "torch", "teacher.name": "test_efficientnet"},
     )
-    with pytest.raises(FileNotFoundError, match="missing.pth.*does not exist"):
+    with pytest.raises(
+        ValueError, match=r"config.teacher.checkpoint=.*missing.pth.*does not exist"
+    ):
         cache.write_cache(config, str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
 

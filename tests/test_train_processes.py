@@ -26,7 +26,9 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -35,6 +37,7 @@ from _train_config import tiny_config
 from deit_jax import checkpoint
 from deit_jax.data import sources
 from deit_jax.metrics import read_jsonl
+from deit_jax.models import create_model
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_config.py")
 STEPS = 32  # 44 steps make an epoch
@@ -338,3 +341,65 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoints(laun
     assert floats and all(np.isfinite(x).all() for x in floats)
     logged = train_losses(workdir)
     assert max(logged) < bad and all(np.isfinite(v).all() for v in logged.values())
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory):
+    """Random-init `cnn_small` weights for digits at 16x16, saved as a deit_jax weights directory
+    (a teacher needs no training for the hard labels to be a fixed function of the images)."""
+    path = tmp_path_factory.mktemp("teacher") / "weights"
+    overrides = {"num_classes": 10, "img_size": 16}
+    model = create_model("cnn_small", **overrides)
+    variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), train=False)
+    variables = nn.meta.unbox(variables)  # Stored without the logical-axis boxes, as runs do.
+    checkpoint.save_variables(path, variables, model_name="cnn_small", model_overrides=overrides)
+    return str(path)
+
+
+def test_hard_distillation_on_two_processes_equals_one_process(random_teacher, launch, tmp_path):
+    """Both processes load the teacher from disk and place it on the global mesh."""
+    steps = 2 * EVERY
+    flags = (
+        f"--config.num_epochs={steps / 44}",
+        "--config.distillation.kind=hard",
+        "--config.teacher.name=cnn_small",
+        f"--config.teacher.checkpoint={random_teacher}",
+    )
+    one = tmp_path / "one"
+    run_ok(launch(one, tmp_path / "one.txt", *flags))
+    two, port = tmp_path / "two", free_port()
+    procs = [
+        launch(
+            two,
+            tmp_path / f"two{i}.txt",
+            *flags,
+            "--distributed",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            devices=2,
+            gloo=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        for proc in procs:
+            run_ok(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    records = {w: read_jsonl(w / "metrics.jsonl") for w in (one, two)}
+    losses = {w: [r["train/loss"] for r in rs if "train/loss" in r] for w, rs in records.items()}
+    distill = {
+        w: [r["train/loss_distillation"] for r in rs if "train/loss" in r]
+        for w, rs in records.items()
+    }
+    assert len(losses[one]) == steps and all(v > 0 for v in distill[one])
+    np.testing.assert_allclose(losses[two], losses[one], rtol=1e-4)
+    np.testing.assert_allclose(distill[two], distill[one], rtol=1e-4)
+    assert_trees_close(final_params(two), final_params(one), atol=1e-4)
+    (eval_one,), (eval_two,) = ([r for r in rs if "eval/top1" in r] for rs in records.values())
+    for key in ("top1", "teacher_top1", "agreement"):
+        assert abs(eval_two[f"eval/{key}"] - eval_one[f"eval/{key}"]) <= 1 / 360, key

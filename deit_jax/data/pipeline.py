@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deit_jax._compat import import_tensorflow
 from deit_jax.data import augment, mixup, sources
+from deit_jax.errors import DataError
 
 tf = import_tensorflow()
 
@@ -146,7 +147,7 @@ class TrainIterator(_Feeder):
         self.num_examples = self.source.num_examples(data.train_split)
         self.steps_per_epoch = self.num_examples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"batch_size {self.global_batch} is larger than the {self.num_examples} examples "
                 f"of {self.source.name} {data.train_split!r}; lower config.batch_size."
             )

@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
+import logging
 import os
 from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from deit_jax._compat import import_tensorflow
 
@@ -41,6 +42,9 @@ tf = import_tensorflow()
 import tensorflow_datasets as tfds  # noqa: E402  (after TensorFlow, see deit_jax/_compat.py)
 
 from deit_jax.data.digits import Digits  # noqa: E402
+from deit_jax.errors import DataError, DataNotFoundError  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -91,25 +95,49 @@ class Source:
     def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
         raise NotImplementedError
 
+    def split_names(self) -> list[str]:
+        """The names of the splits, without counting their examples."""
+        return list(self.split_sizes())
+
+    def location(self) -> str:
+        """Where the data set is read from (named in errors)."""
+        raise NotImplementedError
+
+    def _split_size(self, name: str) -> int:
+        return self.split_sizes()[name]
+
     def _resolve(self, split: str) -> tuple[str, int, int]:
         """(split name, start, stop) of a split spec such as `train[:10%]`."""
-        sizes = self.split_sizes()
-        infos = {
-            k: tfds.core.SplitInfo(name=k, shard_lengths=[n], num_bytes=0) for k, n in sizes.items()
-        }
+        names = self.split_names()
+        name = split.split("[", 1)[0].strip()
+        where = f"data set {self.name!r} in {self.location()}"
+        if "+" in split:
+            raise DataError(f"Split {split!r}: unions of splits are not supported; use one split.")
+        if name not in names:
+            raise DataError(
+                f"Split {split!r} does not exist in {where} (splits: {sorted(names)}). Set "
+                "config.data.train_split / config.data.eval_split to one of its splits, "
+                "optionally sliced like 'train[:90%]'."
+            )
+        size = self._split_size(name)
+        info = {name: tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0)}
         try:
-            parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+            (part,) = tfds.core.ReadInstruction.from_spec(split).to_absolute(info)
         except (ValueError, AssertionError) as e:
-            raise ValueError(
-                f"Bad split {split!r} for data set {self.name!r} (splits: {sorted(sizes)}): {e} "
-                "Set config.data.train_split / config.data.eval_split to one of its splits, "
+            raise DataError(
+                f"Bad split {split!r} for {where} (splits: {sorted(names)}): {e} Set "
+                "config.data.train_split / config.data.eval_split to one of its splits, "
                 "optionally sliced like 'train[:90%]'."
             ) from e
-        if len(parts) != 1:
-            raise ValueError(f"Split {split!r}: unions of splits are not supported; use one split.")
-        part = parts[0]  # Open ends come back as None.
+        # Open ends come back as None.
         start = 0 if part.from_ is None else part.from_
-        return part.splitname, start, sizes[part.splitname] if part.to is None else part.to
+        stop = size if part.to is None else part.to
+        if stop <= start:
+            raise DataError(
+                f"Split {split!r} of {where} selects no examples (split {name!r} has {size}); "
+                "widen the slice in config.data.train_split / config.data.eval_split."
+            )
+        return name, start, stop
 
 
 class TfdsSource(Source):
@@ -128,13 +156,13 @@ class TfdsSource(Source):
             and isinstance(features[self.image_key], tfds.features.Image)
             and isinstance(features[self.label_key], tfds.features.ClassLabel)
         ):
-            raise ValueError(
+            raise DataError(
                 f"Data set {self.name!r} is not an image classification data set: deit_jax needs "
                 f"an Image feature and a ClassLabel feature, got {features}."
             )
         self.num_classes = features[self.label_key].num_classes
         if info.file_format not in (None, tfds.core.FileFormat.TFRECORD):
-            raise ValueError(
+            raise DataError(
                 f"Data set {self.name!r} is stored as {info.file_format.value}; deit_jax reads "
                 "tfds data sets prepared as TFRecord files (tfds's default). Prepare it again "
                 "with `tfds build ... --file_format=tfrecord`."
@@ -142,6 +170,9 @@ class TfdsSource(Source):
 
     def split_sizes(self) -> dict[str, int]:
         return {k: v.num_examples for k, v in self.builder.info.splits.items()}
+
+    def location(self) -> str:
+        return os.fspath(self.builder.data_dir)
 
     def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
         # tfds's own reader takes its file-shuffling seed as a Python int; reading the files
@@ -202,7 +233,7 @@ class FolderSource(Source):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.name = f"folder:{self.root}"
         if not os.path.isdir(self.root):
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"Image folder {self.root} does not exist. A folder data set is laid out as "
                 "<root>/<split>/<class>/<image>.jpg|png (e.g. root/train/cat/1.jpg); set "
                 "config.data.name = 'folder:<root>'."
@@ -217,7 +248,7 @@ class FolderSource(Source):
             }
         )
         if not self.class_names:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"Image folder {self.root} has no <split>/<class>/ subfolders; expected "
                 "<root>/<split>/<class>/<image>.jpg|png."
             )
@@ -229,20 +260,48 @@ class FolderSource(Source):
     def split_sizes(self) -> dict[str, int]:
         return {s: len(self._examples(s)[0]) for s in self._splits}
 
+    def split_names(self) -> list[str]:
+        return list(self._splits)
+
+    def location(self) -> str:
+        return self.root
+
+    def _split_size(self, name: str) -> int:
+        return len(self._examples(name)[0])
+
     def _examples(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(paths, labels) of the decodable images of `split`, in sorted (class, file) order."""
         if self._splits[split] is None:
-            paths, labels = [], []
+            paths, labels, empty = [], [], []
             for label, c in enumerate(self.class_names):
                 d = os.path.join(self.root, split, c)
                 if os.path.isdir(d):
                     files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
                     paths += [os.path.join(d, f) for f in files]
                     labels += [label] * len(files)
+                    empty += [] if files else [d]
+            if empty:
+                raise DataError(
+                    f"Split {split!r} of {self.name!r}: class folder {empty[0]} has no "
+                    f"{'/'.join(IMAGE_EXTENSIONS)} images"
+                    + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "")
+                    + "; add its images or remove the folder."
+                )
             bad = self._corrupt(split, paths)
+            if paths and len(bad) == len(paths):
+                raise DataError(
+                    f"Split {split!r} of {self.name!r}: none of its {len(paths)} images in "
+                    f"{os.path.join(self.root, split)} decode (e.g. {paths[0]}); they are not "
+                    "JPEG/PNG files or are corrupt. Replace them with readable images."
+                )
+            if not paths:
+                raise DataError(
+                    f"Split {split!r} of {self.name!r} has no images in "
+                    f"{os.path.join(self.root, split)}; expected <root>/<split>/<class>/*.jpg|png."
+                )
             self.num_corrupt[split] = len(bad)
             if bad:
-                logging.warning(
+                log.warning(
                     "%s: skipped %d of %d images of split %r that do not decode, e.g. %s",
                     self.name,
                     len(bad),
@@ -272,7 +331,7 @@ class FolderSource(Source):
                 saved = json.load(f)
             if saved["fingerprint"] == fingerprint:
                 return saved["corrupt"]
-        logging.info("%s: checking that the %d images of %r decode", self.name, len(paths), split)
+        log.info("%s: checking that the %d images of %r decode", self.name, len(paths), split)
         bad = _undecodable(paths)
         try:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -284,7 +343,7 @@ class FolderSource(Source):
                 )
             os.replace(tmp, cache)
         except OSError as e:  # A read-only data_dir only costs a re-check next time.
-            logging.warning("Could not remember the image check in %s: %s", cache, e)
+            log.warning("Could not remember the image check in %s: %s", cache, e)
         return bad
 
     def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
@@ -312,11 +371,12 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
     if name.startswith("folder:"):
         return FolderSource(name[len("folder:") :], data_dir or tfds.core.constants.DATA_DIR)
     if name == "digits":
-        return TfdsSource(_prepared(Digits(data_dir=data_dir)))
+        with _quiet_tfds():  # A second's work: no banner, progress bars or folder warnings.
+            return TfdsSource(_prepared(Digits(data_dir=data_dir)))
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
+        raise DataError(
             f"Unknown data set {name!r}. config.data.name must be a tensorflow-datasets name "
             "(e.g. 'imagenet2012', 'cifar10'), 'digits' (offline) or 'folder:/path/to/root'."
         ) from e
@@ -332,7 +392,7 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
             and os.listdir(manual_dir)
             and all(os.path.exists(os.path.join(manual_dir, f)) for f in expected)
         ):
-            logging.info("Preparing %s from %s into %s (runs once).", name, manual_dir, where)
+            log.info("Preparing %s from %s into %s (runs once).", name, manual_dir, where)
             config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             return TfdsSource(_prepared(builder, download_config=config))
         what = (
@@ -340,14 +400,14 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
             if expected
             else f"its files ({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()})"
         )
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"Data set {name!r} is not prepared in {where} and cannot be downloaded "
             f"automatically. Download {what} into a directory and set config.data.manual_dir to "
             "it: the data set is then prepared on first use (once; for ImageNet this takes "
             f"hours). Or prepare it yourself: `tfds build {name} --data_dir={where} "
             "--manual_dir=<that directory>`."
         )
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"Data set {name!r} is not prepared in {where}. Prepare it once (this downloads it) with "
         f"`tfds build {name} --data_dir={where}` and set config.data.data_dir to that directory."
     )
@@ -362,8 +422,25 @@ def _prepared(builder: tfds.core.DatasetBuilder, **kwargs) -> tfds.core.DatasetB
     with _file_lock(os.path.join(root, f".{builder.name}.prepare.lock")):
         builder = type(builder)(data_dir=root, config=builder.builder_config)
         if not builder.is_prepared():  # Another process may have done it while we waited.
+            log.info("Preparing %s in %s (once).", builder.name, root)
             builder.download_and_prepare(**kwargs)
     return type(builder)(data_dir=root, config=builder.builder_config)
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Silences what tfds prints while it prepares a data set (stdout, tqdm bars, absl logs)."""
+    bars = tfds.core.utils.tqdm_utils
+    shown, absl_logger = getattr(bars, "_active", True), logging.getLogger("absl")
+    level = absl_logger.level
+    bars.display_progress_bar(False)
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        bars.display_progress_bar(shown)
+        absl_logger.setLevel(level)
 
 
 @contextlib.contextmanager

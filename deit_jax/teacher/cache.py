@@ -46,7 +46,8 @@ import tensorstore as ts
 from tqdm import tqdm
 
 import deit_jax
-from deit_jax import data, sharding
+from deit_jax import data, sharding, validation
+from deit_jax.errors import DependencyError, UserError, WeightsNotFoundError
 from deit_jax.teacher import flax_teacher
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ FORMAT = "deit_jax.teacher_cache/1"
 _ARRAYS = ("values", "indices")
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A teacher cache that does not fit the run or cannot be read; the message says the fix."""
 
 
@@ -148,7 +149,8 @@ def stream_fingerprint(
     }
     for group in ("augment", "mixup"):
         for key, value in sorted(config[group].to_dict().items()):
-            fingerprint[f"{group}.{key}"] = value
+            if (group, key) != ("mixup", "label_smoothing"):  # changes targets, not images
+                fingerprint[f"{group}.{key}"] = value
     return _jsonable(fingerprint)
 
 
@@ -348,7 +350,7 @@ def _check_teacher_source(config: ml_collections.ConfigDict) -> None:
             "deit_jax weights) or 'torch' (a timm model with a local checkpoint file)."
         )
     if not t.checkpoint or not os.path.exists(t.checkpoint):
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"config.teacher.checkpoint={t.checkpoint!r} does not exist: the cache writer needs "
             "the teacher's weights (a deit_jax weights directory or a .pth/.safetensors file; "
             "with framework 'torch', a local state-dict file of the timm model)."
@@ -358,7 +360,7 @@ def _check_teacher_source(config: ml_collections.ConfigDict) -> None:
 
         missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
         if missing:
-            raise ImportError(
+            raise DependencyError(
                 f"config.teacher.framework='torch' needs {' and '.join(missing)}: pip install "
                 "'deit_jax[torch]'."
             )
@@ -402,6 +404,11 @@ def write_cache(
     """
     from jax.experimental import multihost_utils
 
+    validation.check_config(
+        config,
+        num_devices=len(devices) if devices else jax.device_count(),
+        num_processes=jax.process_count(),
+    )
     _check_teacher_source(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)

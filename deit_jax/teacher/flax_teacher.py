@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from deit_jax import checkpoint, convert
+from deit_jax.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from deit_jax.models import create_model, input_size, model_options, pooled_features
 
 
 def compute_dtype(name: str) -> Any:
     if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}.")
+        raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {name!r}.")
     return jnp.dtype(name)
 
 
@@ -27,13 +28,13 @@ def load_weights(path: str, model_name: str) -> tuple[Any, dict[str, Any]]:
     if os.path.isdir(path):
         variables, metadata = checkpoint.load_variables(path)
         if metadata["model_name"] != model_name:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path!r} holds weights of {metadata['model_name']!r}, not {model_name!r}; set "
                 "the model name to match the weights."
             )
         return variables, metadata["model_overrides"]
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"Weights {path!r} do not exist: give a deit_jax weights directory (from python -m "
             "deit_jax.convert, or the `weights` directory of a finished run) or a .pth / "
             ".safetensors file."
@@ -69,7 +70,7 @@ def build_flax_teacher(
 ) -> tuple[nn.Module, Any]:
     """The registry teacher `config.teacher.name` with the weights `config.teacher.checkpoint`."""
     if not config.teacher.checkpoint:
-        raise ValueError(
+        raise ConfigError(
             f"distillation.kind={config.distillation.kind!r} needs a trained teacher: set "
             "--config.teacher.checkpoint to a weights directory (python -m deit_jax.convert, or "
             "the `weights` directory of a finished deit_jax run) or a .pth/.safetensors file, "
@@ -87,7 +88,7 @@ def build_flax_teacher(
     predicted = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False), variables, images)
     # Feature distillation matches pooled features, not classes: any teacher will do.
     if config.distillation.kind != "feature" and predicted.shape[-1] != num_classes:
-        raise ValueError(
+        raise CheckpointError(
             f"The teacher {config.teacher.checkpoint!r} predicts {predicted.shape[-1]} classes but "
             f"data set {config.data.name!r} has {num_classes}; fine-tune or convert the teacher "
             "for this data set (python -m deit_jax.convert ... --num-classes N)."

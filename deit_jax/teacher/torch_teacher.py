@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from deit_jax import _compat, convert
+from deit_jax.errors import CheckpointError, ConfigError, DependencyError, WeightsNotFoundError
 
 
 class TorchTeacher:
@@ -24,7 +25,7 @@ class TorchTeacher:
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         t = config.teacher
         if not t.checkpoint or not os.path.isfile(t.checkpoint):
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"config.teacher.checkpoint={t.checkpoint!r}: a PyTorch teacher needs a local "
                 "checkpoint file (.pth, .pt, .bin or .safetensors) holding the state dict of "
                 f"timm's {t.name!r} with {num_classes} classes; no weights are downloaded."
@@ -33,7 +34,7 @@ class TorchTeacher:
             torch = _compat.import_torch()
             import timm
         except ImportError as e:
-            raise ImportError(
+            raise DependencyError(
                 "config.teacher.framework='torch' needs PyTorch and timm: pip install "
                 "'deit_jax[torch]'."
             ) from e
@@ -41,7 +42,7 @@ class TorchTeacher:
         try:
             model = timm.create_model(t.name, pretrained=False, num_classes=num_classes)
         except RuntimeError as e:  # timm's "Unknown model"
-            raise ValueError(f"config.teacher.name={t.name!r} with framework 'torch': {e}") from e
+            raise ConfigError(f"config.teacher.name={t.name!r} with framework 'torch': {e}") from e
         state_dict = {
             k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
             for k, v in convert.read_state_dict(t.checkpoint).items()
@@ -49,7 +50,7 @@ class TorchTeacher:
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"{t.checkpoint!r} does not fit timm's {t.name!r} with {num_classes} classes: {e}"
             ) from e
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

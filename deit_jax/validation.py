@@ -1,0 +1,474 @@
+"""Checks the whole config before any expensive work: `check_config(config, num_devices=...,
+num_processes=...)` raises one `ConfigError` listing every problem, one line each:
+
+  config.<key>=<value>: <what is allowed and what to do>
+
+The checks are the flat list `RULES`: a key, a predicate on its value (which may look at the rest
+of the config and at the device and process counts through `Context`) and the sentence that says
+what is allowed. A key's rules run in order and stop at its first failure; a rule that depends on
+other keys names them in `after` and is skipped when one of them already failed. Keys a config
+does not have are skipped (configs written for older or newer versions, partial test configs).
+Adding a key's check is one line here.
+
+Import-light on purpose (no TensorFlow, no model building; the model registry only for patch
+sizes), so that `python -m deit_jax.main` refuses a bad config within about a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from deit_jax.errors import ConfigError
+from deit_jax.models.registry import list_models, model_options
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What rules may look at besides the value: the config and the hardware it runs on."""
+
+    config: ml_collections.ConfigDict
+    num_devices: int
+    num_processes: int
+
+    def get(self, key: str) -> Any:
+        """The value at a dotted key, or `_MISSING`."""
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    @property
+    def distilling(self) -> bool:
+        return self.get("distillation.kind") not in ("none", _MISSING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`key`'s value must satisfy `ok(value, context)`; else `allowed` (a str, or a function of
+    the context) says what is allowed and what to do."""
+
+    key: str
+    ok: Callable[[Any, Context], bool]
+    allowed: str | Callable[[Context], str]
+    after: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- predicates
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(low: int) -> Callable[[Any, Context], bool]:
+    return lambda v, c: _is_int(v) and v >= low
+
+
+def _in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+    """A predicate for a number in the interval [lo, hi], each end open or closed."""
+
+    def ok(v: Any, c: Context) -> bool:
+        if not _is_num(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return ok
+
+
+def _one_of(*choices: Any) -> Callable[[Any, Context], bool]:
+    return lambda v, c: v in choices
+
+
+def _bounds(v: Any, c: Context) -> bool:
+    """A (min, max) pair with 0 < min <= max."""
+    return (
+        isinstance(v, Sequence) and len(v) == 2 and all(_is_num(x) for x in v) and 0 < v[0] <= v[1]
+    )
+
+
+def _three(positive: bool) -> Callable[[Any, Context], bool]:
+    def ok(v: Any, c: Context) -> bool:
+        if not (isinstance(v, Sequence) and len(v) == 3 and all(_is_num(x) for x in v)):
+            return False
+        return all(x > 0 for x in v) if positive else True
+
+    return ok
+
+
+def _image_size(v: Any, c: Context) -> bool:
+    sizes = v if isinstance(v, Sequence) and not isinstance(v, str) else [v]
+    return len(sizes) in (1, 2) and all(_is_int(s) and s > 0 for s in sizes)
+
+
+def _patch_size(c: Context) -> int | None:
+    """The student's patch size (its option, overridden by config.model), None if it has none."""
+    model = c.get("model")
+    patch = model.get("patch_size") if isinstance(model, ml_collections.ConfigDict) else None
+    return patch or model_options(c.get("model_name")).get("patch_size")
+
+
+def _fits_patches(v: Any, c: Context) -> bool:
+    patch = _patch_size(c)
+    sizes = v if isinstance(v, Sequence) else [v]
+    return patch is None or all(s % patch == 0 for s in sizes)
+
+
+def _patch_message(c: Context) -> str:
+    patch, size = _patch_size(c), c.get("data.img_size")
+    size = size if _is_int(size) else max(size)
+    below, above = size // patch * patch, (size // patch + 1) * patch
+    return (
+        f"must be a multiple of the patch size {patch} of {c.get('model_name')!r} (or the "
+        f"model's patches would not tile the image); use e.g. {below or above} or {above}"
+    )
+
+
+def _registered(v: Any, c: Context) -> bool:
+    return isinstance(v, str) and v in list_models()
+
+
+def _existing_path(v: Any, c: Context) -> bool:
+    return isinstance(v, str) and (not v or os.path.exists(os.path.expanduser(v)))
+
+
+def _devices_divide(v: Any, c: Context) -> bool:
+    return v % c.num_devices == 0 and v % c.num_processes == 0
+
+
+def _devices_message(key: str) -> Callable[[Context], str]:
+    def message(c: Context) -> str:
+        step = math.lcm(c.num_devices, c.num_processes)
+        where = f"{c.num_devices} devices" + (
+            f" of {c.num_processes} processes" if c.num_processes > 1 else ""
+        )
+        return (
+            f"must be a multiple of the {where} that share the batch; use e.g. "
+            f"{max(1, math.ceil(c.get(key) / step)) * step}"
+        )
+
+    return message
+
+
+def _num_shares(v: Any, c: Context) -> bool:
+    batch = c.get("batch_size")
+    return v == 0 or (v % c.num_processes == 0 and batch % v == 0)
+
+
+def _pair_batches(v: Any, c: Context) -> bool:
+    shares = c.get("data.num_shares") or c.num_processes
+    return v != "pair" or (c.get("batch_size") // shares) % 2 == 0
+
+
+def _mesh_fsdp(v: Any, c: Context) -> bool:
+    return _is_int(v) and v >= 1 and c.num_devices % v == 0
+
+
+def _mesh_data(v: Any, c: Context) -> bool:
+    return v == -1 or (_is_int(v) and v >= 1 and v * c.get("mesh.fsdp") == c.num_devices)
+
+
+def _teacher_given(v: Any, c: Context) -> bool:
+    # The quickstart trains its own teacher and fills this in for its distillation stage; a run
+    # that reads a teacher cache needs no teacher; the cache writer always does.
+    if c.get("mode") == "teacher_cache":
+        return bool(v)
+    return not c.distilling or c.get("mode") == "quickstart" or bool(v) or _reads_cache(c)
+
+
+def _reads_cache(c: Context) -> bool:
+    return c.get("mode") != "teacher_cache" and bool(c.get("teacher.cache"))
+
+
+def _teacher_registered(v: Any, c: Context) -> bool:
+    # A PyTorch teacher is any timm name (checked by timm when the writer builds it).
+    needed = c.distilling or c.get("mode") == "teacher_cache"
+    return not needed or c.get("teacher.framework") == "torch" or _registered(v, c)
+
+
+def _cache_dir(v: Any, c: Context) -> bool:
+    if not isinstance(v, str):
+        return False
+    return not v or "://" in v or c.get("mode") == "teacher_cache" or os.path.isdir(v)
+
+
+def _epoch_range(v: Any, c: Context) -> bool:
+    if v == "":
+        return True
+    start, sep, end = v.partition(":") if isinstance(v, str) else ("", "", "")
+    return (
+        bool(sep)
+        and all(p == "" or p.isdigit() for p in (start, end))
+        and (not start or not end or int(start) < int(end))
+    )
+
+
+def _teacher_exists(v: Any, c: Context) -> bool:
+    return not c.distilling or not v or os.path.exists(os.path.expanduser(v))
+
+
+def _model_keys(v: Any, c: Context) -> bool:
+    options = model_options(c.get("model_name"))
+    return not isinstance(v, ml_collections.ConfigDict) or all(k in options for k in v)
+
+
+def _model_keys_message(c: Context) -> str:
+    options = model_options(c.get("model_name"))
+    unknown = sorted(k for k in c.get("model") if k not in options)
+    return (
+        f"{c.get('model_name')!r} has no option {', '.join(unknown)}; its options are "
+        f"{', '.join(sorted(options))}"
+    )
+
+
+_WEIGHTS = (
+    "a deit_jax weights directory (python -m deit_jax.convert, or the `weights` directory of a "
+    "finished run) or a .pth/.safetensors file"
+)
+
+# --------------------------------------------------------------------------- the rules
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "mode",
+        _one_of("train", "eval", "teacher_cache", "quickstart"),
+        "must be 'train', 'eval', 'teacher_cache' or 'quickstart'",
+    ),
+    Rule("loss", _one_of("ce", "bce"), "must be 'ce' (soft-target cross-entropy) or 'bce'"),
+    Rule("seed", lambda v, c: _is_int(v), "must be an integer"),
+    Rule("dtype", _one_of("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
+    # Batches and the devices that share them.
+    Rule("batch_size", _int_at_least(1), "must be a positive integer (the global batch)"),
+    Rule("batch_size", _devices_divide, _devices_message("batch_size")),
+    Rule("eval_batch_size", _int_at_least(1), "must be a positive integer (the global batch)"),
+    Rule("eval_batch_size", _devices_divide, _devices_message("eval_batch_size")),
+    Rule("mesh.fsdp", _mesh_fsdp, lambda c: f"must divide the {c.num_devices} devices (1: off)"),
+    Rule(
+        "mesh.data",
+        _mesh_data,
+        lambda c: (
+            "must be -1 (all devices that mesh.fsdp leaves) or mesh.data x mesh.fsdp = "
+            f"the {c.num_devices} devices"
+        ),
+        after=("mesh.fsdp",),
+    ),
+    # Schedule, logging, checkpoints.
+    Rule("num_epochs", _in(0, math.inf, lo_open=True), "must be > 0 (may be fractional)"),
+    Rule("eval_every_epochs", _in(0, math.inf, lo_open=True), "must be > 0 (may be fractional)"),
+    Rule("log_every_steps", _int_at_least(1), "must be an integer >= 1"),
+    Rule("checkpoint_every_steps", _int_at_least(1), "must be an integer >= 1"),
+    Rule("keep_checkpoints", _int_at_least(1), "must be an integer >= 1 (checkpoints kept)"),
+    Rule("progress_bar", _one_of(True, False), "must be True or False"),
+    # The student.
+    Rule("model_name", _registered, "must be a registered model (deit_jax.list_models())"),
+    Rule("model", _model_keys, _model_keys_message, after=("model_name",)),
+    Rule("model.drop_path_rate", _in(0, 1, hi_open=True), "must be in [0, 1) (0.1 for DeiT-S)"),
+    Rule("model.drop_rate", _in(0, 1, hi_open=True), "must be in [0, 1)"),
+    Rule(
+        "model.num_classes",
+        lambda v, c: v is None or (_is_int(v) and v >= 1),
+        "must be a positive integer, or None for the data set's class count",
+    ),
+    Rule("init_from", _existing_path, f"must be '' or an existing path: {_WEIGHTS}"),
+    # Distillation and the teacher.
+    Rule(
+        "distillation.kind",
+        _one_of("none", "soft", "hard", "feature"),
+        "must be 'none', 'soft', 'hard' (logit KD, any student) or 'feature'",
+    ),
+    Rule(
+        "distillation.kl_reduction",
+        _one_of("numel", "batchmean"),
+        "must be 'numel' (summed KL / (batch x classes), the DeiT reference) or 'batchmean' "
+        "(summed KL / batch, Hinton and timm's tasks)",
+    ),
+    Rule("distillation.alpha", _in(0, 1), "must be in [0, 1] (the distillation loss's weight)"),
+    Rule("distillation.tau", _in(0, math.inf, lo_open=True), "must be > 0 (the temperature)"),
+    Rule(
+        "teacher.framework",
+        _one_of("flax", "torch"),
+        "must be 'flax' (a registry model) or 'torch' (a timm model, for the cache writer)",
+    ),
+    Rule(
+        "teacher.framework",
+        lambda v, c: (
+            v != "torch" or not c.distilling or c.get("mode") != "train" or _reads_cache(c)
+        ),
+        "PyTorch teachers run in the cache writer only: write a cache with "
+        "--config.mode=teacher_cache, then train with --config.teacher.cache=DIR",
+        after=("distillation.kind", "mode"),
+    ),
+    Rule(
+        "teacher.name",
+        _teacher_registered,
+        "must be a registered model (deit_jax.list_models()) for a 'flax' teacher",
+        after=("distillation.kind", "teacher.framework"),
+    ),
+    Rule(
+        "teacher.checkpoint",
+        _teacher_given,
+        "distillation needs a trained teacher: set --config.teacher.checkpoint to "
+        + _WEIGHTS
+        + ", or use --config.distillation.kind=none",
+        after=("distillation.kind", "mode"),
+    ),
+    Rule(
+        "teacher.checkpoint",
+        _teacher_exists,
+        f"does not exist; give {_WEIGHTS}, or use --config.distillation.kind=none",
+        after=("distillation.kind",),
+    ),
+    Rule("teacher.cache", _cache_dir, "must be '' or a teacher cache directory that exists"),
+    Rule(
+        "teacher.cache",
+        lambda v, c: (
+            not v
+            or c.get("mode") in ("teacher_cache", "quickstart")
+            or c.get("distillation.kind") in ("soft", "hard")
+        ),
+        "holds teacher outputs for soft or hard distillation: set --config.distillation.kind, "
+        "or remove the cache",
+        after=("distillation.kind", "mode"),
+    ),
+    Rule("teacher.cache_topk", _int_at_least(1), "must be an integer >= 1 (hard needs 1)"),
+    Rule("teacher.cache_dtype", _one_of("float16", "float32"), "must be 'float16' or 'float32'"),
+    Rule("teacher.cache_chunk_steps", _int_at_least(1), "must be an integer >= 1"),
+    Rule(
+        "teacher.cache_epochs",
+        _epoch_range,
+        "must be '' (all epochs) or 'START:END' (END exclusive, e.g. '0:100')",
+    ),
+    Rule(
+        "teacher.img_size",
+        lambda v, c: v is None or (_is_int(v) and v > 0),
+        "must be a positive integer, or None for the student's image size",
+    ),
+    # Data.
+    Rule("data.name", lambda v, c: isinstance(v, str) and v != "", "must name a data set"),
+    Rule(
+        "data.name",
+        lambda v, c: not v.startswith("folder:") or os.path.isdir(os.path.expanduser(v[7:])),
+        "names a folder that does not exist; give folder:<root> with <root>/<split>/<class>/*.jpg",
+    ),
+    Rule("data.manual_dir", _existing_path, "must be '' or an existing directory"),
+    Rule("data.train_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
+    Rule("data.eval_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
+    Rule("data.img_size", _image_size, "must be a positive integer (or a (height, width) pair)"),
+    Rule("data.img_size", _fits_patches, _patch_message, after=("model_name", "model")),
+    Rule("data.crop_pct", _in(0, 1, lo_open=True), "must be in (0, 1] (0.875 for DeiT at 224)"),
+    Rule("data.repeated_aug", _int_at_least(1), "must be an integer >= 1 (1: off, DeiT: 3)"),
+    Rule("data.shuffle_buffer", _int_at_least(1), "must be an integer >= 1"),
+    Rule("data.cache", _one_of(True, False), "must be True or False"),
+    Rule("data.prefetch", _int_at_least(0), "must be an integer >= 0 (batches ahead)"),
+    Rule("data.num_shares", _int_at_least(0), "must be an integer >= 0 (0: one per process)"),
+    Rule(
+        "data.num_shares",
+        _num_shares,
+        lambda c: (
+            f"must be 0, or a multiple of the {c.num_processes} processes that divides "
+            f"batch_size {c.get('batch_size')}"
+        ),
+        after=("batch_size",),
+    ),
+    # Augmentation.
+    Rule("augment.scale", _bounds, "must be (min, max) with 0 < min <= max, e.g. (0.08, 1.0)"),
+    Rule("augment.ratio", _bounds, "must be (min, max) with 0 < min <= max, e.g. (0.75, 1.33)"),
+    Rule(
+        "augment.interpolation",
+        _one_of("bicubic", "bilinear", "random"),
+        "must be 'bicubic', 'bilinear' or 'random'",
+    ),
+    Rule("augment.hflip", _in(0, 1), "must be a probability in [0, 1]"),
+    Rule(
+        "augment.randaugment",
+        lambda v, c: isinstance(v, str) and (v == "" or v.startswith("rand")),
+        "must be '' (off) or a timm RandAugment string such as 'rand-m9-mstd0.5-inc1'",
+    ),
+    Rule(
+        "augment.color_jitter",
+        lambda v, c: (_is_num(v) and v >= 0) or (_three(False)(v, c) and min(v) >= 0),
+        "must be a strength >= 0 (0: off) or (brightness, contrast, saturation) strengths >= 0",
+    ),
+    Rule("augment.reprob", _in(0, 1), "must be a probability in [0, 1] (0: no random erasing)"),
+    Rule("augment.three_augment", _one_of(True, False), "must be True or False"),
+    Rule("augment.src", _one_of(True, False), "must be True or False"),
+    Rule("augment.remode", _one_of("pixel", "rand", "const"), "must be 'pixel', 'rand' or 'const'"),
+    Rule("augment.mean", _three(False), "must be three numbers (per channel, in [0, 1] units)"),
+    Rule("augment.std", _three(True), "must be three positive numbers (per channel)"),
+    # Mixup, cutmix, label smoothing.
+    Rule("mixup.mixup_alpha", _in(0, math.inf), "must be >= 0 (0: no mixup)"),
+    Rule("mixup.cutmix_alpha", _in(0, math.inf), "must be >= 0 (0: no cutmix)"),
+    Rule("mixup.prob", _in(0, 1), "must be a probability in [0, 1]"),
+    Rule("mixup.switch_prob", _in(0, 1), "must be a probability in [0, 1]"),
+    Rule("mixup.mode", _one_of("batch", "pair", "elem"), "must be 'batch', 'pair' or 'elem'"),
+    Rule(
+        "mixup.mode",
+        _pair_batches,
+        "'pair' needs an even batch per data share; use an even batch_size / num_shares",
+        after=("batch_size", "data.num_shares"),
+    ),
+    Rule("mixup.label_smoothing", _in(0, 1, hi_open=True), "must be in [0, 1) (DeiT: 0.1)"),
+    # The optimiser.
+    Rule("optim.name", _one_of("adamw", "lamb"), "must be 'adamw' or 'lamb'"),
+    Rule("optim.unscale_lr", _one_of(True, False), "must be True or False"),
+    Rule("optim.lr", _in(0, math.inf), "must be >= 0 (for a batch of optim.lr_batch_base)"),
+    Rule("optim.lr_batch_base", _in(0, math.inf, lo_open=True), "must be > 0"),
+    Rule("optim.weight_decay", _in(0, math.inf), "must be >= 0"),
+    Rule("optim.b1", _in(0, 1, hi_open=True), "must be in [0, 1) (AdamW's beta1, 0.9)"),
+    Rule("optim.b2", _in(0, 1, hi_open=True), "must be in [0, 1) (AdamW's beta2, 0.999)"),
+    Rule("optim.eps", _in(0, math.inf), "must be >= 0"),
+    Rule("optim.warmup_epochs", _in(0, math.inf), "must be >= 0 (may be fractional)"),
+    Rule("optim.warmup_lr", _in(0, math.inf), "must be >= 0"),
+    Rule("optim.min_lr", _in(0, math.inf), "must be >= 0"),
+    Rule("optim.clip_grad_norm", _in(0, math.inf), "must be >= 0 (0: no clipping)"),
+    Rule("optim.grad_accum_steps", _int_at_least(1), "must be an integer >= 1 (1: off)"),
+    Rule("optim.ema_decay", _in(0, 1, hi_open=True), "must be in [0, 1) (0: no EMA)"),
+)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, ml_collections.ConfigDict):
+        return str(value.to_dict())
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def problems(
+    config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1
+) -> list[str]:
+    """Every problem of `config`, one `config.<key>=<value>: <what is allowed>` line each."""
+    c = Context(config, num_devices, num_processes)
+    failed: dict[str, str] = {}
+    for rule in RULES:
+        value = c.get(rule.key)
+        if value is _MISSING or rule.key in failed or any(k in failed for k in rule.after):
+            continue
+        try:
+            ok = rule.ok(value, c)
+        except (TypeError, ValueError, ZeroDivisionError):
+            ok = False  # A value of the wrong type for the rule's arithmetic.
+        if not ok:
+            allowed = rule.allowed(c) if callable(rule.allowed) else rule.allowed
+            failed[rule.key] = f"config.{rule.key}={_shown(value)}: {allowed}."
+    return list(failed.values())
+
+
+def check_config(
+    config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1
+) -> None:
+    """Raises `ConfigError` listing every problem of `config` (see the module docstring)."""
+    found = problems(config, num_devices=num_devices, num_processes=num_processes)
+    if found:
+        raise ConfigError(found)

@@ -1,0 +1,84 @@
+"""deit_jax.validation as library callers meet it: the shipped configs pass, bad values are one
+`ConfigError` (a ValueError) listing every problem, raised before any data set is prepared."""
+
+import glob
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+from _train_config import tiny_config
+
+from deit_jax import train, validation
+from deit_jax.config import base_config
+from deit_jax.errors import ConfigError
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_configs_pass_with_the_paths_their_docstrings_give(path, tmp_path):
+    config = load(path)
+    # Their commands pass a teacher / init_from path; an existing one stands in for it here.
+    if config.distillation.kind != "none" and config.mode != "quickstart":
+        config.teacher.checkpoint = str(tmp_path)
+    assert validation.problems(config, num_devices=8, num_processes=2) == []
+
+
+def test_library_callers_get_every_problem_at_once_before_any_work(tmp_path):
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    config = tiny_config(
+        str(data_dir),
+        batch_size=0,
+        **{"augment.reprob": 2.0, "distillation.tau": 0.0, "data.crop_pct": 1.5},
+    )
+    for entry in (train.train_and_evaluate, train.evaluate):
+        with pytest.raises(ValueError) as e:
+            entry(config, str(tmp_path / "w"))
+        assert isinstance(e.value, ConfigError)
+        keys = [line.split("=", 1)[0] for line in str(e.value).splitlines()]
+        assert keys == [
+            "config.batch_size",
+            "config.distillation.tau",
+            "config.data.crop_pct",
+            "config.augment.reprob",
+        ]
+        assert e.value.problems == str(e.value).splitlines()
+    assert os.listdir(data_dir) == [] and not (tmp_path / "w").exists()
+
+
+def test_device_and_process_counts_shape_the_batch_rules():
+    config = tiny_config(batch_size=30, eval_batch_size=64, **{"data.num_shares": 4})
+    (batch,) = validation.problems(config, num_devices=4, num_processes=2)
+    assert batch.startswith("config.batch_size=30: ")
+    assert "4 devices of 2 processes" in batch and "use e.g. 32" in batch
+    config.batch_size = 32
+    assert validation.problems(config, num_devices=4, num_processes=2) == []
+    (shares,) = validation.problems(config, num_devices=4, num_processes=8)
+    assert shares.startswith("config.data.num_shares=4: ") and "8 processes" in shares
+    config.mesh.fsdp = 3
+    assert [p.split("=")[0] for p in validation.problems(config, num_devices=4)] == [
+        "config.mesh.fsdp"
+    ]  # mesh.data depends on mesh.fsdp: not reported on top
+
+
+def test_a_wrongly_typed_value_is_one_problem_and_its_dependents_are_skipped():
+    # Library configs are not type-checked against base_config's types.
+    values = base_config().to_dict()
+    values["batch_size"] = "32"
+    values["data"]["img_size"] = 30  # not a multiple of the patch size 16
+    config = ml_collections.ConfigDict(values)
+    found = validation.problems(config, num_devices=8)
+    assert [p.split("=")[0] for p in found] == ["config.batch_size", "config.data.img_size"]
+    assert found[0].startswith("config.batch_size='32': must be a positive integer")
+    assert "patch size 16" in found[1] and "use e.g. 16 or 32" in found[1]
+    with pytest.raises(ConfigError):
+        validation.check_config(config, num_devices=8)
