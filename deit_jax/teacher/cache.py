@@ -28,6 +28,7 @@ the other classes (exact when k is the class count); hard distillation needs onl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -404,6 +405,8 @@ def write_cache(
     """
     from jax.experimental import multihost_utils
 
+    config = copy.deepcopy(config)
+    config.mode = "teacher_cache"  # what is checked: this is the writer, whatever the file says
     validation.check_config(
         config,
         num_devices=len(devices) if devices else jax.device_count(),
