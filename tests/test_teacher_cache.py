@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorstore as ts
 from _train_config import save_random_teacher, tiny_config
 
 from deit_jax import checkpoint, data, losses, sharding, train
@@ -64,13 +63,7 @@ def assert_trees_close(a, b, atol):
 
 
 def read_cache(path):
-    return {
-        name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/{name}"}})
-        .result()
-        .read()
-        .result()
-        for name in ("values", "indices")
-    }
+    return cache.CacheStore(str(path)).read_all()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ resumed after kill -9 equals the uninterrupted cached run exactly, as in test_tr
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +21,16 @@ import time
 import jax
 import numpy as np
 import pytest
-import tensorstore as ts
+from _processes import TF_FIRST_MAIN, TIMEOUT, cpu_env, free_port, run_ok, tail
 from _train_config import save_random_teacher, tiny_config
 
 from deit_jax import checkpoint
 from deit_jax.data import sources
 from deit_jax.metrics import read_jsonl
+from deit_jax.teacher import cache
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_config.py")
 EPOCHS, CHUNK = 20, 8  # 880 steps in 120 chunks per data share (6 per epoch)
-TIMEOUT = 300
-TF_FIRST_MAIN = (
-    "import tensorflow\nfrom deit_jax.main import run\nrun()"  # see test_train_processes
-)
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +49,7 @@ def launch(data_dir, tmp_path_factory):
     started = []
 
     def start(workdir, *flags, devices=1, process=None):
-        env = dict(os.environ)
-        env.update(
-            JAX_PLATFORMS="cpu",
-            JAX_NUM_CPU_DEVICES=str(devices),
-            JAX_COMPILATION_CACHE_DIR=jax_cache,
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-            TF_CPP_MIN_LOG_LEVEL="2",
-        )
+        env = cpu_env(devices, jax_cache, gloo=True)
         cmd = [
             sys.executable,
             "-c",
@@ -103,21 +90,6 @@ def write_flags(*extra):
     return ("--config.mode=teacher_cache", f"--config.num_epochs={EPOCHS}", *extra)
 
 
-def run_ok(proc) -> str:
-    try:
-        proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"{proc.args} timed out:\n{tail(proc)}")
-    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{tail(proc)}"
-    return tail(proc, 1000)
-
-
-def tail(proc, lines=40) -> str:
-    with open(proc.log) as f:
-        return "".join(f.readlines()[-lines:])
-
-
 def chunks(path) -> int:
     """Finished chunks of the values array (a chunk file appears only when written whole)."""
     root = os.path.join(path, "values", "c")
@@ -136,19 +108,7 @@ def wait_until(proc, condition, what, timeout=TIMEOUT) -> None:
 
 
 def read_cache(path):
-    return {
-        name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/{name}"}})
-        .result()
-        .read()
-        .result()
-        for name in ("values", "indices")
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return cache.CacheStore(str(path)).read_all()
 
 
 @pytest.fixture(scope="module")

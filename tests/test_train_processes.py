@@ -21,29 +21,24 @@ import glob
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from _train_config import tiny_config
+from _processes import TF_FIRST_MAIN, TIMEOUT, cpu_env, finish, free_port, run_ok, tail
+from _train_config import save_random_teacher, tiny_config
 
 from deit_jax import checkpoint
 from deit_jax.data import sources
 from deit_jax.metrics import read_jsonl
-from deit_jax.models import create_model
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_config.py")
 STEPS = 32  # 44 steps make an epoch
 EVERY = 8  # checkpoint_every_steps
-TIMEOUT = 300  # seconds, for any one process
-TF_FIRST_MAIN = "import tensorflow\nfrom deit_jax.main import run\nrun()"
 
 
 # --------------------------------------------------------------------------- processes
@@ -77,17 +72,7 @@ def launch(data_dir, jax_cache, processes):
     """`launch(workdir, log, *flags, devices=4, gloo=False, tf_first=True)` starts deit_jax.main."""
 
     def start(workdir, log, *flags, devices=4, gloo=False, tf_first=True):
-        env = dict(os.environ)
-        env.update(
-            JAX_PLATFORMS="cpu",
-            JAX_NUM_CPU_DEVICES=str(devices),
-            JAX_COMPILATION_CACHE_DIR=jax_cache,
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-            TF_CPP_MIN_LOG_LEVEL="2",
-        )
-        if gloo:
-            env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+        env = cpu_env(devices, jax_cache, gloo)
         entry = ["-c", TF_FIRST_MAIN] if tf_first else ["-m", "deit_jax.main"]
         cmd = [
             sys.executable,
@@ -107,29 +92,6 @@ def launch(data_dir, jax_cache, processes):
         return proc
 
     return start
-
-
-def finish(proc, timeout=TIMEOUT) -> str:
-    """Waits for `proc` (killing it after `timeout` s); returns its output."""
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"{proc.args} timed out after {timeout} s:\n{tail(proc)}")
-    with open(proc.log) as f:
-        return f.read()
-
-
-def run_ok(proc) -> str:
-    out = finish(proc)
-    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{tail(proc)}"
-    return out
-
-
-def tail(proc, lines=40) -> str:
-    with open(proc.log) as f:
-        return "".join(f.readlines()[-lines:])
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -164,10 +126,29 @@ def wait_for_output(proc, text, timeout=TIMEOUT) -> None:
     pytest.fail(f"no {text!r} after {timeout} s:\n{tail(proc)}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_two_processes(launch, workdir, log_prefix, *flags) -> list[str]:
+    """Two processes of two devices (gloo) on one workdir; returns their outputs."""
+    port = free_port()
+    procs = [
+        launch(
+            workdir,
+            f"{log_prefix}{i}.txt",
+            *flags,
+            "--distributed",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            devices=2,
+            gloo=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        return [run_ok(proc) for proc in procs]
+    finally:  # One failed process leaves the other waiting in a collective.
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
 
 
 # --------------------------------------------------------------------------- results
@@ -221,26 +202,8 @@ def reference(tmp_path_factory, launch):
 
 
 def test_two_processes_of_two_devices_train_as_one_process_of_four(reference, launch, tmp_path):
-    workdir, port = tmp_path / "run", free_port()
-    procs = [
-        launch(
-            workdir,
-            tmp_path / f"log{i}.txt",
-            "--distributed",
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            devices=2,
-            gloo=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [run_ok(proc) for proc in procs]
-    finally:  # One failed process leaves the other waiting in a collective.
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    workdir = tmp_path / "run"
+    outputs = run_two_processes(launch, workdir, tmp_path / "log")
 
     # Only process 0 reports and writes metrics: every step once, one TensorBoard file.
     assert "eval @ step" in outputs[0] and "eval @ step" not in outputs[1]
@@ -345,15 +308,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoints(laun
 
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
-    """Random-init `cnn_small` weights for digits at 16x16, saved as a deit_jax weights directory
-    (a teacher needs no training for the hard labels to be a fixed function of the images)."""
-    path = tmp_path_factory.mktemp("teacher") / "weights"
-    overrides = {"num_classes": 10, "img_size": 16}
-    model = create_model("cnn_small", **overrides)
-    variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), train=False)
-    variables = nn.meta.unbox(variables)  # Stored without the logical-axis boxes, as runs do.
-    checkpoint.save_variables(path, variables, model_name="cnn_small", model_overrides=overrides)
-    return str(path)
+    return save_random_teacher(str(tmp_path_factory.mktemp("teacher") / "weights"))
 
 
 def test_hard_distillation_on_two_processes_equals_one_process(random_teacher, launch, tmp_path):
@@ -367,28 +322,8 @@ def test_hard_distillation_on_two_processes_equals_one_process(random_teacher, l
     )
     one = tmp_path / "one"
     run_ok(launch(one, tmp_path / "one.txt", *flags))
-    two, port = tmp_path / "two", free_port()
-    procs = [
-        launch(
-            two,
-            tmp_path / f"two{i}.txt",
-            *flags,
-            "--distributed",
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            devices=2,
-            gloo=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        for proc in procs:
-            run_ok(proc)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    two = tmp_path / "two"
+    run_two_processes(launch, two, tmp_path / "two", *flags)
 
     records = {w: read_jsonl(w / "metrics.jsonl") for w in (one, two)}
     losses = {w: [r["train/loss"] for r in rs if "train/loss" in r] for w, rs in records.items()}

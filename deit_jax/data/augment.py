@@ -347,18 +347,11 @@ def train_preprocess(
     if config.get("three_augment", False):
         return _three_augment_preprocess(image, seed, size_hw, config)
     policy = randaugment.parse_policy(config.randaugment) if config.randaugment else None
-    scale, ratio = tuple(config.scale), tuple(config.ratio)
     crop_seed, interp_seed, flip_seed, aug_seed, erase_seed = tf.unstack(
         tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 5)
     )
-    if image.dtype == tf.string:
-        x = _decode_and_crop(image, crop_seed, scale, ratio)
-    else:
-        x = _crop(image, crop_seed, scale, ratio)
-    x = _resize_random_interp(x, size_hw, config.interpolation, interp_seed)
-    if config.hflip > 0:
-        # tf.reverse: a negative-stride slice is ~20x slower on CPU.
-        x = tf.cond(_uniform(flip_seed, []) < config.hflip, lambda: tf.reverse(x, [1]), lambda: x)
+    x = _random_resized_crop(image, crop_seed, interp_seed, size_hw, config)
+    x = _random_flip(x, flip_seed, config.hflip)
     if policy is not None:
         # timm's img_mean: the fill colour of the geometric ops, the mean in [0, 255].
         fill = tuple(min(255, round(255 * m)) for m in config.mean)
@@ -370,11 +363,27 @@ def train_preprocess(
     return tf.ensure_shape(x, (*size_hw, 3))
 
 
+def _random_resized_crop(image, crop_seed, interp_seed, size_hw, config) -> tf.Tensor:
+    """RandomResizedCrop: an area/aspect window (decoded alone from JPEG bytes), resized."""
+    scale, ratio = tuple(config.scale), tuple(config.ratio)
+    if image.dtype == tf.string:
+        x = _decode_and_crop(image, crop_seed, scale, ratio)
+    else:
+        x = _crop(image, crop_seed, scale, ratio)
+    return _resize_random_interp(x, size_hw, config.interpolation, interp_seed)
+
+
+def _random_flip(x: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
+    if prob <= 0:
+        return x
+    # tf.reverse: a negative-stride slice is ~20x slower on CPU.
+    return tf.cond(_uniform(seed, []) < prob, lambda: tf.reverse(x, [1]), lambda: x)
+
+
 def _three_augment_preprocess(
     image: tf.Tensor, seed: tf.Tensor, size_hw: tuple[int, int], config
 ) -> tf.Tensor:
     """DeiT III's train transform (`train_preprocess` with `config.three_augment`)."""
-    scale, ratio = tuple(config.scale), tuple(config.ratio)
     # The same seed split as train_preprocess: crop, interpolation, flip, ops (erasing unused).
     crop_seed, interp_seed, flip_seed, aug_seed, _ = tf.unstack(
         tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 5)
@@ -385,13 +394,8 @@ def _three_augment_preprocess(
             image = tf.io.decode_image(image, channels=3, expand_animations=False)
         x = simple_random_crop(image, crop_seed, size_hw)
     else:
-        if image.dtype == tf.string:
-            x = _decode_and_crop(image, crop_seed, scale, ratio)
-        else:
-            x = _crop(image, crop_seed, scale, ratio)
-        x = _resize_random_interp(x, size_hw, config.interpolation, interp_seed)
-    if config.hflip > 0:
-        x = tf.cond(_uniform(flip_seed, []) < config.hflip, lambda: tf.reverse(x, [1]), lambda: x)
+        x = _random_resized_crop(image, crop_seed, interp_seed, size_hw, config)
+    x = _random_flip(x, flip_seed, config.hflip)
     x = three_augment.three_augment(tf.ensure_shape(x, (*size_hw, 3)), op_seed)
     if config.color_jitter:
         x = color_jitter(x, jitter_seed, _jitter_strength(config.color_jitter))

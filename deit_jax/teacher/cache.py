@@ -261,6 +261,11 @@ class CacheStore:
             present.append(keys)
         return present[0] & present[1]
 
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Both whole arrays in memory (`values`, `indices`), for inspection and small caches;
+        never-written rows read as zeros (zarr's fill value)."""
+        return {name: array.read().result() for name, array in self.open_arrays().items()}
+
     def chunk_files(self, epoch: int, chunk: int, share: int) -> list[str]:
         return [os.path.join(self.path, name, _chunk_key(epoch, chunk, share)) for name in _ARRAYS]
 
