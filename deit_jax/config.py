@@ -15,7 +15,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # fixes the data stream (shuffles, augmentation, mixup) and, by default, the model
+    # The student's initialisation and dropout (None: `seed`). Varying it alone keeps the data
+    # stream, so one teacher cache serves every such seed.
+    c.init_seed = ml_collections.FieldReference(None, field_type=int)
     c.mode = "train"  # train | eval | teacher_cache | quickstart (configs/quickstart.py)
 
     # Student: a registered model name plus `create_model` overrides (configs may add more keys

@@ -106,7 +106,10 @@ def _merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
 
 def _state_and_shardings(config, model, tx, mesh, projection=None):
     ema = config.optim.ema_decay > 0
-    rng = jax.random.PRNGKey(config.seed)
+    # The model's own seed when given: students that differ only in it share one data stream,
+    # and so one teacher cache.
+    init_seed = config.get("init_seed")
+    rng = jax.random.PRNGKey(config.seed if init_seed is None else init_seed)
     boxed = jax.eval_shape(lambda: steps.init_state(model, tx, rng, ema=ema, projection=projection))
     state_shardings = sharding.tree_shardings(boxed, mesh)
     init = jax.jit(

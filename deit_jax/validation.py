@@ -249,6 +249,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("loss", _one_of("ce", "bce"), "must be 'ce' (soft-target cross-entropy) or 'bce'"),
     Rule("seed", lambda v, c: _is_int(v), "must be an integer"),
+    Rule("init_seed", lambda v, c: v is None or _is_int(v), "must be an integer, or None: seed"),
     Rule("dtype", _one_of("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
     # Batches and the devices that share them.
     Rule("batch_size", _int_at_least(1), "must be a positive integer (the global batch)"),

@@ -356,3 +356,15 @@ except ImportError as e:
         out.stdout + out.stderr
     )
     assert "pip install 'deit_jax[torch]'" in out.stdout
+
+
+def test_students_of_other_init_seeds_share_one_cache(data_dir, teacher_dir, hard_cache, tmp_path):
+    runs = {}
+    for init_seed in (1, 2):
+        config = distill_config(
+            data_dir, teacher_dir, init_seed=init_seed, **{"teacher.cache": hard_cache}
+        )
+        train.train_and_evaluate(config, str(tmp_path / str(init_seed)))
+        runs[init_seed] = train_losses(tmp_path / str(init_seed))
+    assert len(runs[1]) == len(runs[2]) == STEPS
+    assert runs[1][0] != runs[2][0]  # other weights, same batches and teacher outputs

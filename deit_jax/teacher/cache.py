@@ -2,8 +2,9 @@
 
 A student run's batches are fixed by its config (seed, data, augmentation, mixup, batch size,
 data shares: `deit_jax/data/pipeline.py`), so a teacher's outputs for them can be computed once
-and read back by any number of student runs with the same stream: other seeds of the *model*
-(`config.seed` also fixes the data, so it must match), other students, other learning rates.
+and read back by any number of student runs with the same stream: other model seeds
+(`config.init_seed`; `config.seed` fixes the data and must match), other students, other
+optimiser settings and schedules.
 
     # once: the teacher over every batch of the run (any registry model, or `framework=torch`)
     python -m deit_jax.main --config CONFIG --workdir CACHE --config.mode=teacher_cache
