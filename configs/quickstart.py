@@ -14,12 +14,10 @@ by hard distillation from the teacher (`deit_tiny_distilled_patch16_224`, same o
 Writes results.md, results.json and results.png to the workdir and prints the table; rerunning
 resumes.
 
-Hardware and time: on the 2 development cores shared with other jobs (2026-12-01), 12 min 11 s
-at load average 3-4 (825 CPU-seconds, 1.1 cores) and 22 min 39 s at load 7-9 (962 CPU-seconds),
-the same table both times. Not measured idle; estimated 9-10 minutes on 2 idle cores (the
-three-stage version took 7 min 15 s idle, 2026-11-28, and the added stage is 15-29% of the
-stage time). Evaluating every 12 epochs instead of 6 changes no result and saves about 0.4 s
-per test pass (45 passes).
+Hardware and time: 7 min 46 s on 2 idle CPU cores (2026-12-01, `/usr/bin/time`, peak RSS
+2.2 GB); 12 min 11 s at load average 3-4 and 22 min 39 s at load 7-9 while other jobs shared
+the cores, the same table every time. Evaluating every 12 epochs instead of 6 changes no
+result and saves about 0.4 s per test pass (45 passes).
 Expected test top-1, mean +- std
 over seeds 0-2: teacher 97.59 +- 0.42, student without distillation 74.72 +- 0.48, usual
 distillation 82.87 +- 1.53, distilled student (average of heads) 81.85 +- 1.37: a 7.13-point
