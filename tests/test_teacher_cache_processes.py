@@ -13,6 +13,7 @@ resumed after kill -9 equals the uninterrupted cached run exactly, as in test_tr
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,12 +49,12 @@ def launch(data_dir, tmp_path_factory):
     jax_cache = str(tmp_path_factory.mktemp("jax_cache"))
     started = []
 
-    def start(workdir, *flags, devices=1, process=None):
+    def start(workdir, *flags, devices=1, process=None, program=TF_FIRST_MAIN):
         env = cpu_env(devices, jax_cache, gloo=True)
         cmd = [
             sys.executable,
             "-c",
-            TF_FIRST_MAIN,
+            program,
             f"--config={CONFIG}",
             f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}",
@@ -107,6 +108,14 @@ def wait_until(proc, condition, what, timeout=TIMEOUT) -> None:
     pytest.fail(f"no {what} after {timeout} s:\n{tail(proc)}")
 
 
+def checkpoint_steps(workdir) -> list[int]:
+    """Finished checkpoints (Orbax renames a step's tmp directory to its number when done)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
 def read_cache(path):
     return cache.CacheStore(str(path)).read_all()
 
@@ -134,11 +143,25 @@ def test_kill_9_while_writing_then_rerun_completes_the_same_cache(reference, lau
         np.testing.assert_array_equal(stored[name], expected[name])
 
 
+# The entry point with the writer's DEBUG lines on in every process (main.py leaves process 1
+# only WARNING lines): one line per chunk a process writes, naming the chunk.
+CHUNK_LOG_MAIN = TF_FIRST_MAIN.replace(
+    "\n", "\nimport logging\nlogging.getLogger('deit_jax.teacher.cache').setLevel('DEBUG')\n", 1
+)
+
+
 def test_two_processes_write_the_cache_one_process_writes(reference, launch, tmp_path):
     path, port = str(tmp_path / "cache"), free_port()
-    procs = [launch(path, *write_flags(), process=(i, 2, port)) for i in range(2)]
-    for proc in procs:
-        run_ok(proc)
+    procs = [
+        launch(path, *write_flags(), process=(i, 2, port), program=CHUNK_LOG_MAIN) for i in range(2)
+    ]
+    outputs = [run_ok(proc) for proc in procs]
+    # Each process wrote its own data share's chunks, each once, and no other chunk.
+    for i, out in enumerate(outputs):
+        written = re.findall(r"process (\d+) writes chunk c/(\d+)/(\d+)/(\d+)/0$", out, re.M)
+        assert {p for p, *_ in written} == {str(i)}, tail(procs[i])
+        keys = [tuple(map(int, key)) for _, *key in written]
+        assert sorted(keys) == [(e, c, i) for e in range(EPOCHS) for c in range(6)]
     stored, expected = read_cache(path), read_cache(reference)
     np.testing.assert_array_equal(stored["indices"], expected["indices"])
     np.testing.assert_allclose(
@@ -147,8 +170,10 @@ def test_two_processes_write_the_cache_one_process_writes(reference, launch, tmp
 
 
 def train_losses(workdir) -> dict[int, list[float]]:
+    """Step -> every loss logged for it (a step redone after a restart is logged again)."""
     result = {}
-    for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+    path = os.path.join(workdir, "metrics.jsonl")
+    for r in read_jsonl(path) if os.path.exists(path) else []:
         if "train/loss" in r:
             result.setdefault(r["step"], []).append(r["train/loss"])
     return result
@@ -164,17 +189,33 @@ def test_kill_9_during_cached_training_resumes_exactly(reference, launch, tmp_pa
     run_ok(launch(str(tmp_path / "whole"), *flags))
     workdir = str(tmp_path / "resumed")
     proc = launch(workdir, *flags)
-    wait_until(
-        proc, lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "8")), "checkpoint 8"
-    )
+
+    def past_a_checkpoint() -> bool:  # a step after the newest checkpoint (>= 8) is logged
+        saved = checkpoint_steps(workdir)
+        try:
+            return bool(saved) and max(train_losses(workdir), default=0) > saved[-1]
+        except ValueError:  # a line being written
+            return False
+
+    wait_until(proc, past_a_checkpoint, "a logged step after checkpoint 8")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run_ok(launch(workdir, *flags))
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(workdir, "weights")), "finished before the kill"
+    saved, logged = checkpoint_steps(workdir)[-1], max(train_losses(workdir))
+    assert 8 <= saved < logged < 24, (saved, logged)
+    out = run_ok(launch(workdir, *flags))
+    assert f"Resumed from step {saved} " in out
 
+    # Steps up to the checkpoint are logged once, those after it until the kill twice (redone),
+    # the rest once; every logged loss is the uninterrupted run's.
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(workdir)
-    assert sorted(whole) == sorted(resumed) == list(range(1, 25))
+    assert {s: len(v) for s, v in whole.items()} == {s: 1 for s in range(1, 25)}
+    assert {s: len(v) for s, v in resumed.items()} == {
+        s: 2 if saved < s <= logged else 1 for s in range(1, 25)
+    }
     for step, values in resumed.items():
-        assert set(values) == set(whole[step]), step  # redone steps give the same loss
+        assert values == whole[step] * len(values), step
     a = checkpoint.load_variables(os.path.join(tmp_path / "whole", "weights"))[0]
     b = checkpoint.load_variables(os.path.join(workdir, "weights"))[0]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

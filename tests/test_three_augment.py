@@ -108,16 +108,22 @@ def denormalise(x: np.ndarray) -> np.ndarray:
 
 
 def test_train_transform_applies_one_op_and_no_erasing(photo):
-    """The full transform: about a third of the outputs are grey (all channels equal), even with
-    RandAugment and random erasing configured (3-Augment replaces both); seeded outputs."""
+    """The full transform: about a third of the outputs are grey (all channels equal), and with
+    RandAugment and random erasing (probability 1) configured every output equals the one of
+    the same seed with neither (3-Augment replaces both; RandAugment changes pixels, grey or
+    not, and erasing fills a box with noise); seeded outputs."""
+    assert augment_config().randaugment  # the base config's RandAugment policy is on
     image = tf.constant(np.asarray(photo))
     config = augment_config(color_jitter=0.0, reprob=1.0)
     fn = tf.function(lambda s: augment.train_preprocess(image, s, size=32, config=config))
+    bare = augment_config(color_jitter=0.0, reprob=0.0, randaugment="")
+    without = tf.function(lambda s: augment.train_preprocess(image, s, size=32, config=bare))
     grey = 0
     n = 60
     for i in range(n):
         out = fn(tf.constant([i, 3])).numpy()
         assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+        np.testing.assert_array_equal(out, without(tf.constant([i, 3])).numpy(), err_msg=str(i))
         pixels = denormalise(out)
         grey += bool(
             (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()

@@ -6,6 +6,7 @@ tests/test_train.py: a 2-device mesh against 1 device to a relative 1e-4 on the 
 1e-4 absolute on the parameters; a resumed run against the uninterrupted one to 1e-6.
 """
 
+import logging
 import os
 import shutil
 from typing import Any
@@ -94,17 +95,20 @@ def assert_exported_student(workdir, stored):
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_plain_student_logit_kd_on_a_two_device_mesh(kind, data_dir, teacher, tmp_path):
     config = student_config(data_dir, teacher, kind)
+    one = train.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
     metrics = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:2])
     losses = np.array(train_losses(tmp_path))
     assert losses.shape == (8, 2) and np.all(np.isfinite(losses)) and np.all(losses[:, 1] > 0)
-    assert 0.0 <= metrics["teacher_top1"] <= 1.0 and 0.0 <= metrics["agreement"] <= 1.0
+    np.testing.assert_allclose(losses, train_losses(tmp_path / "one"), rtol=1e-4)
+    for key in ("top1", "teacher_top1", "agreement"):
+        assert metrics[key] == pytest.approx(one[key], abs=1 / 360), key
     stored = checkpoint_params(tmp_path)
     assert "projection" not in stored  # the checkpoint layout of logit KD is the usual one
     assert_exported_student(tmp_path, stored)
 
 
 def test_plain_student_feature_kd_one_and_two_devices_resume_and_export(
-    data_dir, teacher, tmp_path
+    data_dir, teacher, tmp_path, caplog
 ):
     config = student_config(data_dir, teacher, "feature")
     one = str(tmp_path / "one")
@@ -124,7 +128,14 @@ def test_plain_student_feature_kd_one_and_two_devices_resume_and_export(
     shutil.copytree(one, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
     shutil.rmtree(os.path.join(resumed, "weights"))
-    train.train_and_evaluate(config, resumed, devices=jax.devices()[:1])
+    with caplog.at_level(logging.INFO, logger="deit_jax.train"):
+        train.train_and_evaluate(config, resumed, devices=jax.devices()[:1])
+    assert "Resumed from step 4 in" in caplog.text
+    # The copied metrics hold steps 1-8; the resumed run appended 5-8 (a restart, 1-8), and
+    # the redone steps repeat the uninterrupted run's losses.
+    records = read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+    assert [r["step"] for r in records if "train/loss" in r] == [*range(1, 9), 5, 6, 7, 8]
+    np.testing.assert_allclose(train_losses(resumed)[8:], losses[4:], rtol=1e-6)
     assert_trees_close(checkpoint_params(resumed), stored, atol=1e-6)
 
     # Evaluating the checkpoint restores the state with its projection.

@@ -519,6 +519,11 @@ def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
     for position, share in enumerate(shares):
         local = slice(position * rows, (position + 1) * rows)
         target = (epoch, slice(steps.start, steps.stop), slice(share * rows, (share + 1) * rows))
+        # Which process writes which chunk (tests check that each writes only its own shares').
+        log.debug(
+            "Teacher cache: process %d writes chunk %s",
+            jax.process_index(), _chunk_key(epoch, steps.start // layout.chunk_steps, share),
+        )  # fmt: skip
         futures.append(arrays["values"][target].write(values[:, local]).commit)
         futures.append(arrays["indices"][target].write(indices[:, local]).commit)
     return futures
