@@ -77,7 +77,11 @@ def _tfds_info(name: str, data_dir: str) -> dict | None:
     # builder/version/ or builder/config/version/ (a builder name alone: its first config).
     found = sorted(glob.glob(os.path.join(base, "*", "dataset_info.json")))
     if not found and "/" not in name:
-        found = sorted(glob.glob(os.path.join(base, "*", "*", "dataset_info.json")))
+        # A builder with configs: tfds's default is its first, e.g. imagenet_v2's
+        # matched-frequency (the first in sorted order too for the ImageNet sets).
+        nested = sorted(glob.glob(os.path.join(base, "*", "*", "dataset_info.json")))
+        first = nested[0].split(os.sep)[-3] if nested else None
+        found = [p for p in nested if p.split(os.sep)[-3] == first]
     for path in reversed(found):
         try:
             with open(path) as f:
