@@ -178,7 +178,10 @@ def _eval_loop(eval_step, eval_data, args) -> dict[str, float]:
     count = totals.pop("count")
     # ReaL accuracies count only the images that have real labels.
     real = totals.pop("real_count", None)
-    out = {k: v / (real if k.startswith("real_") else count) for k, v in totals.items()}
+    out = {
+        k: v / ((real or float("nan")) if k.startswith("real_") else count)
+        for k, v in totals.items()
+    }
     return out | {"count": count} | ({} if real is None else {"real_count": real})
 
 
