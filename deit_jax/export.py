@@ -20,10 +20,10 @@ which `timm.create_model("hf-hub:USER/REPO", pretrained=True)` works the same. A
 loads as timm's `VisionTransformerDistilled` with both heads; in eval mode it returns their
 average, as deit_jax's eval does.
 
-Every registry model timm has exports: DeiT, distilled DeiT, DeiT III (also with a distillation
-token), any overridden size, and the ResNet / RegNetY teachers. Other model classes (`cnn_small`)
-are refused, naming the model; a model family that timm gains (CLIP image towers) plugs in with
-`register_timm_export`.
+Every registry model timm has exports: DeiT, distilled DeiT, DeiT III, any overridden size, and
+the ResNet / RegNetY teachers. What timm lacks is refused, naming the model: `cnn_small`, and a
+DeiT III given a distillation token (timm's distilled ViT has no DeiT III position embeddings).
+A model family that timm gains (CLIP image towers) plugs in with `register_timm_export`.
 """
 
 from __future__ import annotations
@@ -85,9 +85,16 @@ def _deit_spec(name: str, options: dict[str, Any]) -> TimmSpec:
     # Every architecture argument is passed explicitly, so the timm entry point only selects the
     # class: VisionTransformerDistilled (two heads) or VisionTransformer.
     distilled = bool(options["distilled"])
+    if distilled and options["no_embed_class"]:
+        # timm's VisionTransformerDistilled always gives pos_embed rows to both tokens.
+        raise ExportError(
+            f"{name!r} with a distillation token has no timm architecture: timm's distilled "
+            "ViT has no DeiT III (no_embed_class) position embeddings. Export a DeiT III "
+            "student without distilled=True, or a deit_* student."
+        )
     if name.startswith("deit_") and ("_distilled_" in name) == distilled:
         architecture = name
-    else:  # e.g. a DeiT III student with a distillation token, a DeiT without one
+    else:  # e.g. a deit_* model with distilled=False, or one with an added token
         architecture = "deit_base_distilled_patch16_224" if distilled else "deit_base_patch16_224"
     size = options["img_size"]
     keys = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
