@@ -92,7 +92,9 @@ def _deit_spec(name: str, options: dict[str, Any]) -> TimmSpec:
             "ViT has no DeiT III (no_embed_class) position embeddings. Export a DeiT III "
             "student without distilled=True, or a deit_* student."
         )
-    if name.startswith("deit_") and ("_distilled_" in name) == distilled:
+    if (name.startswith("deit_") and ("_distilled_" in name) == distilled) or (
+        name.startswith("deit3_") and not distilled
+    ):
         architecture = name
     else:  # e.g. a deit_* model with distilled=False, or one with an added token
         architecture = "deit_base_distilled_patch16_224" if distilled else "deit_base_patch16_224"

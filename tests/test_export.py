@@ -194,6 +194,10 @@ def test_bad_weights_dirs_and_outputs_are_refused(run, tmp_path, caplog):
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
     with pytest.raises(export.ExportError, match="timm has no architecture for 'cnn_small'"):
         export.export(run["root"] / "teacher", tmp_path / "o4")
+    with pytest.raises(export.ExportError, match="no DeiT III .no_embed_class. position"):
+        export.timm_spec("deit3_small_patch16_224", {"distilled": True})
+    spec = export.timm_spec("deit3_small_patch16_224", {"depth": 2, "num_classes": 5})
+    assert spec.architecture == "deit3_small_patch16_224" and spec.kwargs["init_values"] == 1e-6
 
 
 def test_older_weights_dirs_export_with_defaults_and_a_warning(run, tmp_path, caplog):
