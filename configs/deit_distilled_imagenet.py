@@ -13,6 +13,11 @@ Argument: tiny | small | base. The teacher runs inside the same jitted step, add
 (Ti) to 15% (B) to the step's FLOPs. Hardware and time as configs/deit_imagenet.py plus that.
 Expected ImageNet top-1 (paper, both heads averaged): DeiT-Ti 74.5, DeiT-S 81.2, DeiT-B 83.4;
 class head alone 73.9 / 80.9 / 83.0, distillation head alone 74.6 / 81.1 / 83.1.
+ImageNet / ImageNet-ReaL / ImageNet-V2 (matched-frequency) top-1, timm's evaluation of the released
+weights (pytorch-image-models results/ CSVs, commit aa4b585, crop 0.9):
+DeiT-Ti 74.54 / 82.01 / 62.76, DeiT-S 81.20 / 86.99 / 70.51, DeiT-B 83.38 / 88.21 / 72.97. Evaluate
+all three in one run: --config.data.extra_eval=imagenet2012_real,imagenet_v2/matched-frequency:test
+(each prepared once with `tfds build`; ReaL reports `real_top1` under eval_imagenet2012_real/).
 """
 
 from deit_jax.config import base_config

@@ -10,6 +10,11 @@ Hardware and time: the paper trains DeiT-B in 53 h on one 8-V100 node (DeiT-S ab
 4 GPUs, DeiT-Ti similar); expect the same order on a TPU v3-8 / 8 A100s, and about 5x less on a
 v4-32 or 8 H100s with `--config.dtype=bfloat16`.
 Expected ImageNet top-1 (paper): DeiT-Ti 72.2, DeiT-S 79.8, DeiT-B 81.8.
+ImageNet / ImageNet-ReaL / ImageNet-V2 (matched-frequency) top-1, timm's evaluation of the released
+weights (pytorch-image-models results/ CSVs, commit aa4b585, crop 0.9):
+DeiT-Ti 72.19 / 80.03 / 59.92, DeiT-S 79.86 / 85.67 / 68.53, DeiT-B 81.98 / 86.83 / 70.97. Evaluate
+all three in one run: --config.data.extra_eval=imagenet2012_real,imagenet_v2/matched-frequency:test
+(each prepared once with `tfds build`; ReaL reports `real_top1` under eval_imagenet2012_real/).
 """
 
 from deit_jax.config import base_config

@@ -44,15 +44,24 @@ def save_variables(
     *,
     model_name: str,
     model_overrides: dict[str, Any] | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Writes `variables` to `directory` (which must not exist yet)."""
+    """Writes `variables` to `directory` (which must not exist yet).
+
+    `extra_metadata` (JSON values) joins the model name and overrides in deit_jax.json: a
+    finished run records its data, preprocessing and recipe there (read by deit_jax.export).
+    """
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory):
         raise FileExistsError(f"{directory!r} already exists; choose a new output directory.")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, _ITEM), variables)
         checkpointer.wait_until_finished()
-    metadata = {"model_name": model_name, "model_overrides": model_overrides or {}}
+    metadata = {
+        **(extra_metadata or {}),
+        "model_name": model_name,
+        "model_overrides": model_overrides or {},
+    }
     with open(os.path.join(directory, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
 

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ""  # where manually downloaded archives live (ImageNet)
     c.data.train_split = "train"
     c.data.eval_split = "validation"
+    # More eval sets, each logged under its own prefix: comma-separated "name[:split]" entries,
+    # e.g. "imagenet2012_real, imagenet_v2:test" (deit_jax/eval_sets.py).
+    c.data.extra_eval = ""
     c.data.img_size = 224
     c.data.crop_pct = 0.875  # eval: resize to int(img_size / crop_pct), then centre crop
     c.data.repeated_aug = 3  # repeated augmentation factor (1 = off)

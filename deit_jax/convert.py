@@ -13,6 +13,9 @@ Command line (writes an Orbax checkpoint that training and evaluation load with 
 
   python -m deit_jax.convert --checkpoint deit_tiny_distilled_patch16_224-b40b3cf7.pth \\
       --model deit_tiny_distilled_patch16_224 --output /tmp/deit_ti_distilled
+
+`--checkpoint` may also be a folder written by `python -m deit_jax.export` (the other
+direction), whose config.json names the model and its overrides: no --model needed.
 """
 
 from __future__ import annotations
@@ -316,9 +319,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m deit_jax.convert",
         description="Convert an official DeiT / timm PyTorch checkpoint into an Orbax checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help=".pth, .pt, .bin or .safetensors file")
     parser.add_argument(
-        "--model", required=True, help="registered model name, e.g. deit_tiny_patch16_224"
+        "--checkpoint",
+        required=True,
+        help=".pth, .pt, .bin or .safetensors file, or a folder from python -m deit_jax.export",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="registered model name, e.g. deit_tiny_patch16_224 (an exported folder names it)",
     )
     parser.add_argument(
         "--output", required=True, help="directory for the Orbax checkpoint (must not exist)"
@@ -338,7 +347,16 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {
         k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
     }
-    variables = load_torch_checkpoint(args.checkpoint, args.model, **overrides)
+    if os.path.isdir(args.checkpoint):  # A timm / Hub folder written by deit_jax.export.
+        from deit_jax.export import read_folder
+
+        state_dict, args.model, saved = read_folder(args.checkpoint)
+        overrides = {**saved, **overrides}
+        variables = torch_to_flax(state_dict, args.model, **overrides)
+    elif args.model is None:
+        raise SystemExit("error: --model is required for a checkpoint file")
+    else:
+        variables = load_torch_checkpoint(args.checkpoint, args.model, **overrides)
     checkpoint.save_variables(
         args.output, variables, model_name=args.model, model_overrides=overrides
     )

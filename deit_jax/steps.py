@@ -196,6 +196,8 @@ def make_eval_step(
     (`top1`, the heads' average for a distilled model), its class and distillation heads
     (`cls_top1`, `dist_top1`, ...), the EMA weights (`ema_top1`), the teacher (`teacher_top1`)
     and teacher-student agreement; plus the cross-entropy `loss` and the example `count`.
+    A batch with `real` (ImageNet-ReaL's (B, classes) label sets) adds `real_top1`/`real_top5`
+    hits (a prediction in the set), summed over the `real_count` images that have a set.
     """
     distilled = bool(getattr(model, "distilled", False))
     # Both heads, deterministically: train-mode output format with every drop rate at zero.
@@ -224,6 +226,14 @@ def make_eval_step(
             add(prefix, logits)
         logp = jax.nn.log_softmax(outputs[""].astype(jnp.float32))
         sums["loss"] = (-jnp.take_along_axis(logp, labels[:, None], -1)[:, 0] * mask).sum()
+        if "real" in batch:
+            real = batch["real"].astype(bool)
+            has = real.any(-1).astype(jnp.float32) * mask
+            top5 = jax.lax.top_k(outputs[""].astype(jnp.float32), min(5, real.shape[-1]))[1]
+            hits = jnp.take_along_axis(real, top5, axis=-1)
+            sums["real_count"] = has.sum()
+            sums["real_top1"] = (hits[:, 0] * has).sum()
+            sums["real_top5"] = (hits.any(-1) * has).sum()
         if ema_params:
             add("ema_", predict(ema_params, model_state, batch["image"])[""])
         if teacher is not None:

@@ -9,6 +9,7 @@ workdir)` evaluates the latest checkpoint, or the weights in `config.init_from`.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import signal
@@ -175,7 +176,18 @@ def _eval_loop(eval_step, eval_data, args) -> dict[str, float]:
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count")
-    return {k: v / count for k, v in totals.items()} | {"count": count}
+    # ReaL accuracies count only the images that have real labels.
+    real = totals.pop("real_count", None)
+    out = {
+        k: v / ((real or float("nan")) if k.startswith("real_") else count)
+        for k, v in totals.items()
+    }
+    return out | {"count": count} | ({} if real is None else {"real_count": real})
+
+
+def _eval_extra(extra_evals, eval_step, args) -> dict[str, dict[str, float]]:
+    """Metrics of each extra eval set (`config.data.extra_eval`), by prefix."""
+    return {prefix: _eval_loop(eval_step, passes, args) for prefix, passes in extra_evals}
 
 
 # --------------------------------------------------------------------------- training
@@ -204,6 +216,9 @@ def train_and_evaluate(
     # Before anything is built or compiled: a cache written for another stream is refused now.
     reader = cache.CacheReader(config, train_data) if config.teacher.cache else None
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
+    extra_evals = data.build_extra_evals(
+        config, mesh, sharding.DATA_AXES, num_classes=info.num_classes
+    )
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
     eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
@@ -306,8 +321,17 @@ def train_and_evaluate(
                         (state.params, state.model_state, state.ema_params, teacher_variables),
                     )
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    extra = _eval_extra(
+                        extra_evals,
+                        eval_step,
+                        (state.params, state.model_state, state.ema_params, teacher_variables),
+                    )
+                    for prefix, values in extra.items():
+                        writer.write(step, {f"{prefix}/{k}": v for k, v in values.items()})
                     if jax.process_index() == 0:  # tqdm.write prints even when disabled
                         progress.write(_format_eval(step, eval_metrics))
+                        for prefix, values in extra.items():
+                            progress.write(_format_eval(step, values).replace("eval", prefix, 1))
                 if evaluated or checkpointer.should_save(step) or stop["signal"]:
                     _check_finite(state, step)
                     checkpointer.save(
@@ -332,7 +356,7 @@ def train_and_evaluate(
             # Raised, not returned, so that callers running several stages (the quickstart)
             # stop here too instead of starting the next one.
             raise Preempted(f"SIGTERM: checkpoint saved in {checkpointer.directory}")
-        _export(workdir, config, state, info.num_classes)
+        _export(workdir, config, state, info)
         if not eval_metrics and start_step >= total_steps:
             eval_metrics = _eval_loop(
                 eval_step,
@@ -358,8 +382,46 @@ def _format_eval(step: int, metrics: dict[str, float]) -> str:
     return f"eval @ step {step}: " + ", ".join(parts) + f" (loss {metrics['loss']:.4f})"
 
 
+def run_metadata(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict[str, Any]:
+    """What `deit_jax.export` needs besides the weights: the run's data, preprocessing and
+    recipe (stored in the weights directory's deit_jax.json)."""
+    d = config.data
+    size = d.img_size if isinstance(d.img_size, int) else list(d.img_size)
+    distilling = config.distillation.kind != "none"
+    return {
+        "data": {
+            "name": d.name,
+            "train_split": d.train_split,
+            "eval_split": d.eval_split,
+            "extra_eval": d.get("extra_eval", ""),
+            "img_size": size,
+            "crop_pct": d.crop_pct,
+            "interpolation": "bicubic",  # the eval transform's (augment.eval_preprocess)
+            "mean": list(config.augment.mean),
+            "std": list(config.augment.std),
+            "class_names": list(info.class_names) if info.class_names else None,
+        },
+        "recipe": {
+            "num_epochs": config.num_epochs,
+            "batch_size": config.batch_size,
+            "optimizer": config.optim.name,
+            "lr": config.optim.lr,
+            "loss": config.loss,
+            "distillation": config.distillation.kind,
+            "alpha": config.distillation.alpha if distilling else None,
+            "tau": config.distillation.tau if config.distillation.kind == "soft" else None,
+            "teacher": config.teacher.name if distilling else None,
+            "teacher_checkpoint": config.teacher.checkpoint if distilling else None,
+        },
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+
 def _export(
-    workdir: str, config: ml_collections.ConfigDict, state: steps.TrainState, num_classes: int
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    state: steps.TrainState,
+    info: data.DatasetInfo,
 ) -> None:
     """Final weights as a deit_jax weights directory (usable as a teacher or with init_from)."""
     path = os.path.join(workdir, "weights")
@@ -368,9 +430,13 @@ def _export(
     # Inference weights: the student alone, without feature distillation's projection.
     params = feature_distillation.student_params(state.params)
     variables = {"params": params, **state.model_state}
-    overrides = student_overrides(config, num_classes)
+    overrides = student_overrides(config, info.num_classes)
     checkpoint.save_variables(
-        path, variables, model_name=config.model_name, model_overrides=overrides
+        path,
+        variables,
+        model_name=config.model_name,
+        model_overrides=overrides,
+        extra_metadata=run_metadata(config, info),
     )
     log.info("Exported final weights to %s", path)
 
@@ -424,5 +490,13 @@ def evaluate(
                 jax.device_put(teacher_variables, sharding.replicated(mesh)),
             ),
         )
+        teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
+        extra = _eval_extra(
+            data.build_extra_evals(config, mesh, sharding.DATA_AXES, num_classes=info.num_classes),
+            jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes))),
+            (params, model_state, ema, teacher_variables),
+        )
     print(_format_eval(-1, metrics).replace("step -1", "evaluation"))
-    return metrics
+    for prefix, values in extra.items():
+        print(_format_eval(-1, values).replace("eval @ step -1", f"{prefix} evaluation"))
+    return metrics | {f"{p}/{k}": v for p, values in extra.items() for k, v in values.items()}

@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from deit_jax import eval_sets
 from deit_jax.errors import ConfigError
 from deit_jax.models.registry import list_models, model_options
 
@@ -234,6 +235,24 @@ def _model_keys_message(c: Context) -> str:
     )
 
 
+def _extra_eval_problem(v: Any, c: Context) -> str | None:
+    """What is wrong with `data.extra_eval` (syntax, a duplicate, a missing or empty set)."""
+    try:
+        sets = eval_sets.parse(v)
+    except ValueError as e:
+        return f"must be comma-separated name[:split] entries ({e})"
+    prefixes = [s.prefix for s in sets]
+    if "eval" in prefixes or len(set(prefixes)) < len(prefixes):
+        return "lists a set twice (each is logged under eval_<name>[_<split>]); remove one"
+    data_dir = c.get("data.data_dir")
+    main_split = c.get("data.eval_split")
+    for s in sets:
+        found = eval_sets.problem(s, data_dir if isinstance(data_dir, str) else "", main_split)
+        if found:
+            return found
+    return None
+
+
 _WEIGHTS = (
     "a deit_jax weights directory (python -m deit_jax.convert, or the `weights` directory of a "
     "finished run) or a .pth/.safetensors file"
@@ -367,6 +386,12 @@ RULES: tuple[Rule, ...] = (
     Rule("data.manual_dir", _existing_path, "must be '' or an existing directory"),
     Rule("data.train_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
     Rule("data.eval_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
+    Rule(
+        "data.extra_eval",
+        lambda v, c: _extra_eval_problem(v, c) is None,
+        lambda c: _extra_eval_problem(c.get("data.extra_eval"), c),
+        after=("data.eval_split",),
+    ),
     Rule("data.img_size", _image_size, "must be a positive integer (or a (height, width) pair)"),
     Rule("data.img_size", _fits_patches, _patch_message, after=("model_name", "model")),
     Rule("data.crop_pct", _in(0, 1, lo_open=True), "must be in (0, 1] (0.875 for DeiT at 224)"),

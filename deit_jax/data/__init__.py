@@ -8,6 +8,7 @@ from deit_jax.data.pipeline import (
     EvalIterable,
     TrainIterator,
     build_eval,
+    build_extra_evals,
     build_train,
     dataset_info,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "EvalIterable",
     "TrainIterator",
     "build_eval",
+    "build_extra_evals",
     "build_train",
     "dataset_info",
 ]

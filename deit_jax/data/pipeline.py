@@ -33,6 +33,7 @@ the batches past the end of a process's share are padded with `mask == False`, s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -47,6 +48,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from deit_jax import eval_sets
 from deit_jax._compat import import_tensorflow
 from deit_jax.data import augment, mixup, sources
 from deit_jax.errors import DataError
@@ -65,6 +67,7 @@ class DatasetInfo:
     num_train: int
     num_eval: int
     image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] | None = None  # in label order, where the data set has them
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -76,6 +79,7 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
         num_train=source.num_examples(config.data.train_split),
         num_eval=source.num_examples(config.data.eval_split),
         image_shape=(*size, 3),
+        class_names=tuple(source.class_names) if source.class_names else None,
     )
 
 
@@ -394,7 +398,10 @@ class EvalIterable(_Feeder):
             image = augment.eval_preprocess(
                 ex["image"], size=size, crop_pct=data.crop_pct, mean=aug.mean, std=aug.std
             )
-            return {"image": image, "label": ex["label"], "id": record["id"], "mask": True}
+            out = {"image": image, "label": ex["label"], "id": record["id"], "mask": True}
+            if self.source.real_labels:
+                out["real"] = ex["real"]
+            return out
 
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
         start, stop = self.source.shard_range(split, self.share, self.num_shares)
@@ -404,12 +411,43 @@ class EvalIterable(_Feeder):
             "id": tf.constant(-1, tf.int32),
             "mask": False,
         }
+        if self.source.real_labels:
+            padding["real"] = tf.zeros((self.num_classes,), tf.bool)
         pad = self.steps * self.local_batch - (stop - start)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
         if not self.with_ids:
             ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "id"})
         ds = ds.batch(self.local_batch, drop_remainder=True)
         return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+def build_extra_evals(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    data_axes: Sequence[str] = ("data",),
+    *,
+    num_classes: int,
+) -> list[tuple[str, EvalIterable]]:
+    """`(prefix, passes)` of each set in `config.data.extra_eval` (see deit_jax/eval_sets.py).
+
+    A set is read like the main eval split (same size, crop, normalisation) and must predict the
+    same `num_classes` classes as the model.
+    """
+    out = []
+    for eval_set in eval_sets.parse(config.data.extra_eval):
+        cfg = copy.deepcopy(config)
+        cfg.data.name = eval_set.name
+        source = _source(cfg.data)
+        cfg.data.eval_split = eval_sets.resolve_split(
+            eval_set, source.split_names(), config.data.eval_split
+        )
+        if source.num_classes != num_classes:
+            raise DataError(
+                f"Extra eval set {str(eval_set)!r} has {source.num_classes} classes, the model "
+                f"predicts {num_classes}; remove it from config.data.extra_eval."
+            )
+        out.append((eval_set.prefix, build_eval(cfg, mesh, data_axes)))
+    return out
 
 
 class _Prefetcher:

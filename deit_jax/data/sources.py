@@ -58,6 +58,11 @@ class Source:
     num_classes: int
     # True when `read(shuffle_seed=...)` already gives a uniform permutation (no buffer needed).
     exact_shuffle: bool = False
+    # Class names in label order, where the data set has them (exported with the model).
+    class_names: list[str] | None = None
+    # True when `load` also returns `real`: (num_classes,) bool, the image's set of reassessed
+    # labels (ImageNet-ReaL; all False when it has none).
+    real_labels: bool = False
 
     def split_sizes(self) -> dict[str, int]:
         """Number of examples of each named split."""
@@ -150,6 +155,11 @@ class TfdsSource(Source):
         self.image_key, self.label_key = info.supervised_keys or ("image", "label")
         features = info.features
         keys = features.keys()
+        # ImageNet-ReaL's supervised label is its set of real labels; the class label is the
+        # original one, and the set is returned beside it.
+        self.real_labels = "real_label" in keys and "original_label" in keys
+        if self.real_labels:
+            self.image_key, self.label_key = "image", "original_label"
         if not (
             self.image_key in keys
             and self.label_key in keys
@@ -161,6 +171,7 @@ class TfdsSource(Source):
                 f"an Image feature and a ClassLabel feature, got {features}."
             )
         self.num_classes = features[self.label_key].num_classes
+        self.class_names = list(features[self.label_key].names)
         if info.file_format not in (None, tfds.core.FileFormat.TFRECORD):
             raise DataError(
                 f"Data set {self.name!r} is stored as {info.file_format.value}; deit_jax reads "
@@ -221,7 +232,11 @@ class TfdsSource(Source):
         ex = self.builder.info.features.deserialize_example(
             record["record"], decoders={self.image_key: tfds.decode.SkipDecoding()}
         )
-        return {"image": ex[self.image_key], "label": tf.cast(ex[self.label_key], tf.int32)}
+        out = {"image": ex[self.image_key], "label": tf.cast(ex[self.label_key], tf.int32)}
+        if self.real_labels:
+            hot = tf.one_hot(tf.cast(ex["real_label"], tf.int32), self.num_classes)
+            out["real"] = tf.reduce_sum(hot, axis=0) > 0  # (num_classes,), none for no labels
+        return out
 
 
 class FolderSource(Source):
