@@ -168,6 +168,27 @@ def _eval_teacher(teacher: nn.Module | None, num_classes: int) -> nn.Module | No
     return teacher
 
 
+def _eval_step(config, model, teacher, info: data.DatasetInfo):
+    """The jitted eval step: with a teacher also the teacher-student KL at the run's tau and
+    reduction; only KL and agreement for label-free data."""
+    return jax.jit(
+        steps.make_eval_step(
+            model,
+            _eval_teacher(teacher, info.num_classes),
+            tau=config.distillation.tau,
+            kl_reduction=config.distillation.kl_reduction,
+            labelled=info.labelled,
+        )
+    )
+
+
+def _best_metric(info: data.DatasetInfo, teacher: nn.Module | None) -> str | None:
+    """What ranks checkpoints: top-1, or without labels the agreement with the teacher."""
+    if info.labelled:
+        return BEST_METRIC
+    return "agreement" if _eval_teacher(teacher, info.num_classes) is not None else None
+
+
 def _eval_loop(eval_step, eval_data, args) -> dict[str, float]:
     totals: dict[str, float] = {}
     for batch in eval_data:
@@ -196,7 +217,7 @@ def train_and_evaluate(
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
-    teacher, teacher_variables = build_teacher(config, info.num_classes)
+    teacher, teacher_variables = build_teacher(config, info.num_classes, workdir)
     teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
     projection = _projection(config, model, teacher)
 
@@ -214,13 +235,14 @@ def train_and_evaluate(
         num_epochs=config.num_epochs,
     )
 
+    best_metric = _best_metric(info, teacher)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
         init, abstract, state_shardings = _state_and_shardings(config, model, tx, mesh, projection)
         checkpointer = checkpoint.TrainCheckpointer(
             os.path.join(workdir, "checkpoints"),
             save_every_steps=config.checkpoint_every_steps,
             keep=config.keep_checkpoints,
-            best_metric=BEST_METRIC,
+            best_metric=best_metric,
         )
         restored = checkpointer.restore(abstract)
         if restored is not None:
@@ -254,7 +276,7 @@ def train_and_evaluate(
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
-        eval_step = jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes)))
+        eval_step = _eval_step(config, model, teacher, info)
         writer = MetricsWriter(workdir)
         log.info(
             "Training %s (%s params) on %s: %d steps of %d images, %d devices %s",
@@ -314,7 +336,9 @@ def train_and_evaluate(
                         step,
                         state,
                         data_state=train_data.get_state(),
-                        metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if evaluated else None,
+                        metrics={best_metric: eval_metrics[best_metric]}
+                        if evaluated and best_metric
+                        else None,
                         force=True,
                     )
                 if stop["signal"]:
@@ -355,7 +379,10 @@ def _check_finite(state: steps.TrainState, step: int) -> None:
 
 def _format_eval(step: int, metrics: dict[str, float]) -> str:
     parts = [f"{k} {100 * v:.2f}" for k, v in metrics.items() if "top1" in k or k == "agreement"]
-    return f"eval @ step {step}: " + ", ".join(parts) + f" (loss {metrics['loss']:.4f})"
+    values = [f"{k} {metrics[k]:.4f}" for k in ("loss", "kl") if k in metrics]
+    return (
+        f"eval @ step {step}: " + ", ".join(parts) + (f" ({', '.join(values)})" if values else "")
+    )
 
 
 def _export(
@@ -383,7 +410,7 @@ def evaluate(
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
-    teacher, teacher_variables = build_teacher(config, info.num_classes)
+    teacher, teacher_variables = build_teacher(config, info.num_classes, os.path.abspath(workdir))
     projection = _projection(config, model, teacher)
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
     tx, _ = optim.create_optimizer(
@@ -398,7 +425,7 @@ def evaluate(
             os.path.join(os.path.abspath(workdir), "checkpoints"),
             save_every_steps=1,
             keep=config.keep_checkpoints,
-            best_metric=BEST_METRIC,
+            best_metric=_best_metric(info, teacher),
         )
         restored = checkpointer.restore(abstract, delete_unreadable=False)
         checkpointer.close()
@@ -415,7 +442,7 @@ def evaluate(
                 "--config.init_from weights."
             )
         metrics = _eval_loop(
-            jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes))),
+            _eval_step(config, model, teacher, info),
             eval_data,
             (
                 params,
