@@ -1,4 +1,5 @@
-"""Models: DeiT and DeiT III variants and convnet teachers behind one registry (`create_model`)."""
+"""Models: DeiT and DeiT III variants, convnet teachers and CLIP behind one registry
+(`create_model`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from deit_jax.models import clip as _clip
+from deit_jax.models.clip import CLIP
 from deit_jax.models.cnn import SmallCNN
 from deit_jax.models.registry import (
     create_model,
@@ -23,6 +26,7 @@ from deit_jax.models.vit import Attention, Block, DeiT, DropPath, LayerScale, Ml
 __all__ = [
     "Attention",
     "Block",
+    "CLIP",
     "DeiT",
     "LayerScale",
     "DropPath",
@@ -79,6 +83,7 @@ def _register_deit3() -> None:
 
 _register_deit()
 _register_deit3()
+_clip.register(register_model)
 
 
 def forward_with_intermediates(
