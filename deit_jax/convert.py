@@ -9,10 +9,15 @@ parameter, for DeiT and the convnet teachers alike:
   norm/scale                 ->  norm.weight
   s1/b1/conv1/bn/mean        ->  s1.b1.conv1.bn.running_mean (collection 'batch_stats')
 
+CLIP models (`clip_*`) take open_clip / OpenAI files (also OpenAI's TorchScript `.pt`, read as
+data) and transformers CLIP directories: `deit_jax.convert_clip`.
+
 Command line (writes an Orbax checkpoint that training and evaluation load with `init_from`):
 
   python -m deit_jax.convert --checkpoint deit_tiny_distilled_patch16_224-b40b3cf7.pth \\
       --model deit_tiny_distilled_patch16_224 --output /tmp/deit_ti_distilled
+  python -m deit_jax.convert --checkpoint ~/clip-vit-base-patch32 --model clip_vit_b32 \\
+      --output /tmp/clip_b32     # a transformers directory: its tokenizer is copied too
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import argparse
 import logging
 import os
 import re
+import shutil
+import sys
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -31,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from deit_jax import _compat, checkpoint
+from deit_jax import _compat, checkpoint, convert_clip
 from deit_jax.checkpoint import CheckpointMismatchError
-from deit_jax.errors import CheckpointError, WeightsNotFoundError
-from deit_jax.models import create_model, input_size
+from deit_jax.errors import CheckpointError, UserError, WeightsNotFoundError
+from deit_jax.models import create_model, input_size, model_options
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +180,16 @@ def torch_to_flax(
     resized as in the reference; with another `num_classes`, classifier heads are dropped and
     freshly initialised (from `rng`), with a warning. Any other missing, unexpected or mis-shaped
     key raises `CheckpointMismatchError` listing all of them.
+
+    For a CLIP model, the state dict is open_clip's or transformers'; its sizes are read from the
+    shapes (`overrides` win).
     """
+    if is_clip(model_name):
+        state = convert_clip.normalize_open_clip(unwrap_state_dict(state_dict))
+        if any(k.startswith(("vision_model.", "text_model.")) for k in state):
+            state = convert_clip.hf_to_open_clip(state)
+        sizes = convert_clip.open_clip_overrides(state)
+        return convert_clip.torch_to_flax(state, model_name, **{**sizes, **overrides})
     model = create_model(model_name, **overrides)
     template = _template(model)
     source = {
@@ -239,8 +255,11 @@ def torch_to_flax(
 def flax_to_torch(variables: Mapping[str, Any], model_name: str | None = None) -> dict[str, Any]:
     """Converts Flax variables to a PyTorch state dict (torch tensors) that timm's model loads.
 
-    `model_name`, when given, checks first that the variables fit that registered model.
+    `model_name`, when given, checks first that the variables fit that registered model. CLIP
+    variables give an open_clip state dict (`convert_clip.flax_to_hf` gives transformers').
     """
+    if "visual" in variables.get("params", {}):
+        return convert_clip.flax_to_open_clip(variables)
     torch = _compat.import_torch()
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(variables)))
     flat = {k: v for k, v in flat.items() if k[0] in ("params", "batch_stats")}
@@ -298,17 +317,66 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             "loading is done with weights_only=True)."
         ) from e
     except Exception as e:  # pickle.UnpicklingError from the weights_only unpickler
-        raise CheckpointError(f"Refused to load {path!r}: {e}") from e
+        raise CheckpointError(_refusal(path, e)) from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path!r} holds a {type(checkpoint).__name__}, not a state dict.")
     return unwrap_state_dict(checkpoint)
 
 
+def _refusal(path: str, error: Exception) -> str:
+    """One line for a pickle the weights-only unpickler refused, without torch's advice to load
+    it with weights_only=False (which would run the file's code)."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        what = f"asks for {found[1]}"
+    else:  # torch's message: its advice, the reason, a link to its docs; keep the reason
+        parts = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+        reasons = [p for p in parts if "weights_only" not in p and "documentation" not in p]
+        what = "holds objects other than tensors" + (f" ({reasons[0]})" if reasons else "")
+    return (
+        f"Refused to load {path!r}: its pickle {what}, which is not part of a state dict. deit_jax "
+        "never runs code from a weights file (it reads them with torch.load(weights_only=True)); "
+        "use a .safetensors or plain state-dict copy of these weights."
+    )
+
+
+def is_clip(model_name: str) -> bool:
+    """Whether `model_name` is a CLIP (its weights convert through `deit_jax.convert_clip`)."""
+    return "text_width" in model_options(model_name)
+
+
+def inferred_overrides(path: str | os.PathLike, model_name: str) -> dict[str, Any]:
+    """What a PyTorch file or transformers directory says about the model, as `create_model`
+    overrides: a CLIP's sizes and activation; nothing for the DeiT models and convnets."""
+    if not is_clip(model_name):
+        return {}
+    if convert_clip.is_hf_dir(path):
+        return convert_clip.hf_overrides(convert_clip.hf_config(path))
+    return convert_clip.read_weights(path)[1]
+
+
 def load_torch_checkpoint(
     path: str | os.PathLike, model_name: str, **overrides: Any
 ) -> dict[str, Any]:
-    """Reads a PyTorch checkpoint file and converts it with `torch_to_flax`."""
-    return torch_to_flax(read_state_dict(path), model_name, **overrides)
+    """Reads a PyTorch checkpoint file and converts it with `torch_to_flax`.
+
+    For a CLIP model, `path` may also be a transformers CLIP directory or an OpenAI TorchScript
+    archive, and the file's `inferred_overrides` apply first (`overrides` win).
+    """
+    return load_with_overrides(path, model_name, **overrides)[0]
+
+
+def load_with_overrides(
+    path: str | os.PathLike, model_name: str, **overrides: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`load_torch_checkpoint`, also returning the overrides the model was built with (the
+    file's `inferred_overrides` updated by `overrides`), reading the file once."""
+    if is_clip(model_name):
+        state, inferred = convert_clip.read_weights(path)
+        overrides = {**inferred, **overrides}
+        return convert_clip.torch_to_flax(state, model_name, **overrides), overrides
+    return torch_to_flax(read_state_dict(path), model_name, **overrides), overrides
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -316,7 +384,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m deit_jax.convert",
         description="Convert an official DeiT / timm PyTorch checkpoint into an Orbax checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help=".pth, .pt, .bin or .safetensors file")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help=".pth, .pt, .bin or .safetensors file (CLIP: also a transformers model directory)",
+    )
     parser.add_argument(
         "--model", required=True, help="registered model name, e.g. deit_tiny_patch16_224"
     )
@@ -329,19 +401,46 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-classes", type=int, default=None, help="re-initialise heads for this many classes"
     )
+    parser.add_argument(
+        "--quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CLIP: QuickGELU (OpenAI's weights) or exact GELU, when the file does not say",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = _parse_args(argv)
+    try:
+        _convert(args)
+    except UserError as e:  # one line: the message says what to change
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _convert(args: argparse.Namespace) -> None:
     overrides = {
         k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
     }
-    variables = load_torch_checkpoint(args.checkpoint, args.model, **overrides)
+    if args.quick_gelu is not None:
+        overrides["quick_gelu"] = args.quick_gelu
+    # For CLIP, the file's sizes and activation join the overrides, recorded so that
+    # create_model(name, **overrides) rebuilds exactly the converted model.
+    variables, overrides = load_with_overrides(args.checkpoint, args.model, **overrides)
+    if os.path.exists(args.output):
+        raise CheckpointError(f"{args.output!r} already exists; choose a new output directory.")
     checkpoint.save_variables(
         args.output, variables, model_name=args.model, model_overrides=overrides
     )
+    if is_clip(args.model) and convert_clip.is_hf_dir(args.checkpoint):
+        os.makedirs(os.path.join(args.output, "tokenizer"))
+        for name in convert_clip.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(args.checkpoint, name)):
+                shutil.copy(
+                    os.path.join(args.checkpoint, name), os.path.join(args.output, "tokenizer")
+                )
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
     log.info(
         "Wrote %s (%s, %s values) to %s", args.checkpoint, args.model, f"{count:,}", args.output

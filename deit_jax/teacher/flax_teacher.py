@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from deit_jax import checkpoint, convert
+from deit_jax import checkpoint, convert, convert_clip
 from deit_jax.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from deit_jax.models import create_model, input_size, model_options, pooled_features
 
@@ -24,8 +24,10 @@ def compute_dtype(name: str) -> Any:
 
 def load_weights(path: str, model_name: str) -> tuple[Any, dict[str, Any]]:
     """`(variables, model_overrides)` from a deit_jax weights directory or a PyTorch /
-    safetensors checkpoint file (whose overrides are empty: the registered defaults)."""
-    if os.path.isdir(path):
+    safetensors checkpoint file (or, for CLIP, a transformers CLIP directory), whose overrides
+    are what the file says about the model (`convert.inferred_overrides`: a CLIP's sizes and
+    activation; empty for the others, the registered defaults)."""
+    if os.path.isdir(path) and not convert_clip.is_hf_dir(path):
         variables, metadata = checkpoint.load_variables(path)
         if metadata["model_name"] != model_name:
             raise CheckpointError(
@@ -39,7 +41,7 @@ def load_weights(path: str, model_name: str) -> tuple[Any, dict[str, Any]]:
             "deit_jax.convert, or the `weights` directory of a finished run) or a .pth / "
             ".safetensors file."
         )
-    return convert.load_torch_checkpoint(path, model_name), {}
+    return convert.load_with_overrides(path, model_name)
 
 
 def build_teacher(
