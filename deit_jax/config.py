@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Soft KD's summed KL divided by batch x classes ("numel", the DeiT reference) or by the
     # batch ("batchmean", Hinton / timm's tasks).
     c.distillation.kl_reduction = "numel"
+    # Soft KD's KL times tau**2 (Hinton, the DeiT reference, timm); False: the plain KL, as the
+    # brief's F.kl_div(log_softmax(s / T), softmax(t / T), reduction="batchmean").
+    c.distillation.tau_squared = True
     # Feature KD's distance: "mse" (timm's FeatureDistillationTask) or "cosine" (1 - cosine
     # similarity, e.g. to a CLIP teacher's image embedding).
     c.distillation.feature_loss = "mse"

@@ -116,6 +116,7 @@ def distillation_loss(
     teacher_features: jax.Array | None = None,
     base_criterion: str = "ce",
     feature_loss: str = "mse",
+    tau_squared: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The reference `DistillationLoss`, generalised to any student; returns `(total, {"base":
     ..., "distillation": ...})`.
@@ -147,6 +148,8 @@ def distillation_loss(
       teacher_features: (B, D) pooled pre-logit features of the teacher (kind "feature" only).
       base_criterion: the class head's loss, `base_loss`'s name ("ce" or "bce").
       feature_loss: the feature kind's distance, "mse" or "cosine" (`feature_distillation_loss`).
+      tau_squared: whether the soft KL is multiplied by tau**2 (Hinton, the DeiT reference,
+        timm); False gives the plain `F.kl_div(..., reduction=...)` of a KL-only loop.
     """
     if kind not in DISTILLATION_KINDS:
         raise ValueError(
@@ -184,7 +187,7 @@ def distillation_loss(
         log_t = _log_softmax(jnp.asarray(teacher_logits, jnp.float32) / tau)
         kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s))
         count = student_logits.size if kl_reduction == "numel" else student_logits.shape[0]
-        distill = kl * (tau * tau) / count
+        distill = kl * (tau * tau if tau_squared else 1.0) / count
     else:
         teacher_labels = jnp.argmax(teacher_logits, axis=-1)
         logp = _log_softmax(student_logits)
@@ -195,10 +198,16 @@ def distillation_loss(
 
 
 def soft_kl_per_example(
-    student_logits: jax.Array, teacher_logits: jax.Array, *, tau: float, kl_reduction: str
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    tau: float,
+    kl_reduction: str,
+    tau_squared: bool = True,
 ) -> jax.Array:
     """(B,) per-example soft distillation terms whose batch mean is the "soft" loss's value:
-    KL(softmax(t / tau) || softmax(s / tau)) * tau**2, divided by the class count for "numel".
+    KL(softmax(t / tau) || softmax(s / tau)) (* tau**2 with `tau_squared`), divided by the class
+    count for "numel".
 
     For evaluation (the teacher-student KL on held-out images): masked sums of these, divided
     by the example count, give the training term's definition over the whole eval set.
@@ -206,7 +215,7 @@ def soft_kl_per_example(
     check_kl_reduction(kl_reduction)
     log_s = _log_softmax(jnp.asarray(student_logits, jnp.float32) / tau)
     log_t = _log_softmax(jnp.asarray(teacher_logits, jnp.float32) / tau)
-    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1) * (tau * tau)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1) * (tau * tau if tau_squared else 1.0)
     return kl / student_logits.shape[-1] if kl_reduction == "numel" else kl
 
 

@@ -142,6 +142,7 @@ def make_train_step(
                 teacher_features=t_features,
                 base_criterion=config.loss,
                 feature_loss=config.distillation.get("feature_loss", "mse"),
+                tau_squared=config.distillation.get("tau_squared", True),
             )
             return total, (parts, new_model_state, cls_logits)
 
@@ -196,6 +197,7 @@ def make_eval_step(
     *,
     tau: float = 1.0,
     kl_reduction: str = "numel",
+    tau_squared: bool = True,
     labelled: bool = True,
 ) -> Callable[[Any, Any, Any, Batch], Metrics]:
     """`eval_step(params, model_state, ema_params, teacher_variables, batch) -> sums`.
@@ -247,7 +249,11 @@ def make_eval_step(
             sums["agreement"] = (agree * mask).sum()
             distilled_head = outputs.get("dist_", outputs[""]).astype(jnp.float32)
             kl = losses.soft_kl_per_example(
-                distilled_head, t_logits, tau=tau, kl_reduction=kl_reduction
+                distilled_head,
+                t_logits,
+                tau=tau,
+                kl_reduction=kl_reduction,
+                tau_squared=tau_squared,
             )
             sums["kl"] = (kl * mask).sum()
         return sums

@@ -177,6 +177,7 @@ def _eval_step(config, model, teacher, info: data.DatasetInfo):
             _eval_teacher(teacher, info.num_classes),
             tau=config.distillation.tau,
             kl_reduction=config.distillation.kl_reduction,
+            tau_squared=config.distillation.get("tau_squared", True),
             labelled=info.labelled,
         )
     )

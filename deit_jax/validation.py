@@ -340,6 +340,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("distillation.alpha", _in(0, 1), "must be in [0, 1] (the distillation loss's weight)"),
     Rule("distillation.tau", _in(0, math.inf, lo_open=True), "must be > 0 (the temperature)"),
+    Rule("distillation.tau_squared", _one_of(True, False), "must be True or False"),
     Rule(
         "distillation.kind",
         lambda v, c: not _label_free(c) or v != "none",

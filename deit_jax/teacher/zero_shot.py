@@ -91,7 +91,7 @@ class ZeroShotCLIP(nn.Module):
         )
         embedding = embedding.astype(jnp.float32)
         embedding = embedding / jnp.linalg.norm(embedding, axis=-1, keepdims=True)
-        scale = jnp.minimum(jnp.exp(self.clip.variables["params"]["logit_scale"]), 100.0)
+        scale = jnp.minimum(jnp.exp(self.clip.logit_scale), 100.0)
         return scale * embedding @ head
 
 
