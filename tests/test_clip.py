@@ -6,12 +6,28 @@ by `deit_jax.convert`; tolerance 1e-5 relative L2 on `encode_image`, `encode_tex
 `logits_per_image`.
 """
 
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from deit_jax.models import create_model, feature_width, list_models, pooled_features
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+transformers = pytest.importorskip("transformers")
+
+from deit_jax import convert  # noqa: E402
+from deit_jax.models import (  # noqa: E402
+    create_model,
+    feature_width,
+    list_models,
+    pooled_features,
+)
+from deit_jax.teacher import clip as clip_teacher  # noqa: E402
 
 SMALL = dict(
     embed_dim=32,
@@ -57,3 +73,189 @@ def test_registered_and_interface():
     changed = model.apply(variables, earlier, method="encode_text")
     np.testing.assert_array_equal(changed[0], text[0])
     assert not np.allclose(changed[1], text[1])
+
+
+# --------------------------------------------------------------------------- parity
+
+TOL = 1e-5  # relative L2, fp32 (the issue's bound)
+PROMPTS = [
+    "a photo of a cat.",
+    "A BAD photo of the Golden Retriever!",
+    "a sketch of a 10-speed bicycle, in the style of Hokusai; it's (very) nice",
+    "itap of a café crème",
+]
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def perturb(module: "torch.nn.Module", seed: int) -> None:
+    """Non-trivial LayerNorms, biases and logit_scale: random init leaves them at 1, 0, ln(1/0.07),
+    which would hide a swapped weight/bias or a missing scale."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 or "logit_scale" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def write_tokenizer_files(directory) -> None:
+    """vocab.json and merges.txt from the BPE file open_clip's wheel ships: OpenAI's vocabulary
+    is open_clip's `SimpleTokenizer.encoder` (whose two special tokens open_clip renames; OpenAI
+    and the hub's openai/clip-* vocab.json call them <|startoftext|>, <|endoftext|>) and its
+    merges in rank order, saved through transformers' own CLIPTokenizer."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer()
+    openai_names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {openai_names.get(k, k): v for k, v in reference.encoder.items()}
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    merges = sorted(reference.bpe_ranks, key=reference.bpe_ranks.get)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer(
+        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    )
+    tokenizer.save_pretrained(directory)
+
+
+def hf_config(size: dict | None, act: str) -> "transformers.CLIPConfig":
+    if size is None:  # transformers' defaults: ViT-B/32
+        return transformers.CLIPConfig(
+            text_config=dict(hidden_act=act), vision_config=dict(hidden_act=act)
+        )
+    return transformers.CLIPConfig(
+        projection_dim=size["embed_dim"],
+        text_config=dict(
+            hidden_size=size["text_width"], intermediate_size=4 * size["text_width"],
+            num_hidden_layers=size["text_layers"], num_attention_heads=size["text_width"] // 64,
+            hidden_act=act,
+        ),
+        vision_config=dict(
+            hidden_size=size["vision_width"], intermediate_size=4 * size["vision_width"],
+            num_hidden_layers=size["vision_layers"],
+            num_attention_heads=size["vision_width"] // 64, image_size=size["img_size"],
+            patch_size=size["patch_size"], hidden_act=act,
+        ),
+    )  # fmt: skip
+
+
+class Case:
+    """One size: an open_clip model and a transformers directory, both random, and the deit_jax
+    CLIP they convert to, with its jitted towers (compiled once for both weight sets)."""
+
+    def __init__(self, tmp_path, size: dict | None, quick_gelu: bool):
+        torch.manual_seed(0)
+        if size is None:
+            name = "ViT-B-32-quickgelu" if quick_gelu else "ViT-B-32"
+            self.oc = open_clip.create_model(name, pretrained=None).eval()
+        else:
+            self.oc = open_clip.model.CLIP(
+                embed_dim=size["embed_dim"],
+                vision_cfg=dict(
+                    layers=size["vision_layers"], width=size["vision_width"],
+                    patch_size=size["patch_size"], image_size=size["img_size"],
+                ),
+                text_cfg=dict(
+                    layers=size["text_layers"], width=size["text_width"],
+                    heads=size["text_width"] // 64,
+                ),
+                quick_gelu=quick_gelu,
+            ).eval()  # fmt: skip
+        perturb(self.oc, 1)
+        self.hf_dir = str(tmp_path / "hf")
+        hf = transformers.CLIPModel(hf_config(size, "quick_gelu" if quick_gelu else "gelu"))
+        perturb(hf, 2)
+        hf.save_pretrained(self.hf_dir)
+        write_tokenizer_files(self.hf_dir)
+        self.hf = hf.eval()
+        self.overrides = {**(size or {}), "quick_gelu": quick_gelu}
+        self.model = create_model("clip_vit_b32", **self.overrides)
+        self.image = jax.jit(lambda v, x: self.model.apply(v, x, method="encode_image"))
+        self.text = jax.jit(lambda v, t: self.model.apply(v, t, method="encode_text"))
+        self.logits = jax.jit(lambda v, x, t: self.model.apply(v, x, t, method="logits_per_image"))
+        img = (size or {}).get("img_size", 224)
+        self.images = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(3))
+        self.nhwc = jnp.asarray(self.images.permute(0, 2, 3, 1).numpy())
+
+
+def check_parity(case: Case, variables, ids: np.ndarray, reference: str) -> dict[str, float]:
+    t = torch.from_numpy(ids.astype(np.int64))
+    with torch.no_grad():
+        if reference == "open_clip":
+            ref_image = case.oc.encode_image(case.images)
+            ref_text = case.oc.encode_text(t)
+            img, txt = (x / x.norm(dim=-1, keepdim=True) for x in (ref_image, ref_text))
+            ref_logits = case.oc.logit_scale.exp() * img @ txt.T
+        else:
+            ref_image = case.hf.get_image_features(pixel_values=case.images).pooler_output
+            ref_text = case.hf.get_text_features(input_ids=t).pooler_output
+            ref_logits = case.hf(input_ids=t, pixel_values=case.images).logits_per_image
+    errors = {
+        "encode_image": rel_l2(case.image(variables, case.nhwc), ref_image.numpy()),
+        "encode_text": rel_l2(case.text(variables, jnp.asarray(ids)), ref_text.numpy()),
+        "logits_per_image": rel_l2(
+            case.logits(variables, case.nhwc, jnp.asarray(ids)), ref_logits.numpy()
+        ),
+    }
+    assert all(e <= TOL for e in errors.values()), (reference, errors)
+    return errors
+
+
+SMALL_PARITY = dict(
+    embed_dim=48, img_size=32, patch_size=8, vision_width=128, vision_layers=2,
+    text_width=128, text_layers=2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["small", "vit_b32"])
+def case(request, tmp_path_factory):
+    # Exact GELU at the small size, QuickGELU (OpenAI's) at ViT-B/32: both activations, both sizes.
+    small = request.param == "small"
+    yield Case(tmp_path_factory.mktemp(request.param), SMALL_PARITY if small else None, not small)
+
+
+def test_parity_with_open_clip_and_transformers(case):
+    """encode_image, encode_text and logits_per_image within 1e-5 (relative L2) of both
+    libraries; open_clip's weights converted in memory, transformers' from its directory."""
+    ids = clip_teacher.load_tokenizer(case.hf_dir)(PROMPTS)
+    oc_ids = open_clip.get_tokenizer("ViT-B-32")(PROMPTS).numpy().astype(np.int32)
+    oc_vars = convert.torch_to_flax(case.oc.state_dict(), "clip_vit_b32", **case.overrides)
+    check_parity(case, oc_vars, oc_ids, "open_clip")
+    hf_vars, overrides = convert.load_with_overrides(case.hf_dir, "clip_vit_b32")
+    assert {k: overrides[k] for k in case.overrides} == case.overrides
+    check_parity(case, hf_vars, ids, "transformers")
+    # Round trips, bit-exact both ways, each loaded strictly by its library.
+    oc_state = convert.flax_to_torch(oc_vars)
+    case.oc.load_state_dict(oc_state, strict=True)
+    for key, value in case.oc.state_dict().items():
+        assert torch.equal(oc_state[key], value), key
+    hf_state = convert.convert_clip.flax_to_hf(hf_vars)
+    case.hf.load_state_dict(hf_state, strict=True)
+    for key, value in case.hf.state_dict().items():
+        assert torch.equal(hf_state[key], value), key
+    for variables, state in ((oc_vars, oc_state), (hf_vars, hf_state)):
+        again = convert.torch_to_flax(state, "clip_vit_b32", **case.overrides)
+        jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+def test_token_ids_equal_the_reference_tokenizers(case):
+    """load_tokenizer gives the directory's own CLIPTokenizer ids, and open_clip's for a file;
+    the two agree up to the padding after the end-of-text token (49407 against 0)."""
+    texts = [*PROMPTS, "a " * 100 + "dog"]  # the last is truncated to 77 ids
+    hf_ids = clip_teacher.load_tokenizer(case.hf_dir)(texts)
+    reference = transformers.CLIPTokenizer.from_pretrained(case.hf_dir)(
+        texts, padding="max_length", max_length=77, truncation=True
+    )["input_ids"]
+    assert hf_ids.dtype == np.int32 and hf_ids.shape == (5, 77)
+    np.testing.assert_array_equal(hf_ids, np.asarray(reference))
+    weights_file = os.path.join(case.hf_dir, "model.safetensors")
+    oc_ids = clip_teacher.load_tokenizer(weights_file)(texts)
+    np.testing.assert_array_equal(oc_ids, open_clip.tokenize(texts).numpy())
+    after_eot = np.arange(77) > np.argmax(oc_ids, axis=1)[:, None]
+    np.testing.assert_array_equal(np.where(after_eot, 0, hf_ids), oc_ids)
+    assert (hf_ids[after_eot] == 49407).all() and (oc_ids[:, -1][-1:] == 49407).all()

@@ -1,0 +1,182 @@
+"""The CLIP teacher's speed: deit_jax's Flax CLIP against open_clip's PyTorch CLIP, in one run.
+
+Prints a Markdown table, one row per measurement (each made by one `*_row` function, listed in
+`ROWS`), with deit_jax's and the reference's milliseconds per call and the ratio reference /
+deit_jax (above 1: deit_jax is faster).
+
+- `image tower`: `encode_image` of the ViT-B/32 image tower, float32, batch 8 at 224 px: deit_jax
+  jitted against open_clip's `model.visual` under `torch.inference_mode()` (its fastest CPU
+  path: the fused attention kernels of `nn.MultiheadAttention`), random weights converted from
+  the open_clip model by `deit_jax.convert`.
+
+Usage (from the repository root):
+
+    python benchmarks/clip_teacher.py             # ViT-B/32, batch 8; about a minute on 2 cores
+    python benchmarks/clip_teacher.py --smoke     # a tiny CLIP, a few seconds: the code paths
+
+Method as in benchmarks/throughput.py: inputs already on the device, every function warmed up
+(and compiled) first, then deit_jax and the reference timed in turn, round after round, so a
+noisy shared machine slows both alike; the table gives medians (and the ratio of the fastest
+rounds). Both frameworks get the same number of threads, and glibc's allocator is tuned for the
+whole process first (`tune_malloc`, see benchmarks/NOTES.md; `--default-malloc` skips it).
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def tune_malloc() -> bool:
+    """glibc keeps freed memory (no mmap-backed blocks, no trimming, one arena); as in
+    benchmarks/throughput.py, whose docstring gives the why. Before torch and jax start."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    settings = ((-4, 0), (-1, -1), (-8, 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD, M_ARENA_MAX
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+MALLOC_TUNED = "--default-malloc" not in sys.argv[1:] and tune_malloc()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# torch and open_clip before deit_jax (TensorFlow first would crash torchvision: _compat.py).
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deit_jax import convert, convert_clip  # noqa: E402
+from deit_jax.models import create_model  # noqa: E402
+
+SMOKE_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(layers=2, width=64, patch_size=8, image_size=32),
+    text_cfg=dict(layers=1, width=64, heads=1, context_length=77, vocab_size=49408),
+)
+
+
+def open_clip_model(args: argparse.Namespace) -> torch.nn.Module:
+    """open_clip's ViT-B-32 (random weights, exact GELU), or a tiny CLIP with --smoke."""
+    torch.manual_seed(0)
+    if args.smoke:
+        return open_clip.model.CLIP(**SMOKE_CLIP).eval()
+    return open_clip.create_model("ViT-B-32", pretrained=None).eval()
+
+
+def timed(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved round by round after `warmup` calls."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def image_tower_row(args: argparse.Namespace, reference: torch.nn.Module) -> dict[str, Any]:
+    """deit_jax's jitted `encode_image` against open_clip's `model.visual`."""
+    state = reference.state_dict()
+    variables = convert.torch_to_flax(state, "clip_vit_b32")
+    sizes = convert_clip.open_clip_overrides(state)
+    model = create_model("clip_vit_b32", **sizes)
+    size = sizes["img_size"]
+    images = np.random.default_rng(0).standard_normal((args.batch, 3, size, size), np.float32)
+    x_jax = jax.device_put(jnp.asarray(images.transpose(0, 2, 3, 1)))
+    x_torch = torch.from_numpy(images)
+    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
+
+    def run_jax():
+        return encode(variables, x_jax).block_until_ready()
+
+    def run_torch():
+        with torch.inference_mode():
+            return reference.visual(x_torch)
+
+    with torch.inference_mode():  # the same function, before timing it
+        err = np.linalg.norm(np.asarray(run_jax()) - run_torch().numpy())
+        err /= np.linalg.norm(run_torch().numpy())
+    times = timed({"deit_jax": run_jax, "reference": run_torch}, args.warmup, args.rounds)
+    name = "tiny CLIP (smoke)" if args.smoke else "ViT-B/32"
+    return dict(
+        row=f"{name} image tower, float32, batch {args.batch}",
+        reference_name="open_clip",
+        times=times,
+        note=f"rel. L2 difference {err:.1e}",
+    )
+
+
+ROWS: dict[str, Callable[[argparse.Namespace, torch.nn.Module], dict[str, Any]]] = {
+    "tower": image_tower_row,
+}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| measurement | deit_jax ms | reference | reference ms | ratio (ref / deit_jax) "
+        "| (fastest rounds) | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        jax_ms = 1e3 * statistics.median(r["times"]["deit_jax"])
+        ref_ms = 1e3 * statistics.median(r["times"]["reference"])
+        fastest = min(r["times"]["reference"]) / min(r["times"]["deit_jax"])
+        lines.append(
+            f"| {r['row']} | {jax_ms:,.1f} | {r['reference_name']} | {ref_ms:,.1f} | "
+            f"{ref_ms / jax_ms:.2f} | {fastest:.2f} | {r.get('note', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CLIP, 1 round: code paths")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="default: the CPU affinity")
+    parser.add_argument("--only", default=",".join(ROWS), help=f"rows, of {','.join(ROWS)}")
+    parser.add_argument("--json", default=None, help="also write the raw timings here")
+    parser.add_argument("--default-malloc", action="store_true", help="skip tune_malloc")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 15
+    if args.smoke:
+        args.warmup, args.batch = 1, min(args.batch, 2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    if args.threads:  # XLA's CPU thread pool follows the affinity
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+    torch.set_num_threads(threads)
+    reference = open_clip_model(args)
+    rows = [ROWS[name](args, reference) for name in args.only.split(",") if name]
+    print(
+        f"# CLIP teacher speed ({threads} threads, malloc tuned: {MALLOC_TUNED}, "
+        f"{args.rounds} rounds, load {os.getloadavg()[0]:.1f} at the end)\n"
+    )
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
