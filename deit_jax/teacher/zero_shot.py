@@ -182,7 +182,7 @@ def check_fingerprint(
 
 def _kvstore(directory: str) -> ts.KvStore:
     path = directory.rstrip("/") + "/" + HEAD_DIR + "/"
-    spec = path if "://" in directory else {"driver": "file", "path": os.path.abspath(path)}
+    spec = path if "://" in directory else {"driver": "file", "path": os.path.abspath(path) + "/"}
     return ts.KvStore.open(spec).result()
 
 
