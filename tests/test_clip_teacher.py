@@ -299,6 +299,25 @@ def test_changed_prompts_or_class_names_are_refused_by_name(
         train.train_and_evaluate(reading, str(tmp_path / "reader"), devices=jax.devices()[:1])
 
 
+def test_feature_distillation_against_clips_image_embedding(
+    data_dir, clip_weights, prompt_file, tmp_path
+):
+    # A 32-wide student, CLIP's 48-wide embedding: through the learned projection, cosine.
+    config = clip_config(
+        data_dir,
+        clip_weights,
+        prompt_file,
+        **PLAIN,
+        **{"distillation.kind": "feature", "distillation.feature_loss": "cosine"},
+        num_epochs=2 / 44,
+    )
+    metrics = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    records = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    distill = [r["train/loss_distillation"] for r in records if "train/loss" in r]
+    assert len(distill) == 2 and all(0.0 < d <= 2.0 for d in distill)  # 1 - cos in [0, 2]
+    assert "kl" in metrics and "teacher_top1" in metrics  # the teacher still predicts classes
+
+
 # --------------------------------------------------------------------------- label-free
 
 
