@@ -435,9 +435,3 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any
         quick_gelu = False
     overrides["quick_gelu"] = quick_gelu
     return state, overrides
-
-
-def load(path: str | os.PathLike, model_name: str, **overrides: Any) -> dict[str, Any]:
-    """`convert.load_torch_checkpoint` for CLIP: the file's inferred overrides, then `overrides`."""
-    state, inferred = read_weights(path)
-    return torch_to_flax(state, model_name, **{**inferred, **overrides})

@@ -41,3 +41,25 @@ def test_throughput_smoke(tmp_path):
     assert "| writer: forward + top-10 + copy to host + zarr write |" in out
     assert "regnety_002" in out
     assert out_json.exists() and '"jax_seconds"' in out_json.read_text()
+
+
+def test_clip_teacher_smoke(tmp_path):
+    """benchmarks/clip_teacher.py --smoke: a tiny CLIP through deit_jax and open_clip, its table
+    with both timings, their ratio and the parity of the two towers (no timing assertions)."""
+    out_json = tmp_path / "clip.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "clip_teacher.py"), "--smoke"]
+        + ["--json", str(out_json)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "image tower" in line]
+    assert len(rows) == 1, proc.stdout
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[2] == "open_clip" and all(float(cells[i].replace(",", "")) > 0 for i in (1, 3, 4))
+    assert float(cells[6].split()[-1]) <= 1e-5, rows[0]  # the two towers agree
+    assert '"deit_jax"' in out_json.read_text()

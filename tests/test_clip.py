@@ -29,52 +29,6 @@ from deit_jax.models import (  # noqa: E402
 )
 from deit_jax.teacher import clip as clip_teacher  # noqa: E402
 
-SMALL = dict(
-    embed_dim=32,
-    img_size=32,
-    patch_size=8,
-    vision_width=64,
-    vision_layers=2,
-    text_width=64,
-    text_layers=2,
-)
-
-
-def test_registered_and_interface():
-    assert {"clip_vit_b32", "clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"} <= set(
-        list_models("clip_*")
-    )
-    model = create_model("clip_vit_b32", **SMALL)
-    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(0), images)
-    params = nn.meta.unbox(variables["params"])
-    # init also built the text tower; logit_scale is a float32 scalar at ln(1/0.07).
-    assert set(params) == {"visual", "text", "logit_scale"}
-    assert params["logit_scale"].shape == () and params["logit_scale"].dtype == jnp.float32
-    np.testing.assert_allclose(params["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
-    image = model.apply(variables, images, method="encode_image")
-    assert image.shape == (2, 32)
-    out, features, _ = pooled_features(model, variables, images)
-    np.testing.assert_array_equal(out, image)
-    np.testing.assert_array_equal(features, image)
-    assert feature_width(model) == 32
-
-    ids = np.zeros((2, 77), np.int32)
-    ids[:, 0], ids[0, 1:4], ids[0, 4], ids[1, 1], ids[1, 2] = 49406, (5, 6, 7), 49407, 9, 49407
-    text = model.apply(variables, jnp.asarray(ids), method="encode_text")
-    assert text.shape == (2, 32)
-    # Causal mask and EOT pooling: tokens after the end-of-text token change nothing.
-    later = ids.copy()
-    later[:, 10] = 123
-    np.testing.assert_array_equal(model.apply(variables, later, method="encode_text"), text)
-    # ... while a token before it does.
-    earlier = ids.copy()
-    earlier[1, 1] = 10
-    changed = model.apply(variables, earlier, method="encode_text")
-    np.testing.assert_array_equal(changed[0], text[0])
-    assert not np.allclose(changed[1], text[1])
-
-
 # --------------------------------------------------------------------------- parity
 
 TOL = 1e-5  # relative L2, fp32 (the issue's bound)
@@ -149,6 +103,7 @@ class Case:
     CLIP they convert to, with its jitted towers (compiled once for both weight sets)."""
 
     def __init__(self, tmp_path, size: dict | None, quick_gelu: bool):
+        self.full_size = size is None
         torch.manual_seed(0)
         if size is None:
             name = "ViT-B-32-quickgelu" if quick_gelu else "ViT-B-32"
@@ -177,10 +132,22 @@ class Case:
         self.model = create_model("clip_vit_b32", **self.overrides)
         self.image = jax.jit(lambda v, x: self.model.apply(v, x, method="encode_image"))
         self.text = jax.jit(lambda v, t: self.model.apply(v, t, method="encode_text"))
-        self.logits = jax.jit(lambda v, x, t: self.model.apply(v, x, t, method="logits_per_image"))
+
+        @jax.jit
+        def forward(v, x, t):
+            # logits_per_image, and the two embeddings it computes on the way (one compilation).
+            logits, state = self.model.apply(
+                v, x, t, method="logits_per_image",
+                capture_intermediates=lambda _, method: method in ("encode_image", "encode_text"),
+            )  # fmt: skip
+            captured = state["intermediates"]
+            return captured["encode_image"][0], captured["encode_text"][0], logits
+
+        self.forward = forward
         img = (size or {}).get("img_size", 224)
         self.images = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(3))
         self.nhwc = jnp.asarray(self.images.permute(0, 2, 3, 1).numpy())
+        self.oc_vars = convert.torch_to_flax(self.oc.state_dict(), "clip_vit_b32", **self.overrides)
 
 
 def check_parity(case: Case, variables, ids: np.ndarray, reference: str) -> dict[str, float]:
@@ -195,12 +162,11 @@ def check_parity(case: Case, variables, ids: np.ndarray, reference: str) -> dict
             ref_image = case.hf.get_image_features(pixel_values=case.images).pooler_output
             ref_text = case.hf.get_text_features(input_ids=t).pooler_output
             ref_logits = case.hf(input_ids=t, pixel_values=case.images).logits_per_image
+    image, text, logits = case.forward(variables, case.nhwc, jnp.asarray(ids))
     errors = {
-        "encode_image": rel_l2(case.image(variables, case.nhwc), ref_image.numpy()),
-        "encode_text": rel_l2(case.text(variables, jnp.asarray(ids)), ref_text.numpy()),
-        "logits_per_image": rel_l2(
-            case.logits(variables, case.nhwc, jnp.asarray(ids)), ref_logits.numpy()
-        ),
+        "encode_image": rel_l2(image, ref_image.numpy()),
+        "encode_text": rel_l2(text, ref_text.numpy()),
+        "logits_per_image": rel_l2(logits, ref_logits.numpy()),
     }
     assert all(e <= TOL for e in errors.values()), (reference, errors)
     return errors
@@ -212,11 +178,63 @@ SMALL_PARITY = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["small", "vit_b32"])
-def case(request, tmp_path_factory):
-    # Exact GELU at the small size, QuickGELU (OpenAI's) at ViT-B/32: both activations, both sizes.
-    small = request.param == "small"
-    yield Case(tmp_path_factory.mktemp(request.param), SMALL_PARITY if small else None, not small)
+# Exact GELU at the small size, QuickGELU (OpenAI's) at ViT-B/32: both activations, both sizes.
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return Case(tmp_path_factory.mktemp("small"), SMALL_PARITY, quick_gelu=False)
+
+
+@pytest.fixture(scope="module")
+def vit_b32(tmp_path_factory):
+    return Case(tmp_path_factory.mktemp("vit_b32"), None, quick_gelu=True)
+
+
+@pytest.fixture(params=["small", "vit_b32"])
+def case(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_registered_and_interface(small):
+    """init creates every parameter (the text tower's too: the same tree as a whole open_clip
+    model converts to); encode_image/encode_text shapes; the causal mask and EOT pooling."""
+    assert {"clip_vit_b32", "clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"} <= set(
+        list_models("clip_*")
+    )
+    model, variables = small.model, small.oc_vars
+    images = small.nhwc
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+    shapes = nn.meta.unbox(shapes)
+    assert set(shapes) == {"params"} and set(shapes["params"]) == {"visual", "text", "logit_scale"}
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
+        lambda v: (v.shape, v.dtype), variables
+    )
+    scale = model.init(jax.random.key(0), method=lambda m: m.logit_scale)["params"]
+    assert set(scale) == {"logit_scale"}  # (setup's submodules are built lazily)
+    np.testing.assert_allclose(nn.meta.unbox(scale["logit_scale"]), np.log(1 / 0.07), rtol=1e-6)
+    assert shapes["params"]["logit_scale"].shape == ()
+    assert shapes["params"]["logit_scale"].dtype == jnp.float32
+
+    image = small.image(variables, images)
+    assert image.shape == (2, SMALL_PARITY["embed_dim"])
+    out, features, _ = jax.jit(lambda v, x: pooled_features(model, v, x))(variables, images)
+    np.testing.assert_array_equal(out, image)
+    np.testing.assert_array_equal(features, image)
+    assert feature_width(model) == SMALL_PARITY["embed_dim"]
+
+    ids = np.zeros((2, 77), np.int32)
+    ids[:, 0], ids[0, 1:4], ids[0, 4], ids[1, 1], ids[1, 2] = 49406, (5, 6, 7), 49407, 9, 49407
+    text = small.text(variables, ids)
+    # Causal mask and EOT pooling: tokens after the end-of-text token change nothing.
+    later = ids.copy()
+    later[:, 10] = 123
+    np.testing.assert_array_equal(small.text(variables, later), text)
+    # ... while a token before it does.
+    earlier = ids.copy()
+    earlier[1, 1] = 10
+    changed = small.text(variables, earlier)
+    np.testing.assert_array_equal(changed[0], text[0])
+    assert not np.allclose(changed[1], text[1])
 
 
 def test_parity_with_open_clip_and_transformers(case):
@@ -224,11 +242,13 @@ def test_parity_with_open_clip_and_transformers(case):
     libraries; open_clip's weights converted in memory, transformers' from its directory."""
     ids = clip_teacher.load_tokenizer(case.hf_dir)(PROMPTS)
     oc_ids = open_clip.get_tokenizer("ViT-B-32")(PROMPTS).numpy().astype(np.int32)
-    oc_vars = convert.torch_to_flax(case.oc.state_dict(), "clip_vit_b32", **case.overrides)
+    oc_vars = case.oc_vars
     check_parity(case, oc_vars, oc_ids, "open_clip")
     hf_vars, overrides = convert.load_with_overrides(case.hf_dir, "clip_vit_b32")
     assert {k: overrides[k] for k in case.overrides} == case.overrides
     check_parity(case, hf_vars, ids, "transformers")
+    if case.full_size:
+        return  # the round trips below run the same code at any size: the small one does them
     # Round trips, bit-exact both ways, each loaded strictly by its library.
     oc_state = convert.flax_to_torch(oc_vars)
     case.oc.load_state_dict(oc_state, strict=True)
@@ -243,19 +263,40 @@ def test_parity_with_open_clip_and_transformers(case):
         jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
-def test_token_ids_equal_the_reference_tokenizers(case):
+def test_token_ids_equal_the_reference_tokenizers(small):
     """load_tokenizer gives the directory's own CLIPTokenizer ids, and open_clip's for a file;
     the two agree up to the padding after the end-of-text token (49407 against 0)."""
     texts = [*PROMPTS, "a " * 100 + "dog"]  # the last is truncated to 77 ids
-    hf_ids = clip_teacher.load_tokenizer(case.hf_dir)(texts)
-    reference = transformers.CLIPTokenizer.from_pretrained(case.hf_dir)(
+    hf_ids = clip_teacher.load_tokenizer(small.hf_dir)(texts)
+    reference = transformers.CLIPTokenizer.from_pretrained(small.hf_dir)(
         texts, padding="max_length", max_length=77, truncation=True
     )["input_ids"]
     assert hf_ids.dtype == np.int32 and hf_ids.shape == (5, 77)
     np.testing.assert_array_equal(hf_ids, np.asarray(reference))
-    weights_file = os.path.join(case.hf_dir, "model.safetensors")
+    weights_file = os.path.join(small.hf_dir, "model.safetensors")
     oc_ids = clip_teacher.load_tokenizer(weights_file)(texts)
     np.testing.assert_array_equal(oc_ids, open_clip.tokenize(texts).numpy())
     after_eot = np.arange(77) > np.argmax(oc_ids, axis=1)[:, None]
     np.testing.assert_array_equal(np.where(after_eot, 0, hf_ids), oc_ids)
     assert (hf_ids[after_eot] == 49407).all() and (oc_ids[:, -1][-1:] == 49407).all()
+
+
+def test_zero_shot_head_equals_open_clips_classifier(small):
+    """W (D, C) within 1e-6 of open_clip's build_zero_shot_classifier, with its own templates
+    (callables) and with format strings; 35 prompts in jitted batches of 8 (the last padded)."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    names = list(IMAGENET_CLASSNAMES[:7])
+    tokenize = clip_teacher.load_tokenizer(os.path.join(small.hf_dir, "model.safetensors"))
+    for templates in (OPENAI_IMAGENET_TEMPLATES[:5], ("a photo of a {}.", "itap of the {}")):
+        with torch.no_grad():
+            expected = build_zero_shot_classifier(
+                small.oc, open_clip.get_tokenizer("ViT-B-32"), names, templates
+            ).numpy()
+        got = clip_teacher.zero_shot_head(
+            small.model, small.oc_vars, names, templates, tokenize, batch_size=8
+        )
+        assert got.dtype == np.float32 and got.shape == (SMALL_PARITY["embed_dim"], 7)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=0), 1.0, rtol=1e-6)
