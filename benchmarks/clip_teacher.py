@@ -193,7 +193,7 @@ def _teacher_steps(args: argparse.Namespace, reference: torch.nn.Module) -> dict
 def _step_row(kind: str) -> Callable[[argparse.Namespace, torch.nn.Module], dict[str, Any]]:
     def row(args: argparse.Namespace, reference: torch.nn.Module) -> dict[str, Any]:
         times = _teacher_steps(args, reference)
-        what = "top-10 from the batch" if kind == "cached" else "its image tower in the step"
+        what = "top-10 from the batch" if kind == "cached" else "run in the step"
         ratio = statistics.median(times[kind]) / statistics.median(times["plain"])
         name = "tiny CLIP (smoke)" if args.smoke else "ViT-B/32"
         return dict(
