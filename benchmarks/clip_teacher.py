@@ -140,7 +140,8 @@ def _teacher_steps(args: argparse.Namespace, reference: torch.nn.Module) -> dict
     sizes = convert_clip.open_clip_overrides(state_dict)
     clip_vars = convert.torch_to_flax(state_dict, "clip_vit_b32")
     size, classes = sizes["img_size"], 1000
-    student = create_model("deit_tiny_patch16_224", img_size=size, num_classes=classes)
+    smoke = {"depth": 2} if args.smoke else {}  # --smoke: the code paths, quickly
+    student = create_model("deit_tiny_patch16_224", img_size=size, num_classes=classes, **smoke)
     teacher = zero_shot.ZeroShotCLIP(
         clip=create_model("clip_vit_b32", **sizes),
         num_classes=classes,
