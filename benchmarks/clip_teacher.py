@@ -120,8 +120,97 @@ def image_tower_row(args: argparse.Namespace, reference: torch.nn.Module) -> dic
     )
 
 
+_STEPS: dict[int, dict[str, list[float]]] = {}
+
+
+def _teacher_steps(args: argparse.Namespace, reference: torch.nn.Module) -> dict[str, list]:
+    """deit_jax's train step of a plain DeiT-Ti (the config recipe's student, soft KD,
+    batchmean, AdamW): without a teacher, with the zero-shot CLIP teacher live in the step (its
+    image tower, converted from `reference`, and a (D, 1000) head), and fed that teacher's cached
+    top-10 (float16 storage) from the batch. Timed interleaved, once for both rows."""
+    if id(reference) in _STEPS:
+        return _STEPS[id(reference)]
+    from flax.core import meta
+
+    from deit_jax import config as deit_config
+    from deit_jax import optim, steps
+    from deit_jax.teacher import teacher_logits, zero_shot
+
+    state_dict = reference.state_dict()
+    sizes = convert_clip.open_clip_overrides(state_dict)
+    clip_vars = convert.torch_to_flax(state_dict, "clip_vit_b32")
+    size, classes = sizes["img_size"], 1000
+    smoke = {"depth": 2} if args.smoke else {}  # --smoke: the code paths, quickly
+    student = create_model("deit_tiny_patch16_224", img_size=size, num_classes=classes, **smoke)
+    teacher = zero_shot.ZeroShotCLIP(
+        clip=create_model("clip_vit_b32", **sizes),
+        num_classes=classes,
+        img_size=(size, size),
+        input_mean=(0.485, 0.456, 0.406),
+        input_std=(0.229, 0.224, 0.225),
+    )
+    rng = np.random.default_rng(0)
+    head = rng.standard_normal((sizes["embed_dim"], classes)).astype(np.float32)
+    head /= np.linalg.norm(head, axis=0, keepdims=True)  # a stand-in for the text tower's W
+    t_vars = {"params": {"clip": clip_vars["params"], "zero_shot_head": jnp.asarray(head)}}
+    config = deit_config.base_config()
+    config.distillation.alpha, config.distillation.kl_reduction = 1.0, "batchmean"
+    tx, schedule = optim.create_optimizer(
+        config.optim, global_batch_size=1024, steps_per_epoch=1000, num_epochs=300
+    )
+    labels = rng.integers(0, classes, size=(args.batch,))
+    batch = {
+        "image": jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32)),
+        "label": jnp.asarray(labels.astype(np.int32)),
+        "target": jnp.asarray(np.eye(classes, dtype=np.float32)[labels]),
+    }
+    top = jax.jit(lambda v, x: jax.lax.top_k(jax.nn.log_softmax(teacher_logits(teacher, v, x)), 10))
+    logp, index = top(t_vars, batch["image"])
+    cached = {**batch, "teacher_logp": jnp.asarray(logp, jnp.float16).astype(jnp.float32)}
+    cached["teacher_index"] = index
+    init = jax.jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
+    fns = {}
+    for name, kind, cache_dir, data_in in (
+        ("plain", "none", "", batch),
+        ("live", "soft", "", batch),
+        ("cached", "soft", "(batches bring the top-k)", cached),
+    ):
+        config.distillation.kind, config.teacher.cache = kind, cache_dir
+        live = name == "live"
+        step = steps.make_train_step(student, tx, schedule, config, teacher if live else None)
+        tv = t_vars if live else {}
+        compiled = jax.jit(step, donate_argnums=(0,)).lower(meta.unbox(init()), tv, data_in)
+        box = {"state": meta.unbox(init()), "fn": compiled.compile()}
+
+        def run(box=box, tv=tv, data_in=data_in):
+            box["state"], metrics = box["fn"](box["state"], tv, data_in)
+            jax.block_until_ready(metrics)
+
+        fns[name] = run
+    _STEPS[id(reference)] = timed(fns, args.warmup, args.rounds)
+    return _STEPS[id(reference)]
+
+
+def _step_row(kind: str) -> Callable[[argparse.Namespace, torch.nn.Module], dict[str, Any]]:
+    def row(args: argparse.Namespace, reference: torch.nn.Module) -> dict[str, Any]:
+        times = _teacher_steps(args, reference)
+        what = "top-10 from the batch" if kind == "cached" else "run in the step"
+        ratio = statistics.median(times[kind]) / statistics.median(times["plain"])
+        name = "tiny CLIP (smoke)" if args.smoke else "ViT-B/32"
+        return dict(
+            row=f"DeiT-Ti train step, {kind} {name} zero-shot teacher ({what}), batch {args.batch}",
+            reference_name="plain step (no teacher)",
+            times={"deit_jax": times[kind], "reference": times["plain"]},
+            note=f"{kind} / plain step time: {ratio:.2f}x",
+        )
+
+    return row
+
+
 ROWS: dict[str, Callable[[argparse.Namespace, torch.nn.Module], dict[str, Any]]] = {
     "tower": image_tower_row,
+    "cached_step": _step_row("cached"),
+    "live_step": _step_row("live"),
 }
 
 

@@ -38,7 +38,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.img_size = ml_collections.FieldReference(None, field_type=int)  # None: student's
     # flax: a registry model (`name`) with deit_jax or converted weights, run in the train step.
     # torch: any timm model `name` with a local checkpoint file, run by PyTorch (cache writer only).
+    # clip: a CLIP model (`name` clip_vit_b32, ...; `checkpoint` a deit_jax weights directory from
+    # python -m deit_jax.convert, a transformers CLIP directory or an open_clip / OpenAI file) as a
+    # zero-shot classifier of `class_names` with `prompts` (deit_jax/teacher/zero_shot.py).
     c.teacher.framework = "flax"
+    # The classes' names, for the CLIP teacher's prompts and a label-free data set's class count:
+    # "" = the data set's own (tfds ClassLabel names, folder names; open_clip's curated names for
+    # ImageNet's WordNet ids), "a,b,c" = these, or a file with one name per line.
+    c.teacher.class_names = ""
+    # The CLIP teacher's prompt templates: "openai" (the 80 of CLIP's ImageNet evaluation),
+    # "simple" (open_clip's 7), or a file with one template per line, each containing "{}".
+    c.teacher.prompts = "openai"
     # Teacher-output cache (deit_jax/teacher/cache.py). `cache`: a cache directory written by
     # `--config.mode=teacher_cache` with this config; training then reads the teacher's outputs
     # from it instead of running a teacher.
@@ -55,16 +65,26 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.distillation = ml_collections.ConfigDict()
     # none | soft | hard (logit KD: the distillation head, or a plain student's only head) |
-    # feature (MSE of pooled pre-logit features through a learned projection; live teacher).
+    # feature (pooled pre-logit features through a learned projection, `feature_loss`; live
+    # teacher).
     c.distillation.kind = "none"
     c.distillation.alpha = 0.5  # total = (1 - alpha) * base + alpha * distillation
     c.distillation.tau = 1.0
     # Soft KD's summed KL divided by batch x classes ("numel", the DeiT reference) or by the
     # batch ("batchmean", Hinton / timm's tasks).
     c.distillation.kl_reduction = "numel"
+    # Soft KD's KL times tau**2 (Hinton, the DeiT reference, timm); False: the plain KL, as the
+    # brief's F.kl_div(log_softmax(s / T), softmax(t / T), reduction="batchmean").
+    c.distillation.tau_squared = True
+    # Feature KD's distance: "mse" (timm's FeatureDistillationTask) or "cosine" (1 - cosine
+    # similarity, e.g. to a CLIP teacher's image embedding).
+    c.distillation.feature_loss = "mse"
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "imagenet2012"  # any tfds name, "digits" (offline), or "folder:/path/to/root"
+    # Any tfds name, "digits" (offline), "folder:/path/to/root" (root/<split>/<class>/*.jpg), or
+    # "images:/path/to/root": every image under root, any layout, without labels (one split,
+    # "train"; slice it for evaluation; trains by distillation only, see the README).
+    c.data.name = "imagenet2012"
     c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
     c.data.manual_dir = ""  # where manually downloaded archives live (ImageNet)
     c.data.train_split = "train"

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 DISTILLATION_KINDS = ("none", "soft", "hard", "feature")
 KL_REDUCTIONS = ("numel", "batchmean")
 BASE_LOSSES = ("ce", "bce")
+FEATURE_LOSSES = ("mse", "cosine")
 
 
 def _log_softmax(logits: jax.Array) -> jax.Array:
@@ -114,6 +115,8 @@ def distillation_loss(
     student_features: jax.Array | None = None,
     teacher_features: jax.Array | None = None,
     base_criterion: str = "ce",
+    feature_loss: str = "mse",
+    tau_squared: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The reference `DistillationLoss`, generalised to any student; returns `(total, {"base":
     ..., "distillation": ...})`.
@@ -144,6 +147,9 @@ def distillation_loss(
         the teacher's width (kind "feature" only).
       teacher_features: (B, D) pooled pre-logit features of the teacher (kind "feature" only).
       base_criterion: the class head's loss, `base_loss`'s name ("ce" or "bce").
+      feature_loss: the feature kind's distance, "mse" or "cosine" (`feature_distillation_loss`).
+      tau_squared: whether the soft KL is multiplied by tau**2 (Hinton, the DeiT reference,
+        timm); False gives the plain `F.kl_div(..., reduction=...)` of a KL-only loop.
     """
     if kind not in DISTILLATION_KINDS:
         raise ValueError(
@@ -160,7 +166,7 @@ def distillation_loss(
     if kind == "none":
         return base, {"base": base, "distillation": jnp.zeros((), jnp.float32)}
     if kind == "feature":
-        distill = feature_distillation_loss(student_features, teacher_features)
+        distill = feature_distillation_loss(student_features, teacher_features, feature_loss)
         return (1.0 - alpha) * base + alpha * distill, {"base": base, "distillation": distill}
 
     if teacher_logits is None:
@@ -181,7 +187,7 @@ def distillation_loss(
         log_t = _log_softmax(jnp.asarray(teacher_logits, jnp.float32) / tau)
         kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s))
         count = student_logits.size if kl_reduction == "numel" else student_logits.shape[0]
-        distill = kl * (tau * tau) / count
+        distill = kl * (tau * tau if tau_squared else 1.0) / count
     else:
         teacher_labels = jnp.argmax(teacher_logits, axis=-1)
         logp = _log_softmax(student_logits)
@@ -191,10 +197,42 @@ def distillation_loss(
     return total, {"base": base, "distillation": distill}
 
 
-def feature_distillation_loss(
-    student_features: jax.Array | None, teacher_features: jax.Array | None
+def soft_kl_per_example(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    tau: float,
+    kl_reduction: str,
+    tau_squared: bool = True,
 ) -> jax.Array:
-    """Mean squared error over every element (`F.mse_loss`), the teacher side frozen."""
+    """(B,) per-example soft distillation terms whose batch mean is the "soft" loss's value:
+    KL(softmax(t / tau) || softmax(s / tau)) (* tau**2 with `tau_squared`), divided by the class
+    count for "numel".
+
+    For evaluation (the teacher-student KL on held-out images): masked sums of these, divided
+    by the example count, give the training term's definition over the whole eval set.
+    """
+    check_kl_reduction(kl_reduction)
+    log_s = _log_softmax(jnp.asarray(student_logits, jnp.float32) / tau)
+    log_t = _log_softmax(jnp.asarray(teacher_logits, jnp.float32) / tau)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1) * (tau * tau if tau_squared else 1.0)
+    return kl / student_logits.shape[-1] if kl_reduction == "numel" else kl
+
+
+def feature_distillation_loss(
+    student_features: jax.Array | None,
+    teacher_features: jax.Array | None,
+    kind: str = "mse",
+) -> jax.Array:
+    """The teacher side frozen: "mse", the mean squared error over every element
+    (`F.mse_loss`, timm's FeatureDistillationTask); "cosine", the batch mean of
+    1 - cos(student, teacher) (`1 - F.cosine_similarity(s, t, eps=1e-8).mean()`): insensitive
+    to the features' scale, e.g. for a CLIP teacher's image embedding."""
+    if kind not in FEATURE_LOSSES:
+        raise ValueError(
+            f"Unknown feature loss {kind!r}; set config.distillation.feature_loss to one of "
+            f"{', '.join(FEATURE_LOSSES)}."
+        )
     if student_features is None or teacher_features is None:
         raise ValueError(
             "Distillation kind 'feature' needs the student's (projected) and the teacher's "
@@ -207,7 +245,15 @@ def feature_distillation_loss(
             "teacher's width (deit_jax.distill.Projection)."
         )
     teacher_features = jax.lax.stop_gradient(jnp.asarray(teacher_features, jnp.float32))
-    return jnp.mean(jnp.square(jnp.asarray(student_features, jnp.float32) - teacher_features))
+    student_features = jnp.asarray(student_features, jnp.float32)
+    if kind == "cosine":
+        # PyTorch's cosine_similarity: x.y / max(|x| |y|, eps).
+        norms = jnp.linalg.norm(student_features, axis=-1) * jnp.linalg.norm(
+            teacher_features, axis=-1
+        )
+        cos = jnp.sum(student_features * teacher_features, -1) / jnp.maximum(norms, 1e-8)
+        return 1.0 - jnp.mean(cos)
+    return jnp.mean(jnp.square(student_features - teacher_features))
 
 
 def topk_correct(

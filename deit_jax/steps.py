@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from deit_jax import feature_distillation, losses, optim
+from deit_jax import feature_distillation, losses, optim, prompts
 from deit_jax.feature_distillation import Projection
 from deit_jax.models import input_size, pooled_features
 from deit_jax.teacher import cache, teacher_features, teacher_logits
@@ -102,6 +102,7 @@ def make_train_step(
     accum = int(config.optim.grad_accum_steps)
     # With a teacher cache the batches carry the teacher's top-k outputs (deit_jax.teacher.cache).
     cached = bool(config.teacher.cache)
+    labelled = not prompts.is_label_free(config.data.name)  # label-free: labels are -1
 
     def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
         rng, dropout_rng = jax.random.split(state.rng)
@@ -140,6 +141,8 @@ def make_train_step(
                 student_features=s_features,
                 teacher_features=t_features,
                 base_criterion=config.loss,
+                feature_loss=config.distillation.get("feature_loss", "mse"),
+                tau_squared=config.distillation.get("tau_squared", True),
             )
             return total, (parts, new_model_state, cls_logits)
 
@@ -178,8 +181,9 @@ def make_train_step(
             "loss_base": parts["base"],
             "grad_norm": grad_norm,
             "lr": schedule(state.step // accum),
-            "train_top1": jnp.mean(jnp.argmax(cls_logits, -1) == batch["label"]),
         }
+        if labelled:
+            metrics["train_top1"] = jnp.mean(jnp.argmax(cls_logits, -1) == batch["label"])
         if kind != "none":
             metrics["loss_distillation"] = parts["distillation"]
         return new_state, metrics
@@ -188,7 +192,13 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, teacher: nn.Module | None = None
+    model: nn.Module,
+    teacher: nn.Module | None = None,
+    *,
+    tau: float = 1.0,
+    kl_reduction: str = "numel",
+    tau_squared: bool = True,
+    labelled: bool = True,
 ) -> Callable[[Any, Any, Any, Batch], Metrics]:
     """`eval_step(params, model_state, ema_params, teacher_variables, batch) -> sums`.
 
@@ -198,6 +208,10 @@ def make_eval_step(
     and teacher-student agreement; plus the cross-entropy `loss` and the example `count`.
     A batch with `real` (ImageNet-ReaL's (B, classes) label sets) adds `real_top1`/`real_top5`
     hits (a prediction in the set), summed over the `real_count` images that have a set.
+    With a teacher, also `kl`: the soft distillation term (temperature `tau`, `kl_reduction`)
+    of the head that distillation trains (the distillation head of a distilled student), per
+    example, so that its mean is the training term's value on the eval set. Without labels
+    (`labelled=False`, label-free data) only `kl`, `agreement` and `count`.
     """
     distilled = bool(getattr(model, "distilled", False))
     # Both heads, deterministically: train-mode output format with every drop rate at zero.
@@ -222,10 +236,13 @@ def make_eval_step(
                 sums[prefix + k] = (hits * mask).sum()
 
         outputs = predict(params, model_state, batch["image"])
-        for prefix, logits in outputs.items():
-            add(prefix, logits)
-        logp = jax.nn.log_softmax(outputs[""].astype(jnp.float32))
-        sums["loss"] = (-jnp.take_along_axis(logp, labels[:, None], -1)[:, 0] * mask).sum()
+        if labelled:
+            for prefix, logits in outputs.items():
+                add(prefix, logits)
+            logp = jax.nn.log_softmax(outputs[""].astype(jnp.float32))
+            sums["loss"] = (-jnp.take_along_axis(logp, labels[:, None], -1)[:, 0] * mask).sum()
+            if ema_params:
+                add("ema_", predict(ema_params, model_state, batch["image"])[""])
         if "real" in batch:
             real = batch["real"].astype(bool)
             has = real.any(-1).astype(jnp.float32) * mask
@@ -234,13 +251,21 @@ def make_eval_step(
             sums["real_count"] = has.sum()
             sums["real_top1"] = (hits[:, 0] * has).sum()
             sums["real_top5"] = (hits.any(-1) * has).sum()
-        if ema_params:
-            add("ema_", predict(ema_params, model_state, batch["image"])[""])
         if teacher is not None:
             t_logits = teacher_logits(teacher, teacher_variables, batch["image"])
-            add("teacher_", t_logits)
+            if labelled:
+                add("teacher_", t_logits)
             agree = jnp.argmax(t_logits, -1) == jnp.argmax(outputs[""], -1)
             sums["agreement"] = (agree * mask).sum()
+            distilled_head = outputs.get("dist_", outputs[""]).astype(jnp.float32)
+            kl = losses.soft_kl_per_example(
+                distilled_head,
+                t_logits,
+                tau=tau,
+                kl_reduction=kl_reduction,
+                tau_squared=tau_squared,
+            )
+            sums["kl"] = (kl * mask).sum()
         return sums
 
     return eval_step

@@ -169,6 +169,28 @@ def _eval_teacher(teacher: nn.Module | None, num_classes: int) -> nn.Module | No
     return teacher
 
 
+def _eval_step(config, model, teacher, info: data.DatasetInfo):
+    """The jitted eval step: with a teacher also the teacher-student KL at the run's tau and
+    reduction; only KL and agreement for label-free data."""
+    return jax.jit(
+        steps.make_eval_step(
+            model,
+            _eval_teacher(teacher, info.num_classes),
+            tau=config.distillation.tau,
+            kl_reduction=config.distillation.kl_reduction,
+            tau_squared=config.distillation.get("tau_squared", True),
+            labelled=info.labelled,
+        )
+    )
+
+
+def _best_metric(info: data.DatasetInfo, teacher: nn.Module | None) -> str | None:
+    """What ranks checkpoints: top-1, or without labels the agreement with the teacher."""
+    if info.labelled:
+        return BEST_METRIC
+    return "agreement" if _eval_teacher(teacher, info.num_classes) is not None else None
+
+
 def _eval_loop(eval_step, eval_data, args) -> dict[str, float]:
     totals: dict[str, float] = {}
     for batch in eval_data:
@@ -208,7 +230,7 @@ def train_and_evaluate(
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
-    teacher, teacher_variables = build_teacher(config, info.num_classes)
+    teacher, teacher_variables = build_teacher(config, info.num_classes, workdir)
     teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
     projection = _projection(config, model, teacher)
 
@@ -229,13 +251,14 @@ def train_and_evaluate(
         num_epochs=config.num_epochs,
     )
 
+    best_metric = _best_metric(info, teacher)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
         init, abstract, state_shardings = _state_and_shardings(config, model, tx, mesh, projection)
         checkpointer = checkpoint.TrainCheckpointer(
             os.path.join(workdir, "checkpoints"),
             save_every_steps=config.checkpoint_every_steps,
             keep=config.keep_checkpoints,
-            best_metric=BEST_METRIC,
+            best_metric=best_metric,
         )
         restored = checkpointer.restore(abstract)
         if restored is not None:
@@ -269,7 +292,7 @@ def train_and_evaluate(
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
-        eval_step = jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes)))
+        eval_step = _eval_step(config, model, teacher, info)
         writer = MetricsWriter(workdir)
         log.info(
             "Training %s (%s params) on %s: %d steps of %d images, %d devices %s",
@@ -338,7 +361,9 @@ def train_and_evaluate(
                         step,
                         state,
                         data_state=train_data.get_state(),
-                        metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if evaluated else None,
+                        metrics={best_metric: eval_metrics[best_metric]}
+                        if evaluated and best_metric
+                        else None,
                         force=True,
                     )
                 if stop["signal"]:
@@ -379,7 +404,10 @@ def _check_finite(state: steps.TrainState, step: int) -> None:
 
 def _format_eval(step: int, metrics: dict[str, float]) -> str:
     parts = [f"{k} {100 * v:.2f}" for k, v in metrics.items() if "top1" in k or k == "agreement"]
-    return f"eval @ step {step}: " + ", ".join(parts) + f" (loss {metrics['loss']:.4f})"
+    values = [f"{k} {metrics[k]:.4f}" for k in ("loss", "kl") if k in metrics]
+    return (
+        f"eval @ step {step}: " + ", ".join(parts) + (f" ({', '.join(values)})" if values else "")
+    )
 
 
 def run_metadata(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict[str, Any]:
@@ -449,7 +477,7 @@ def evaluate(
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = build_student(config, info.num_classes)
-    teacher, teacher_variables = build_teacher(config, info.num_classes)
+    teacher, teacher_variables = build_teacher(config, info.num_classes, os.path.abspath(workdir))
     projection = _projection(config, model, teacher)
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
     tx, _ = optim.create_optimizer(
@@ -464,7 +492,7 @@ def evaluate(
             os.path.join(os.path.abspath(workdir), "checkpoints"),
             save_every_steps=1,
             keep=config.keep_checkpoints,
-            best_metric=BEST_METRIC,
+            best_metric=_best_metric(info, teacher),
         )
         restored = checkpointer.restore(abstract, delete_unreadable=False)
         checkpointer.close()
@@ -480,21 +508,14 @@ def evaluate(
                 f"Nothing to evaluate: no checkpoint in {workdir!r}/checkpoints and no "
                 "--config.init_from weights."
             )
-        metrics = _eval_loop(
-            jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes))),
-            eval_data,
-            (
-                params,
-                model_state,
-                ema,
-                jax.device_put(teacher_variables, sharding.replicated(mesh)),
-            ),
-        )
+        eval_step = _eval_step(config, model, teacher, info)
         teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
+        args = (params, model_state, ema, teacher_variables)
+        metrics = _eval_loop(eval_step, eval_data, args)
         extra = _eval_extra(
             data.build_extra_evals(config, mesh, sharding.DATA_AXES, num_classes=info.num_classes),
-            jax.jit(steps.make_eval_step(model, _eval_teacher(teacher, info.num_classes))),
-            (params, model_state, ema, teacher_variables),
+            eval_step,
+            args,
         )
     print(_format_eval(-1, metrics).replace("step -1", "evaluation"))
     for prefix, values in extra.items():

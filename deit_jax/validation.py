@@ -24,7 +24,8 @@ from typing import Any
 
 import ml_collections
 
-from deit_jax import eval_sets
+from deit_jax import eval_sets, prompts
+from deit_jax.data.randaugment_policy import parse_policy
 from deit_jax.errors import ConfigError
 from deit_jax.models.registry import list_models, model_options
 
@@ -253,6 +254,46 @@ def _extra_eval_problem(v: Any, c: Context) -> str | None:
     return None
 
 
+def _error_of(parse: Callable[[Any], Any], key: str) -> Callable[[Context], str]:
+    """The `allowed` text of a rule whose check is a parser: the parser's own message."""
+
+    def message(c: Context) -> str:
+        try:
+            parse(c.get(key))
+        except (TypeError, ValueError) as e:
+            return str(e).rstrip(".")
+        return "is not valid"
+
+    return message
+
+
+def _parses(parse: Callable[[Any], Any]) -> Callable[[Any, Context], bool]:
+    def ok(v: Any, c: Context) -> bool:
+        parse(v)  # a TypeError / ValueError fails the rule (see `problems`)
+        return True
+
+    return ok
+
+
+def _randaugment(v: Any) -> None:
+    if not isinstance(v, str):
+        raise TypeError(
+            "must be '' (off) or a timm RandAugment string such as 'rand-m9-mstd0.5-inc1'"
+        )
+    if v:
+        parse_policy(v)
+
+
+def _label_free(c: Context) -> bool:
+    return prompts.is_label_free(c.get("data.name"))
+
+
+def _label_free_split(v: Any, c: Context) -> bool:
+    return not _label_free(c) or (isinstance(v, str) and v.split("[", 1)[0].strip() == "train")
+
+
+_LABEL_FREE = "label-free data (data.name='images:...')"
+
 _WEIGHTS = (
     "a deit_jax weights directory (python -m deit_jax.convert, or the `weights` directory of a "
     "finished run) or a .pth/.safetensors file"
@@ -317,10 +358,31 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("distillation.alpha", _in(0, 1), "must be in [0, 1] (the distillation loss's weight)"),
     Rule("distillation.tau", _in(0, math.inf, lo_open=True), "must be > 0 (the temperature)"),
+    Rule("distillation.tau_squared", _one_of(True, False), "must be True or False"),
+    Rule(
+        "distillation.kind",
+        lambda v, c: not _label_free(c) or v != "none",
+        f"{_LABEL_FREE} trains by distillation only: set --config.distillation.kind=soft (or "
+        "hard, feature) with a teacher",
+        after=("data.name",),
+    ),
+    Rule(
+        "distillation.alpha",
+        lambda v, c: not _label_free(c) or v == 1,
+        f"{_LABEL_FREE} has no labels for the base loss, whose weight is 1 - alpha: set "
+        "--config.distillation.alpha=1.0",
+        after=("data.name",),
+    ),
+    Rule(
+        "distillation.feature_loss",
+        _one_of("mse", "cosine"),
+        "must be 'mse' (timm's FeatureDistillationTask) or 'cosine' (1 - cosine similarity)",
+    ),
     Rule(
         "teacher.framework",
-        _one_of("flax", "torch"),
-        "must be 'flax' (a registry model) or 'torch' (a timm model, for the cache writer)",
+        _one_of("flax", "torch", "clip"),
+        "must be 'flax' (a registry model), 'torch' (a timm model, for the cache writer) or "
+        "'clip' (a CLIP model as a zero-shot classifier)",
     ),
     Rule(
         "teacher.framework",
@@ -336,6 +398,31 @@ RULES: tuple[Rule, ...] = (
         _teacher_registered,
         "must be a registered model (deit_jax.list_models()) for a 'flax' teacher",
         after=("distillation.kind", "teacher.framework"),
+    ),
+    Rule(
+        "teacher.name",
+        lambda v, c: c.get("teacher.framework") != "clip" or v in list_models("clip_*"),
+        lambda c: (
+            f"must be a CLIP model for teacher.framework='clip': {', '.join(list_models('clip_*'))}"
+        ),
+        after=("teacher.framework",),
+    ),
+    Rule(
+        "teacher.class_names",
+        _parses(prompts.parse_class_names),
+        _error_of(prompts.parse_class_names, "teacher.class_names"),
+    ),
+    Rule(
+        "teacher.class_names",
+        lambda v, c: not _label_free(c) or bool(v),
+        f"{_LABEL_FREE} has no class names: give the classes to distil with "
+        "--config.teacher.class_names='cat,dog,...' or a file with one name per line",
+        after=("data.name",),
+    ),
+    Rule(
+        "teacher.prompts",
+        _parses(prompts.check_templates),
+        _error_of(prompts.check_templates, "teacher.prompts"),
     ),
     Rule(
         "teacher.checkpoint",
@@ -383,6 +470,11 @@ RULES: tuple[Rule, ...] = (
         lambda v, c: not v.startswith("folder:") or os.path.isdir(os.path.expanduser(v[7:])),
         "names a folder that does not exist; give folder:<root> with <root>/<split>/<class>/*.jpg",
     ),
+    Rule(
+        "data.name",
+        lambda v, c: not prompts.is_label_free(v) or os.path.isdir(os.path.expanduser(v[7:])),
+        "names a folder that does not exist; give images:<root>, a folder of images (any layout)",
+    ),
     Rule("data.manual_dir", _existing_path, "must be '' or an existing directory"),
     Rule("data.train_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
     Rule("data.eval_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
@@ -391,6 +483,16 @@ RULES: tuple[Rule, ...] = (
         lambda v, c: _extra_eval_problem(v, c) is None,
         lambda c: _extra_eval_problem(c.get("data.extra_eval"), c),
         after=("data.eval_split",),
+    ),
+    *(
+        Rule(
+            key,
+            _label_free_split,
+            f"{_LABEL_FREE} has one split, 'train' (every image): slice it, e.g. "
+            "--config.data.train_split='train[:95%]' --config.data.eval_split='train[95%:]'",
+            after=("data.name",),
+        )
+        for key in ("data.train_split", "data.eval_split")
     ),
     Rule("data.img_size", _image_size, "must be a positive integer (or a (height, width) pair)"),
     Rule("data.img_size", _fits_patches, _patch_message, after=("model_name", "model")),
@@ -419,9 +521,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("augment.hflip", _in(0, 1), "must be a probability in [0, 1]"),
     Rule(
-        "augment.randaugment",
-        lambda v, c: isinstance(v, str) and (v == "" or v.startswith("rand")),
-        "must be '' (off) or a timm RandAugment string such as 'rand-m9-mstd0.5-inc1'",
+        "augment.randaugment", _parses(_randaugment), _error_of(_randaugment, "augment.randaugment")
     ),
     Rule(
         "augment.color_jitter",

@@ -82,3 +82,15 @@ def test_a_wrongly_typed_value_is_one_problem_and_its_dependents_are_skipped():
     assert "patch size 16" in found[1] and "use e.g. 16 or 32" in found[1]
     with pytest.raises(ConfigError):
         validation.check_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-xyz", "rand-mX", "randaug"])
+def test_a_bad_randaugment_string_is_refused_by_the_config_check(policy):
+    (line,) = validation.problems(tiny_config(**{"augment.randaugment": policy}), num_devices=1)
+    assert line.startswith(f"config.augment.randaugment={policy!r}: ")
+    assert "RandAugment policy" in line and "rand-m9-mstd0.5-inc1" in line
+    # The parser the pipeline applies: the shipped policies pass.
+    for good in ("", "rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-n2-m10-tweights"):
+        assert (
+            validation.problems(tiny_config(**{"augment.randaugment": good}), num_devices=1) == []
+        )

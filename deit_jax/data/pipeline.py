@@ -48,7 +48,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deit_jax import eval_sets
+from deit_jax import eval_sets, prompts
 from deit_jax._compat import import_tensorflow
 from deit_jax.data import augment, mixup, sources
 from deit_jax.errors import DataError
@@ -67,7 +67,8 @@ class DatasetInfo:
     num_train: int
     num_eval: int
     image_shape: tuple[int, int, int]
-    class_names: tuple[str, ...] | None = None  # in label order, where the data set has them
+    class_names: tuple[str, ...] | None = None  # the data set's own label names, if any
+    labelled: bool = True  # False for label-free `images:` data (labels -1)
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -75,12 +76,27 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     source = _source(config.data)
     size = _size_hw(config.data.img_size)
     return DatasetInfo(
-        num_classes=source.num_classes,
+        num_classes=num_classes(config, source),
         num_train=source.num_examples(config.data.train_split),
         num_eval=source.num_examples(config.data.eval_split),
         image_shape=(*size, 3),
-        class_names=tuple(source.class_names) if source.class_names else None,
+        class_names=None if source.class_names is None else tuple(source.class_names),
+        labelled=source.labelled,
     )
+
+
+def num_classes(config: ml_collections.ConfigDict, source: sources.Source) -> int:
+    """The data's class count; for label-free data, that of `config.teacher.class_names`."""
+    if source.labelled:
+        return source.num_classes
+    teacher = config.get("teacher")
+    names = prompts.parse_class_names(teacher.class_names) if teacher else None
+    if not names:
+        raise DataError(
+            f"{source.name!r} has no labels, so no classes: give the teacher's class names with "
+            "--config.teacher.class_names='a,b,...' (or a file, one name per line)."
+        )
+    return len(names)
 
 
 def build_train(
@@ -119,7 +135,7 @@ class _Feeder:
     ):
         self.config = config
         self.source = _source(config.data)
-        self.num_classes = self.source.num_classes
+        self.num_classes = num_classes(config, self.source)
         self.size = _size_hw(config.data.img_size)
         self.global_batch = batch
         unknown = [a for a in data_axes if a not in mesh.axis_names]

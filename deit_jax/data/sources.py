@@ -10,6 +10,9 @@
   are the sorted union of the class folders of all splits (as `tfds.ImageFolder` does). Images
   that do not decode are skipped, counted in the log; the check decodes every image once and is
   remembered in `<data_dir>/deit_jax_folder_checks/` until the folder changes.
+- `images:/root`: label-free, every image anywhere under `root` (any layout, searched
+  recursively, hidden folders skipped), as one split `train` in sorted path order; labels are
+  -1. Checked like a folder. Such data trains by distillation only (`deit_jax.prompts`).
 
 A `Source` reads one process's contiguous share of a split (`read`) as cheap records (a
 serialized tfds example, or a file path) with an `id`, and `load` turns a record into
@@ -56,6 +59,9 @@ class Source:
 
     name: str
     num_classes: int
+    # The label names in label order (None: the data set has none, e.g. label-free images).
+    class_names: list[str] | None = None
+    labelled: bool = True  # False: every label is -1 (`images:` data)
     # True when `read(shuffle_seed=...)` already gives a uniform permutation (no buffer needed).
     exact_shuffle: bool = False
     # Class names in label order, where the data set has them (exported with the model).
@@ -284,24 +290,29 @@ class FolderSource(Source):
     def _split_size(self, name: str) -> int:
         return len(self._examples(name)[0])
 
+    def _listing(self, split: str) -> tuple[list[str], list[int]]:
+        """(paths, labels) of every image file of `split`, in sorted (class, file) order."""
+        paths, labels, empty = [], [], []
+        for label, c in enumerate(self.class_names):
+            d = os.path.join(self.root, split, c)
+            if os.path.isdir(d):
+                files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
+                paths += [os.path.join(d, f) for f in files]
+                labels += [label] * len(files)
+                empty += [] if files else [d]
+        if empty:
+            raise DataError(
+                f"Split {split!r} of {self.name!r}: class folder {empty[0]} has no "
+                f"{'/'.join(IMAGE_EXTENSIONS)} images"
+                + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "")
+                + "; add its images or remove the folder."
+            )
+        return paths, labels
+
     def _examples(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(paths, labels) of the decodable images of `split`, in sorted (class, file) order."""
         if self._splits[split] is None:
-            paths, labels, empty = [], [], []
-            for label, c in enumerate(self.class_names):
-                d = os.path.join(self.root, split, c)
-                if os.path.isdir(d):
-                    files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
-                    paths += [os.path.join(d, f) for f in files]
-                    labels += [label] * len(files)
-                    empty += [] if files else [d]
-            if empty:
-                raise DataError(
-                    f"Split {split!r} of {self.name!r}: class folder {empty[0]} has no "
-                    f"{'/'.join(IMAGE_EXTENSIONS)} images"
-                    + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "")
-                    + "; add its images or remove the folder."
-                )
+            paths, labels = self._listing(split)
             bad = self._corrupt(split, paths)
             if paths and len(bad) == len(paths):
                 raise DataError(
@@ -379,12 +390,52 @@ class FolderSource(Source):
         return {"image": tf.io.read_file(record["path"]), "label": record["label"]}
 
 
+class ImagesSource(FolderSource):
+    """Every image under `root` (any layout, recursive), without labels: one split, `train`."""
+
+    SPLIT = "train"
+
+    def __init__(self, root: str, cache_dir: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.name = f"images:{self.root}"
+        if not os.path.isdir(self.root):
+            raise DataNotFoundError(
+                f"Image folder {self.root} does not exist; set config.data.name = "
+                "'images:<root>' to a folder holding .jpg/.jpeg/.png images (any layout)."
+            )
+        self.class_names = None
+        self.labelled = False
+        self.num_classes = 0  # the class count is the teacher's (teacher.class_names)
+        self._cache_dir = cache_dir
+        self._splits = {self.SPLIT: None}
+        self.num_corrupt = {}
+
+    def _listing(self, split: str) -> tuple[list[str], list[int]]:
+        paths = []
+        for root, dirs, files in os.walk(self.root, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            paths += [
+                os.path.join(root, f)
+                for f in files
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            ]
+        if not paths:
+            raise DataError(
+                f"{self.name!r} holds no {'/'.join(IMAGE_EXTENSIONS)} images (searched every "
+                "folder under it); point data.name at a folder of images."
+            )
+        paths.sort()
+        return paths, [-1] * len(paths)
+
+
 def get_source(data: ml_collections.ConfigDict) -> Source:
     """The `Source` named by `config.data`, prepared if that can be done here and now."""
     data_dir = data.data_dir or None
     name = data.name
     if name.startswith("folder:"):
         return FolderSource(name[len("folder:") :], data_dir or tfds.core.constants.DATA_DIR)
+    if name.startswith("images:"):
+        return ImagesSource(name[len("images:") :], data_dir or tfds.core.constants.DATA_DIR)
     if name == "digits":
         with _quiet_tfds():  # A second's work: no banner, progress bars or folder warnings.
             return TfdsSource(_prepared(Digits(data_dir=data_dir)))
@@ -393,7 +444,8 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(
             f"Unknown data set {name!r}. config.data.name must be a tensorflow-datasets name "
-            "(e.g. 'imagenet2012', 'cifar10'), 'digits' (offline) or 'folder:/path/to/root'."
+            "(e.g. 'imagenet2012', 'cifar10'), 'digits' (offline), 'folder:/path/to/root' or "
+            "'images:/path/to/root' (label-free)."
         ) from e
     if builder.is_prepared():
         return TfdsSource(builder)

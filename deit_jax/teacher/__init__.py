@@ -7,6 +7,8 @@
   written once (`--config.mode=teacher_cache`) and read by any number of student runs
   (`--config.teacher.cache=DIR`).
 - `deit_jax.teacher.torch_teacher`: any timm / PyTorch model as the teacher of a cache.
+- `deit_jax.teacher.zero_shot`: a CLIP model as a zero-shot classifier (`framework="clip"`):
+  its image tower and a text head computed once (`deit_jax.teacher.clip`), a frozen Flax module.
 """
 
 from deit_jax.teacher.flax_teacher import (

@@ -175,8 +175,14 @@ def weights_hash(path: str) -> str:
 
 def teacher_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t = config.teacher
+    zero_shot = {}
+    if t.framework == "clip":  # the head: class names and templates
+        from deit_jax.teacher import zero_shot as zs
+
+        zero_shot = zs.zero_shot_fingerprint(config)
     return _jsonable(
         {
+            **zero_shot,
             "teacher.name": t.name,
             "teacher.framework": t.framework,
             "teacher.img_size": t.img_size,
@@ -331,9 +337,18 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 def _flax_teacher_fn(
-    config: ml_collections.ConfigDict, num_classes: int, mesh: jax.sharding.Mesh, topk: int
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    mesh: jax.sharding.Mesh,
+    topk: int,
+    workdir: str,
 ) -> Callable[[dict[str, jax.Array]], tuple[np.ndarray, np.ndarray]]:
-    teacher, variables = flax_teacher.build_flax_teacher(config, num_classes)
+    if config.teacher.framework == "clip":  # its zero-shot head is kept with the cache
+        from deit_jax.teacher import zero_shot
+
+        teacher, variables = zero_shot.build_clip_teacher(config, num_classes, workdir)
+    else:
+        teacher, variables = flax_teacher.build_flax_teacher(config, num_classes)
     variables = jax.device_put(variables, sharding.replicated(mesh))
 
     @jax.jit
@@ -351,10 +366,11 @@ def _flax_teacher_fn(
 def _check_teacher_source(config: ml_collections.ConfigDict) -> None:
     """Refuses a missing teacher before any data is prepared or model built."""
     t = config.teacher
-    if t.framework not in ("flax", "torch"):
+    if t.framework not in ("flax", "torch", "clip"):
         raise CacheError(
             f"config.teacher.framework={t.framework!r}: use 'flax' (a registry model with "
-            "deit_jax weights) or 'torch' (a timm model with a local checkpoint file)."
+            "deit_jax weights), 'torch' (a timm model with a local checkpoint file) or 'clip' "
+            "(a CLIP model as a zero-shot classifier)."
         )
     if not t.checkpoint or not os.path.exists(t.checkpoint):
         raise WeightsNotFoundError(
@@ -373,9 +389,9 @@ def _check_teacher_source(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def _teacher_fn(config, num_classes, mesh, topk):
-    if config.teacher.framework == "flax":
-        return _flax_teacher_fn(config, num_classes, mesh, topk)
+def _teacher_fn(config, num_classes, mesh, topk, workdir):
+    if config.teacher.framework in ("flax", "clip"):
+        return _flax_teacher_fn(config, num_classes, mesh, topk, workdir)
     if config.teacher.framework == "torch":
         from deit_jax.teacher import torch_teacher
 
@@ -423,7 +439,7 @@ def write_cache(
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
     layout = layout_for(config, train_data)
     epochs = _epoch_range(config.teacher.cache_epochs, layout)
-    teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk)
+    teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
     manifest = _manifest(config, train_data, layout)
 
     store = CacheStore(workdir)
@@ -532,6 +548,13 @@ def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
 # --------------------------------------------------------------------------- reading
 
 
+_ZERO_SHOT_KEYS = (
+    "teacher.class_names_sha256",
+    "teacher.num_class_names",
+    "teacher.templates_sha256",
+)
+
+
 def required_topk(config: ml_collections.ConfigDict) -> int:
     """The smallest k a run's loss can use: 1 for hard, `teacher.cache_topk` for soft."""
     return 1 if config.distillation.kind == "hard" else int(config.teacher.cache_topk)
@@ -567,6 +590,24 @@ class CacheReader:
             )
         self.layout = Layout(**manifest["layout"])
         self.teacher = manifest["teacher"]
+        if config.teacher.framework == "clip" and "teacher.templates_sha256" in self.teacher:
+            from deit_jax.teacher import zero_shot
+
+            problems = _differences(
+                {k: v for k, v in self.teacher.items() if k in _ZERO_SHOT_KEYS},
+                {
+                    k: v
+                    for k, v in zero_shot.zero_shot_fingerprint(config).items()
+                    if k in _ZERO_SHOT_KEYS
+                },
+            )
+            if problems:
+                raise CacheError(
+                    f"The teacher cache {path!r} holds a CLIP teacher's outputs for other class "
+                    "names or prompts:\n  " + "\n  ".join(problems) + "\nTrain with the "
+                    "teacher.class_names and teacher.prompts the cache was written with, or write "
+                    f"a cache for these: {_writer_command('NEW_CACHE')}"
+                )
         needed = required_topk(config)
         if self.layout.topk < needed:
             raise CacheError(

@@ -45,18 +45,25 @@ def load_weights(path: str, model_name: str) -> tuple[Any, dict[str, Any]]:
 
 
 def build_teacher(
-    config: ml_collections.ConfigDict, num_classes: int
+    config: ml_collections.ConfigDict, num_classes: int, workdir: str | None = None
 ) -> tuple[nn.Module | None, Any]:
     """The frozen teacher of a training run and its variables, or `(None, {})` without one.
 
     Without distillation there is none; a run that reads a teacher cache builds one only when
     `config.teacher.checkpoint` is also given (to report teacher accuracy and agreement).
+    A CLIP teacher (`framework="clip"`, deit_jax/teacher/zero_shot.py) keeps its zero-shot head
+    in `workdir`.
     """
     if config.distillation.kind == "none":
         return None, {}
+    readable = config.teacher.checkpoint and config.teacher.framework in ("flax", "clip")
+    if config.teacher.cache and not readable:
+        return None, {}
+    if config.teacher.framework == "clip":
+        from deit_jax.teacher import zero_shot
+
+        return zero_shot.build_clip_teacher(config, num_classes, workdir)
     if config.teacher.cache:
-        if not config.teacher.checkpoint or config.teacher.framework != "flax":
-            return None, {}
         return build_flax_teacher(config, num_classes)
     if config.teacher.framework != "flax":
         raise ValueError(

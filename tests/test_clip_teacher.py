@@ -1,0 +1,426 @@
+"""CLIP as a zero-shot teacher: the brief's loss, live and cached runs, label-free data, the head.
+
+Every run is the tiny config of tests/_train_config.py (digits at 16x16, batch 32, 8 steps)
+with a small random CLIP teacher saved as a user would have it: an open_clip state dict
+(`open_clip.CLIP`, 2 x 64-wide towers, embed 48, image 24 with patch 8, so the teacher's bicubic
+resize from the student's 16 px runs) in a .safetensors file, converted once with
+`python -m deit_jax.convert`. Prompts: a file of two templates for the digits' own names.
+
+Tolerances: a cached run follows the live run's computation except that no teacher runs in the
+step (a float32 cache of all 10 classes): train losses agree to a relative 1e-5, as in
+tests/test_teacher_cache.py. Losses against torch's `F.kl_div`: 1e-6 relative (float32).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from _train_config import tiny_config
+
+from deit_jax import convert, losses, prompts, train, validation
+from deit_jax.errors import ConfigError
+from deit_jax.metrics import read_jsonl
+from deit_jax.teacher import cache, zero_shot
+
+STEPS = 8
+TEMPLATES = ("a photo of the number {}.", "a blurry drawing of a {}.")
+PLAIN = {"model_name": "deit_tiny_patch16_224"}  # tiny_config's sizes, no distillation token
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory):
+    """A random open_clip CLIP saved as .safetensors, converted to a deit_jax weights dir."""
+    import open_clip
+    import torch
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=48,
+        vision_cfg=CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=24, head_width=64),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
+    )
+    with torch.no_grad():  # scale 100 (CLIP's clamp), not ln(1/0.07): a less uniform teacher
+        model.logit_scale.fill_(float(np.log(100.0)))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(root / "open_clip_small.safetensors"))
+    out = str(root / "clip_small")
+    convert.main(
+        ["--checkpoint", str(root / "open_clip_small.safetensors"), "--model", "clip_vit_b32"]
+        + ["--output", out]
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "templates.txt"
+    path.write_text("\n".join(TEMPLATES) + "\n")
+    return str(path)
+
+
+def clip_config(data_dir, weights, prompt_file, **changes):
+    base = {
+        "distillation.kind": "soft",
+        "distillation.alpha": 1.0,
+        "distillation.kl_reduction": "batchmean",
+        "teacher.framework": "clip",
+        "teacher.name": "clip_vit_b32",
+        "teacher.checkpoint": weights,
+        "teacher.prompts": prompt_file,
+        "teacher.cache_topk": 10,
+        "teacher.cache_dtype": "float32",
+        "teacher.cache_chunk_steps": 3,
+    }
+    return tiny_config(data_dir, **{**base, **changes})
+
+
+def train_losses(workdir):
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+# --------------------------------------------------------------------------- the brief's loss
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_the_soft_batchmean_term_is_the_briefs_kl_div(tau):
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    s, t = (rng.normal(size=(6, 10)).astype(np.float32) * 3 for _ in range(2))
+    brief = F.kl_div(
+        F.log_softmax(torch.from_numpy(s) / tau, 1),
+        F.softmax(torch.from_numpy(t) / tau, 1),
+        reduction="batchmean",
+    ).item()
+    kw = dict(kind="soft", alpha=1.0, tau=tau, kl_reduction="batchmean", tau_squared=False)
+    total, parts = losses.distillation_loss(s, None, t, np.zeros_like(s), **kw)
+    np.testing.assert_allclose([float(total), float(parts["distillation"])], brief, rtol=1e-6)
+    # The default (Hinton, DeiT, timm) multiplies by T^2; the eval metric is the same term.
+    hinton, _ = losses.distillation_loss(
+        s, None, t, np.zeros_like(s), **{**kw, "tau_squared": True}
+    )
+    np.testing.assert_allclose(float(hinton), brief * tau * tau, rtol=1e-6)
+    per_example = losses.soft_kl_per_example(
+        s, t, tau=tau, kl_reduction="batchmean", tau_squared=False
+    )
+    np.testing.assert_allclose(float(per_example.mean()), brief, rtol=1e-6)
+
+
+def test_the_cosine_feature_loss_is_torchs():
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(1)
+    s, t = (rng.normal(size=(5, 48)).astype(np.float32) for _ in range(2))
+    expected = 1 - F.cosine_similarity(torch.from_numpy(s), torch.from_numpy(t)).mean().item()
+    got = losses.feature_distillation_loss(s, t, "cosine")
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    # Scale-free, unlike MSE.
+    np.testing.assert_allclose(
+        float(losses.feature_distillation_loss(3 * s, t, "cosine")), expected, rtol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------- live and cached
+
+
+@pytest.fixture(scope="module")
+def clip_cache(data_dir, clip_weights, prompt_file, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("clip_cache"))
+    config = clip_config(data_dir, clip_weights, prompt_file)
+    summary = cache.write_cache(config, path, devices=jax.devices()[:1])
+    assert summary["steps_written"] == STEPS
+    return path
+
+
+@pytest.fixture(scope="module")
+def live_run(data_dir, clip_weights, prompt_file, tmp_path_factory):
+    """The 1-device live run with a token student (soft, batchmean): workdir and metrics."""
+    workdir = str(tmp_path_factory.mktemp("live"))
+    config = clip_config(data_dir, clip_weights, prompt_file)
+    metrics = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    return workdir, metrics
+
+
+RUNS = {
+    # mesh, student, distillation changes
+    "1_device_token_soft_batchmean": ((1, 1), {}, {}),
+    "data2_fsdp2_plain_soft_numel_tau2": (
+        (2, 2),
+        PLAIN,
+        {"distillation.kl_reduction": "numel", "distillation.tau": 2.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS), ids=list(RUNS))
+def test_live_and_cached_clip_teachers_give_the_same_losses(
+    data_dir, clip_weights, prompt_file, clip_cache, live_run, tmp_path, run
+):
+    mesh, student, changes = RUNS[run]
+    devices = jax.devices()[: mesh[0] * mesh[1]]
+    keys = {"mesh.data": mesh[0], "mesh.fsdp": mesh[1], **student, **changes}
+    if mesh == (1, 1):
+        live_dir, live_metrics = live_run
+    else:
+        live_dir = str(tmp_path / "live")
+        live = clip_config(data_dir, clip_weights, prompt_file, **keys)
+        live_metrics = train.train_and_evaluate(live, live_dir, devices=devices)
+    cached = clip_config(
+        data_dir, clip_weights, prompt_file, **keys, **{"teacher.cache": clip_cache}
+    )
+    cached_metrics = train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=devices)
+
+    live_losses, cached_losses = train_losses(live_dir), train_losses(tmp_path / "cached")
+    assert len(live_losses) == STEPS and np.isfinite(live_losses).all()
+    np.testing.assert_allclose(cached_losses, live_losses, rtol=1e-5)
+    # The cached run's eval teacher took the head its cache was written with (and kept a copy).
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "cached" / "zero_shot_head" / "head.npy"),
+        np.load(os.path.join(clip_cache, "zero_shot_head", "head.npy")),
+    )
+    for metrics in (live_metrics, cached_metrics):
+        assert {"kl", "agreement", "teacher_top1", "top1"} <= set(metrics)
+        assert metrics["kl"] > 0
+    assert cached_metrics["kl"] == pytest.approx(live_metrics["kl"], rel=1e-4)
+
+
+def test_the_head_is_the_text_towers_and_the_logits_are_the_formula(
+    data_dir, clip_weights, prompt_file, live_run
+):
+    import jax.numpy as jnp
+
+    from deit_jax.models import create_model
+    from deit_jax.teacher import load_weights
+    from deit_jax.teacher.clip import load_tokenizer, zero_shot_head
+
+    workdir, _ = live_run
+    head = np.load(os.path.join(workdir, "zero_shot_head", "head.npy"))
+    with open(os.path.join(workdir, "zero_shot_head", "fingerprint.json")) as f:
+        saved = json.load(f)
+    names = [str(i) for i in range(10)]
+    assert saved["class_names"] == names and saved["templates"] == list(TEMPLATES)
+
+    variables, overrides = load_weights(clip_weights, "clip_vit_b32")
+    clip = create_model("clip_vit_b32", **overrides)
+    texts = [[t.replace("{}", n) for t in TEMPLATES] for n in names]
+    tokenize = load_tokenizer(clip_weights)
+    emb = np.asarray(clip.apply(variables, tokenize(sum(texts, [])), method="encode_text"))
+    emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    expected = emb.reshape(10, 2, -1).mean(1)
+    expected = (expected / np.linalg.norm(expected, axis=-1, keepdims=True)).T
+    np.testing.assert_allclose(head, expected, atol=1e-6)
+    np.testing.assert_allclose(
+        zero_shot_head(clip, variables, names, list(TEMPLATES), tokenize), head, atol=1e-6
+    )
+
+    # Teacher logits: min(exp(logit_scale), 100) * normalise(encode_image(CLIP input)) @ W, the
+    # CLIP input being the stream's images re-normalised and resized bicubically to 24 px.
+    config = clip_config(data_dir, clip_weights, prompt_file)
+    teacher, teacher_vars = train.build_teacher(config, 10, workdir)
+    images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    mean, std = np.asarray(config.augment.mean), np.asarray(config.augment.std)
+    pixels = np.asarray(images) * std + mean
+    clip_in = (pixels - np.asarray(zero_shot.CLIP_MEAN)) / np.asarray(zero_shot.CLIP_STD)
+    clip_in = jax.image.resize(jnp.asarray(clip_in, jnp.float32), (4, 24, 24, 3), "bicubic")
+    e = np.asarray(clip.apply(variables, clip_in, method="encode_image"))
+    e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+    scale = min(np.exp(float(variables["params"]["logit_scale"])), 100.0)
+    logits = teacher.apply(teacher_vars, images)
+    np.testing.assert_allclose(np.asarray(logits), scale * e @ head, rtol=1e-4, atol=1e-4)
+
+
+def test_a_resume_reuses_the_saved_head(
+    data_dir, clip_weights, prompt_file, live_run, tmp_path, monkeypatch
+):
+    import deit_jax.teacher.clip as clip_module
+
+    source, _ = live_run
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(source, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))  # resume from step 4
+    shutil.rmtree(os.path.join(workdir, "weights"))
+    head_file = os.path.join(workdir, "zero_shot_head", "head.npy")
+    before = (os.stat(head_file).st_mtime_ns, Path(head_file).read_bytes())
+
+    def no_text_tower(*args, **kwargs):
+        raise AssertionError("the resumed run recomputed the zero-shot head")
+
+    monkeypatch.setattr(clip_module, "zero_shot_head", no_text_tower)
+    config = clip_config(data_dir, clip_weights, prompt_file)
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    assert (os.stat(head_file).st_mtime_ns, Path(head_file).read_bytes()) == before
+    losses_ = train_losses(workdir)
+    assert len(losses_) == STEPS + STEPS // 2  # 8 steps, then steps 5-8 again
+    np.testing.assert_allclose(losses_[STEPS:], losses_[STEPS // 2 : STEPS], rtol=1e-6)
+
+
+def test_changed_prompts_or_class_names_are_refused_by_name(
+    data_dir, clip_weights, prompt_file, live_run, clip_cache, tmp_path
+):
+    workdir, _ = live_run
+    other = tmp_path / "other.txt"
+    other.write_text(f"{TEMPLATES[0]}\nan origami {{}}.\n")
+    config = clip_config(data_dir, clip_weights, str(other))
+    with pytest.raises(ConfigError) as e:
+        train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    (line,) = e.value.problems
+    assert line.startswith(f"config.teacher.prompts={str(other)!r}: ")
+    assert "template 2: saved 'a blurry drawing of a {}.', now 'an origami {}.'" in line
+    # The cache writer keeps its head with the cache: completing it with other names is refused.
+    names = ",".join(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    )
+    renamed = clip_config(data_dir, clip_weights, prompt_file, **{"teacher.class_names": names})
+    with pytest.raises(
+        ConfigError, match=r"config.teacher.class_names='zero,one.*class 1: saved '0', now 'zero'"
+    ):
+        cache.write_cache(renamed, clip_cache, devices=jax.devices()[:1])
+    # And a run reading that cache with other names is refused before training.
+    reading = clip_config(
+        data_dir, clip_weights, prompt_file,
+        **{"teacher.class_names": names, "teacher.cache": clip_cache, "teacher.checkpoint": ""},
+    )  # fmt: skip
+    with pytest.raises(cache.CacheError, match="teacher.class_names_sha256"):
+        train.train_and_evaluate(reading, str(tmp_path / "reader"), devices=jax.devices()[:1])
+
+
+def test_feature_distillation_against_clips_image_embedding(
+    data_dir, clip_weights, prompt_file, tmp_path
+):
+    # A 32-wide student, CLIP's 48-wide embedding: through the learned projection, cosine.
+    config = clip_config(
+        data_dir,
+        clip_weights,
+        prompt_file,
+        **PLAIN,
+        **{"distillation.kind": "feature", "distillation.feature_loss": "cosine"},
+        num_epochs=2 / 44,
+    )
+    metrics = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    records = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    distill = [r["train/loss_distillation"] for r in records if "train/loss" in r]
+    assert len(distill) == 2 and all(0.0 < d <= 2.0 for d in distill)  # 1 - cos in [0, 2]
+    assert "kl" in metrics and "teacher_top1" in metrics  # the teacher still predicts classes
+
+
+# --------------------------------------------------------------------------- label-free
+
+
+def write_images(root, count=360):
+    """The digits' test images as PNGs in an arbitrary nested layout, no labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[-count:]
+    for i, image in enumerate(images):
+        folder = os.path.join(root, f"batch{i % 3}", "x" if i % 2 else "")
+        os.makedirs(folder, exist_ok=True)
+        pixels = (image * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels).resize((16, 16)).save(os.path.join(folder, f"img{i:04d}.png"))
+
+
+def test_a_label_free_folder_run_trains_and_its_eval_kl_falls(
+    data_dir, clip_weights, prompt_file, tmp_path
+):
+    root = tmp_path / "photos"
+    write_images(str(root))
+    config = clip_config(
+        data_dir,
+        clip_weights,
+        prompt_file,
+        **PLAIN,
+        **{
+            "data.name": f"images:{root}",
+            "data.train_split": "train[:90%]",  # 324 images: 10 steps per epoch
+            "data.eval_split": "train[90%:]",
+            "teacher.class_names": ",".join(str(i) for i in range(10)),
+            "num_epochs": 1.0,
+            "eval_every_epochs": 0.1,
+            "checkpoint_every_steps": 100,
+            "optim.lr": 4e-3,
+            "optim.ema_decay": 0.0,
+        },
+    )
+    metrics = train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert set(metrics) == {"kl", "agreement", "count"} and metrics["count"] == 36
+    records = read_jsonl(os.path.join(tmp_path, "run", "metrics.jsonl"))
+    kl = [r["eval/kl"] for r in records if "eval/kl" in r]
+    assert len(kl) == 10 and np.isfinite(kl).all()
+    # Measured: 0.168 after step 1 falling to 0.121 after step 10, every eval below the last.
+    assert kl[-1] < 0.8 * kl[0] and kl[-1] == min(kl), kl
+    assert "train/train_top1" not in records[0]
+
+
+def test_label_free_runs_are_refused_without_names_or_with_a_label_term(tmp_path):
+    config = tiny_config(
+        **{
+            "data.name": f"images:{tmp_path}",
+            "data.eval_split": "validation",
+            "distillation.alpha": 0.5,
+            "teacher.checkpoint": str(tmp_path),
+        }
+    )
+    found = validation.problems(config, num_devices=1)
+    keys = [line.split("=", 1)[0] for line in found]
+    assert keys == [
+        "config.distillation.kind",
+        "config.distillation.alpha",
+        "config.teacher.class_names",
+        "config.data.eval_split",
+    ]
+    assert "set --config.distillation.alpha=1.0" in found[1]
+    config.distillation.kind, config.distillation.alpha = "soft", 1.0
+    config.teacher.class_names, config.data.eval_split = "cat,dog", "train[90%:]"
+    assert validation.problems(config, num_devices=1) == []
+
+
+# --------------------------------------------------------------------------- names and prompts
+
+
+def test_class_names_come_from_the_data_set_or_the_config(tmp_path):
+    import open_clip
+
+    wnids = ["n01440764", "n01443537", "n15075141"]  # ImageNet classes 0, 1, 999
+    curated = open_clip.IMAGENET_CLASSNAMES
+    assert prompts.dataset_class_names("imagenette", wnids) == [
+        curated[0],
+        curated[1],
+        curated[999],
+    ]
+    assert prompts.dataset_class_names("folder:/x", ["golden_retriever", "cat"]) == [
+        "golden retriever",
+        "cat",
+    ]
+    assert prompts.dataset_class_names("digits", [str(i) for i in range(10)])[3] == "3"
+    with pytest.raises(ValueError, match="only by their indices"):
+        prompts.dataset_class_names("imagenet_v2", [str(i) for i in range(1000)])
+    with pytest.raises(ValueError, match="no class names"):
+        prompts.dataset_class_names("images:/x", None)
+    names = tmp_path / "names.txt"
+    names.write_text("cat\n\ndog\n")
+    assert prompts.parse_class_names(str(names)) == ["cat", "dog"]
+    assert prompts.parse_class_names("cat, dog") == ["cat", "dog"]
+    for bad, match in (("cat", "at least 2"), ("cat,,dog", "empty"), ("cat,cat", "repeats")):
+        with pytest.raises(ValueError, match=match):
+            prompts.parse_class_names(bad)
+    assert prompts.templates("openai")[0] == "a bad photo of a {}."
+    assert len(prompts.templates("openai")) == 80 and len(prompts.templates("simple")) == 7
+    bad_templates = tmp_path / "t.txt"
+    bad_templates.write_text("a photo of a {}.\na photo\n")
+    with pytest.raises(ValueError, match="line 2 .*'a photo'.* has no"):
+        prompts.check_templates(str(bad_templates))
