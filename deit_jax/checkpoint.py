@@ -28,6 +28,33 @@ class CheckpointMismatchError(CheckpointError):
     once): an Orbax training checkpoint here, a PyTorch state dict in `deit_jax.convert`."""
 
 
+def state_dict_mismatch(
+    model_name: str,
+    overrides: Any,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+    hint: str,
+) -> CheckpointMismatchError | None:
+    """The error listing every way a PyTorch state dict misses `model_name`, or None if it fits."""
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(
+            f"unexpected in the checkpoint ({len(unexpected)}): {', '.join(sorted(unexpected))}"
+        )
+    if mismatched:
+        problems.append(f"wrong shapes ({len(mismatched)}): {'; '.join(mismatched)}")
+    if not problems:
+        return None
+    return CheckpointMismatchError(
+        f"The checkpoint does not fit model {model_name!r} (overrides {dict(overrides)}):\n  "
+        + "\n  ".join(problems)
+        + f"\n{hint}"
+    )
+
+
 class UnreadableCheckpointsError(UserError, RuntimeError):
     """Every checkpoint of a run's directory is unreadable (each skipped with a warning)."""
 

@@ -219,21 +219,16 @@ def torch_to_flax(
             continue
         converted[path] = value.astype(spec.dtype)
 
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
-    if source:
-        problems.append(
-            f"unexpected in the checkpoint ({len(source)}): {', '.join(sorted(source))}"
-        )
-    if mismatched:
-        problems.append(f"wrong shapes ({len(mismatched)}): {'; '.join(mismatched)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"The checkpoint does not fit model {model_name!r} (overrides {overrides}):\n  "
-            + "\n  ".join(problems)
-            + "\nCheck that --model names the architecture the checkpoint was trained with."
-        )
+    error = checkpoint.state_dict_mismatch(
+        model_name,
+        overrides,
+        missing,
+        list(source),
+        mismatched,
+        "Check that --model names the architecture the checkpoint was trained with.",
+    )
+    if error is not None:
+        raise error
 
     if reinit:
         log.warning(

@@ -333,7 +333,7 @@ def torch_to_flax(
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from deit_jax.checkpoint import CheckpointMismatchError
+    from deit_jax import checkpoint
     from deit_jax.convert import _as_numpy, unwrap_state_dict
 
     source = unwrap_state_dict(state_dict)
@@ -352,21 +352,16 @@ def torch_to_flax(
             mismatched.append(f"{key}: checkpoint {value.shape} vs model {spec.shape}")
             continue
         converted[path] = jnp.asarray(value.astype(spec.dtype))
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
-    if source:
-        problems.append(
-            f"unexpected in the checkpoint ({len(source)}): {', '.join(sorted(source))}"
-        )
-    if mismatched:
-        problems.append(f"wrong shapes ({len(mismatched)}): {'; '.join(mismatched)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"The checkpoint does not fit model {model_name!r} (overrides {dict(overrides)}):\n  "
-            + "\n  ".join(problems)
-            + "\nCheck that --model names a CLIP of the checkpoint's family (clip_vit_*)."
-        )
+    error = checkpoint.state_dict_mismatch(
+        model_name,
+        overrides,
+        missing,
+        list(source),
+        mismatched,
+        "Check that --model names a CLIP of the checkpoint's family (clip_vit_*).",
+    )
+    if error is not None:
+        raise error
     return traverse_util.unflatten_dict(converted)
 
 
