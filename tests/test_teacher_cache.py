@@ -1,8 +1,8 @@
 """The teacher-output cache: exact against the live teacher, complete after faults, clear errors.
 
 Every run is the tiny config of tests/_train_config.py (8 steps of 32 digits at 16x16) with a
-randomly initialised `cnn_small` teacher saved as deit_jax weights (hard labels only need its
-argmax to be a fixed function of the image).
+randomly initialised `cnn_small` teacher, its logits centred, saved as deit_jax weights (hard
+labels only need its argmax to be a fixed function of the image, one that varies).
 
 Tolerances: a cached run must follow the live run's computation exactly except that no teacher
 runs inside the step, so XLA may fuse the student's part differently: train losses agree to a
@@ -24,6 +24,7 @@ from _train_config import save_random_teacher, tiny_config
 
 from deit_jax import checkpoint, data, losses, sharding, train
 from deit_jax.metrics import read_jsonl
+from deit_jax.models import create_model
 from deit_jax.teacher import cache
 
 STEPS = 8
@@ -35,8 +36,26 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return save_random_teacher(str(tmp_path_factory.mktemp("teacher") / "weights"))
+def teacher_dir(data_dir, tmp_path_factory):
+    """A random `cnn_small` with its logits centred over a batch of the run (its classifier's
+    bias less their mean): a random network's logits share one large offset, which gives nearly
+    every image one label (181 of the run's first 256 rows, measured), and with one label
+    misaligned cache rows would go unseen."""
+    directory = tmp_path_factory.mktemp("teacher")
+    random = save_random_teacher(str(directory / "random"))
+    variables, metadata = checkpoint.load_variables(random)
+    config = distill_config(data_dir, random)
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+    with data.build_train(config, mesh, data_axes=sharding.DATA_AXES) as batches:
+        images = next(batches)["image"]
+    model = create_model("cnn_small", **metadata["model_overrides"])
+    logits = model.apply(variables, images, train=False)
+    variables["params"]["fc"]["bias"] = variables["params"]["fc"]["bias"] - logits.mean(0)
+    path = str(directory / "weights")
+    checkpoint.save_variables(
+        path, variables, model_name="cnn_small", model_overrides=metadata["model_overrides"]
+    )
+    return path
 
 
 def distill_config(data_dir, teacher_dir, **changes):
