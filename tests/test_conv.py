@@ -43,6 +43,19 @@ def test_grouped_conv_equals_feature_group_count(groups, stride, dtype):
         assert err <= TOLERANCE[dtype] * scale, (impl, err, scale)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_equals_xla_conv(stride):
+    rng = np.random.default_rng(stride)
+    x = jnp.asarray(rng.normal(size=(2, 7, 7, 12)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(1, 1, 12, 20)) / 4, jnp.float32)
+    expected = lax.conv_general_dilated(x, kernel, (stride,) * 2, ((0, 0),) * 2,
+                                        dimension_numbers=DIMS)  # fmt: skip
+    fn = jax.jit(lambda x, k: conv_general(x, k, (stride,) * 2, ((0, 0),) * 2))
+    if jax.default_backend() == "cpu":
+        assert "stablehlo.convolution" not in fn.lower(x, kernel).as_text()  # a matmul
+    np.testing.assert_allclose(fn(x, kernel), expected, atol=1e-5, rtol=0)
+
+
 def test_cpu_lowers_grouped_conv_as_dense_convs_and_gradients_agree():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 6, 8)), jnp.float32)
     kernel = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 2, 8)), jnp.float32)

@@ -7,6 +7,7 @@ on the CPU as `groups` dense convolutions over channel slices, concatenated, and
 native `feature_group_count` on GPU and TPU. The choice is made when the function is lowered for
 a platform (`jax.lax.platform_dependent`), so one traced model serves every backend. Both give
 the same numbers as `lax.conv_general_dilated(..., feature_group_count=groups)` (to rounding).
+Unpadded 1x1 convolutions likewise run as matmuls on the CPU.
 
 `Conv` is `flax.linen.Conv` for the square, explicitly padded convolutions the convnets use,
 with the same parameters (`kernel` (kh, kw, in / groups, out), `bias` (out,)), so converted
@@ -50,6 +51,13 @@ def _split(x: jax.Array, kernel: jax.Array, strides, padding, groups: int) -> ja
     return jnp.concatenate(outs, axis=-1)
 
 
+def _pointwise(x: jax.Array, kernel: jax.Array, strides) -> jax.Array:
+    """A 1x1 unpadded convolution as one matmul over the (strided) pixels."""
+    if strides != (1, 1):
+        x = x[:, :: strides[0], :: strides[1]]
+    return x @ kernel.reshape(kernel.shape[2], kernel.shape[3])
+
+
 def conv_general(
     x: jax.Array,
     kernel: jax.Array,
@@ -60,8 +68,9 @@ def conv_general(
 ) -> jax.Array:
     """An NHWC x HWIO convolution with `groups` feature groups.
 
-    `impl`: "auto" (per backend, at lowering: split on the CPU, native elsewhere), "native"
-    (XLA's `feature_group_count`) or "split" (per-group dense convolutions).
+    `impl`: "auto" (per backend, at lowering: on the CPU grouped convs split and unpadded 1x1
+    convs as matmuls, XLA's convolution elsewhere), "native" (XLA's `feature_group_count`) or
+    "split" (per-group dense convolutions).
     """
     strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
     if x.shape[-1] % groups or kernel.shape[-1] % groups or x.shape[-1] != kernel.shape[2] * groups:
@@ -69,16 +78,20 @@ def conv_general(
             f"Input channels {x.shape[-1]}, kernel {tuple(kernel.shape)} and groups {groups} do "
             "not fit: the kernel's input dimension times groups must equal the input channels."
         )
-    if groups == 1 or impl == "native":
+    if impl not in ("auto", "native", "split"):
+        raise ValueError(f"Unknown conv impl {impl!r}; use 'auto', 'native' or 'split'.")
+    pointwise = kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding)
+    if impl == "native" or (groups == 1 and not (impl == "auto" and pointwise)):
         return _native(x, kernel, strides, padding, groups)
     if impl == "split":
         return _split(x, kernel, strides, padding, groups)
-    if impl != "auto":
-        raise ValueError(f"Unknown conv impl {impl!r}; use 'auto', 'native' or 'split'.")
+    # On the CPU, 1x1 convolutions also run faster as matmuls than through XLA's (YNNPACK)
+    # convolution (RegNetY-16GF forward 20% faster; benchmarks/NOTES.md).
+    cpu = _split if groups > 1 else lambda x, k, s, p, g: _pointwise(x, k, s)
     return lax.platform_dependent(
         x,
         kernel,
-        cpu=lambda x, k: _split(x, k, strides, padding, groups),
+        cpu=lambda x, k: cpu(x, k, strides, padding, groups),
         default=lambda x, k: _native(x, k, strides, padding, groups),
     )
 
