@@ -764,6 +764,8 @@ class Bench:
         """XLA's planned memory of the bf16 train step (forward, backward, AdamW; parameters and
         optimiser state donated), with and without `model.remat`: compile only, nothing runs."""
         sizes, batches, policies, res = self.preset.memory
+        if self.args.memory_batches:
+            batches = tuple(int(b) for b in self.args.memory_batches.split(","))
         lines = [
             f"XLA's memory plan on this backend ({jax.default_backend()}) for the bf16 train "
             "step (float32 parameters and AdamW state, donated), from "
@@ -958,6 +960,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CPU: also the planned-memory section (DeiT-B and DeiT III-L train steps at the GPU "
         "preset's batch sizes, with and without remat; compile only). Always on with --gpu",
+    )
+    p.add_argument(
+        "--memory-batches",
+        default="",
+        help="comma list of batch sizes for the memory section (default: the preset's)",
     )
     p.add_argument(
         "--skip",
