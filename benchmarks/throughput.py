@@ -116,6 +116,14 @@ class Case:
     res: int = 224
     steps: tuple[str, ...] = ("train", "infer")
     reps: int | None = None  # timed rounds; None: the preset's
+    attention: str | None = None  # deit_jax's model.attention ("xla" | "cudnn"; None: default)
+    remat: str | None = None  # deit_jax's model.remat (a jax.checkpoint_policies name)
+
+    @property
+    def label(self) -> str:
+        extra = [f"attention {self.attention}"] * bool(self.attention)
+        extra += [f"remat {self.remat}"] * bool(self.remat)
+        return f"DeiT-{self.size}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +132,14 @@ class Preset:
     batch_sweep: tuple[Case, ...]  # same model and precision, growing batch
     resolution: tuple[Case, ...]  # same model, precision and batch: 224, then 384
     distill: tuple[str, str, str, int]  # student, teacher, precision, batch
+    distill_batches: tuple[int, ...] = ()  # more batch sizes for the distillation table
+    # XLA's planned memory of train steps (compile only): models, batches, remat policies.
+    memory: tuple[tuple[str, ...], tuple[int, ...], tuple[str | None, ...], int] = (
+        ("B", "deit3_large_patch16_224"),
+        (64, 128, 256),
+        (None, "dots_saveable", "nothing_saveable"),
+        224,  # resolution
+    )
     warmup: int = 1
     reps: int = 5
     sweep_reps: int = 3  # for the sweeps and the distillation steps
@@ -147,6 +163,7 @@ PRESETS = {
             Case("Ti", "float32", 8, res=384, steps=("train",)),
         ),
         distill=("deit_tiny_distilled_patch16_224", "regnety_160", "float32", 2),
+        distill_batches=(8,),
         reps=5,
         note="CPU preset: DeiT-B and bf16 training only with --gpu; bf16 inference and DeiT-S "
         "at batch 8, sweeps and distillation with 3 rounds.",
@@ -156,6 +173,10 @@ PRESETS = {
             Case("Ti", "bf16", 256),
             Case("S", "bf16", 256),
             Case("B", "bf16", 256),
+            Case("B", "bf16", 256, attention="xla"),
+            Case("B", "bf16", 256, attention="cudnn"),
+            Case("B", "bf16", 256, steps=("train",), remat="dots_saveable"),
+            Case("B", "bf16", 256, steps=("train",), remat="nothing_saveable"),
             Case("B", "float32", 128),
         ),
         batch_sweep=(
@@ -187,6 +208,7 @@ PRESETS = {
         sweep_reps=2,
         model_overrides={"depth": 1},
         teacher_overrides={"depths": (1, 1, 1, 1)},
+        memory=(("Ti",), (2,), (None, "nothing_saveable"), 32),
         note="Smoke preset: tiny 1-block models, numbers mean nothing.",
     ),
 }
@@ -317,9 +339,12 @@ def xla_bytes(compiled: jax.stages.Compiled) -> int | None:
 # The two frameworks' steps.
 
 
-def jax_model(size: str, precision: str, res: int, overrides: dict[str, Any]):
+def jax_model(size: str, precision: str, res: int, overrides: dict[str, Any], **kernels: Any):
     name = MODELS.get(size, size)
-    return deit_jax.create_model(name, img_size=res, dtype=DTYPES[precision][0], **overrides)
+    kernels = {k: v for k, v in kernels.items() if v is not None}  # attention, remat
+    return deit_jax.create_model(
+        name, img_size=res, dtype=DTYPES[precision][0], **overrides, **kernels
+    )
 
 
 @dataclasses.dataclass
@@ -331,7 +356,14 @@ class JaxSteps:
 
 def jax_steps(case: Case, preset: Preset, drop_path: float, seed: int = 0) -> JaxSteps:
     """Compiled deit_jax train and inference steps on fixed random data."""
-    model = jax_model(case.size, case.precision, case.res, preset.model_overrides)
+    model = jax_model(
+        case.size,
+        case.precision,
+        case.res,
+        preset.model_overrides,
+        attention=case.attention,
+        remat=case.remat,
+    )
     model = model.clone(drop_path_rate=drop_path)
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.normal(size=(case.batch, case.res, case.res, 3)).astype(np.float32))
@@ -487,6 +519,8 @@ class Bench:
             self.records.append(
                 {
                     "model": MODELS[case.size],
+                    "attention": case.attention,
+                    "remat": case.remat,
                     "res": case.res,
                     "precision": case.precision,
                     "batch": case.batch,
@@ -498,7 +532,7 @@ class Bench:
             )
             ratio = "" if t is None else f", x{row.timm_s / row.jax_s:.2f} vs timm"
             self.log(
-                f"DeiT-{case.size} {case.res} {case.precision} b{case.batch} {step}: "
+                f"{case.label} {case.res} {case.precision} b{case.batch} {step}: "
                 f"{case.batch / row.jax_s:.1f} img/s{ratio}"
             )
         del js, fns
@@ -532,7 +566,7 @@ class Bench:
                 mfu = ratio(tflops, peak)
                 jax_mem = r.jax_plan if self.gpu else r.jax_mem
                 lines.append(
-                    f"| DeiT-{case.size}{'*' if case.reps else ''} | {case.res} | {case.precision} "
+                    f"| {case.label}{'*' if case.reps else ''} | {case.res} | {case.precision} "
                     f"| {case.batch} | {step} "
                     f"| {fmt(case.batch / r.jax_s)} "
                     f"| {fmt(None if r.timm_s is None else case.batch / r.timm_s)} "
@@ -562,10 +596,18 @@ class Bench:
         return "\n".join(lines)
 
     def distill(self) -> str:
+        """The distillation table at the preset's batch and at each of `distill_batches`."""
+        batches = (self.preset.distill[3], *self.preset.distill_batches)
+        if len(batches) == 1:
+            return self._distill(batches[0])
+        return "\n\n".join(f"### Batch {b}\n\n{self._distill(b)}" for b in batches)
+
+    def _distill(self, batch: int) -> str:
         """deit_jax's real train step for a distilled student: plain, with the frozen teacher
         live, and reading the teacher's cached top-k (`deit_jax.teacher.cache`); timm's own
-        `TokenDistillationTask` step with the same models; the cache writer's work per batch."""
-        student_name, teacher_name, precision, batch = self.preset.distill
+        `TokenDistillationTask` step with the same models; the teacher's forward alone in both
+        frameworks; the cache writer's work per batch."""
+        student_name, teacher_name, precision, _ = self.preset.distill
         dtype = DTYPES[precision][0]
         s_over = dict(self.preset.model_overrides, dtype=dtype)
         t_over = dict(self.preset.teacher_overrides)
@@ -632,6 +674,7 @@ class Bench:
         fns.update(self._cache_writer_fns(teacher, t_vars, images, top, topk))
         if not self.args.no_timm:
             fns["timm_hard"] = timm_distill_step(student_name, teacher_name, s_over, batch, res)
+            fns["timm_teacher_forward"] = timm_teacher_forward(teacher_name, batch, res)
         # Forward FLOPs of each network alone: the analytic ratio is (3 S + T) / 3 S.
         s_vars = {"params": state.params}
         s_fwd = xla_flops(
@@ -640,9 +683,11 @@ class Bench:
         t_fwd = xla_flops(
             jax.jit(lambda v, x: teacher.apply(v, x, train=False)).lower(t_vars, images)
         )
+        load_before = os.getloadavg()[0]
         res_t = self.runner.measure(fns, self.preset.sweep_reps)
         med = {k: v.median for k, v in res_t.items()}
         plain, dist, cached = med["none"], med["hard"], med["cached"]
+        fastest = lambda a, b: min(res_t[a].seconds) / min(res_t[b].seconds)  # noqa: E731
         self.records.append({"section": "distill", "batch": batch, "seconds": med})
         self.log(
             f"distillation: plain {batch / plain:.1f} img/s, live teacher {batch / dist:.1f}, "
@@ -691,6 +736,21 @@ class Bench:
             f"| teacher forward alone | {fmt(batch / med['teacher_forward'])} |",
             f"| writer: forward + top-{topk} + copy to host + zarr write "
             f"| {fmt(batch / med['cache_writer'])} |",
+            *(
+                [
+                    f"| timm teacher forward alone (`torch.no_grad`) "
+                    f"| {fmt(batch / med['timm_teacher_forward'])} |",
+                    "",
+                    f"Teacher forward, deit_jax / timm (img/s): median "
+                    f"{med['timm_teacher_forward'] / med['teacher_forward']:.2f}, fastest rounds "
+                    f"{fastest('timm_teacher_forward', 'teacher_forward'):.2f}; live "
+                    f"distillation step, fastest rounds {fastest('timm_hard', 'hard'):.2f}. "
+                    f"Load average (1 min) before / after: {load_before:.1f} / "
+                    f"{os.getloadavg()[0]:.1f}.",
+                ]
+                if "timm_teacher_forward" in med
+                else []
+            ),
             "",
             "Storage (float16 values + int16 indices): "
             + ", ".join(f"k = {k}: {b} B per example per epoch" for k, b in per_example.items())
@@ -698,6 +758,46 @@ class Bench:
             + ", ".join(f"k = {k}: {b * imagenet / 1e9:.1f} GB" for k, b in per_example.items())
             + " (TinyViT, k = 10 with its 4-byte seed per record: 16 GB).",
         ]
+        return "\n".join(lines)
+
+    def memory(self) -> str:
+        """XLA's planned memory of the bf16 train step (forward, backward, AdamW; parameters and
+        optimiser state donated), with and without `model.remat`: compile only, nothing runs."""
+        sizes, batches, policies, res = self.preset.memory
+        if self.args.memory_batches:
+            batches = tuple(int(b) for b in self.args.memory_batches.split(","))
+        lines = [
+            f"XLA's memory plan on this backend ({jax.default_backend()}) for the bf16 train "
+            "step (float32 parameters and AdamW state, donated), from "
+            "`jax.jit(step).lower(...).compile().memory_analysis()` with abstract inputs.",
+            "",
+            f"Resolution {res}.",
+            "",
+            "| model | batch | remat | arguments GiB | temporaries GiB | total GiB "
+            "| x total (no remat) | compile s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        gib = lambda b: f"{b / 2**30:,.2f}"  # noqa: E731
+        for size in sizes:
+            for batch in batches:
+                base = None
+                for policy in policies:
+                    t0 = time.perf_counter()
+                    m = planned_memory(size, batch, self.preset.model_overrides, policy, res)
+                    total = m.argument_size_in_bytes + m.output_size_in_bytes
+                    total += m.temp_size_in_bytes - m.alias_size_in_bytes
+                    base = base or total
+                    name = MODELS.get(size, size)
+                    lines.append(
+                        f"| {name} | {batch} | {policy or '-'} | {gib(m.argument_size_in_bytes)} "
+                        f"| {gib(m.temp_size_in_bytes)} | {gib(total)} | {total / base:.2f} "
+                        f"| {time.perf_counter() - t0:.0f} |"
+                    )
+                    self.log(f"memory plan {name} b{batch} remat {policy}: {gib(total)} GiB")
+                    self.records.append(
+                        {"section": "memory", "model": name, "batch": batch,
+                         "remat": policy, "bytes": int(total)}
+                    )  # fmt: skip
         return "\n".join(lines)
 
     def _cache_writer_fns(self, teacher, t_vars, images, top, topk) -> dict[str, Callable]:
@@ -766,8 +866,54 @@ def timm_distill_step(
     return train
 
 
+def planned_memory(
+    size: str, batch: int, overrides: dict[str, Any], remat: str | None, res: int = 224
+) -> Any:
+    """`memory_analysis()` of a bf16 DeiT train step compiled for abstract inputs."""
+    model = jax_model(size, "bf16", res, overrides, remat=remat).clone(drop_path_rate=0.1)
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    images = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    params = jax.eval_shape(
+        lambda: meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))["params"])
+    )
+    opt_state = jax.eval_shape(tx.init, params)
+
+    def train_step(params, opt_state, images, labels, key):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            ce = optax.softmax_cross_entropy_with_integer_labels
+            return ce(logits.astype(jnp.float32), labels).mean()
+
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        params, opt_state, images, labels, key
+    )
+    return lowered.compile().memory_analysis()
+
+
+def timm_teacher_forward(teacher_name: str, batch: int, res: int) -> Callable[[], None]:
+    """timm's teacher alone: eval mode, `torch.no_grad`, as `TokenDistillationTask` runs it."""
+    torch.manual_seed(0)
+    teacher = timm.create_model(teacher_name, pretrained=False).eval()  # as timm_distill_step
+    images = torch.from_numpy(
+        np.random.default_rng(0).normal(size=(batch, 3, res, res)).astype(np.float32)
+    )
+
+    def forward():
+        with torch.no_grad():
+            teacher(images)
+
+    return forward
+
+
 def case_key(case: Case, step: str) -> tuple:
-    return (case.size, case.precision, case.batch, case.res, step)
+    return (case.size, case.precision, case.batch, case.res, case.attention, case.remat, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -810,7 +956,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-timm", action="store_true", help="deit_jax only")
     p.add_argument(
-        "--skip", default="", help="comma list of sections to skip: main,batch,resolution,distill"
+        "--memory",
+        action="store_true",
+        help="CPU: also the planned-memory section (DeiT-B and DeiT III-L train steps at the GPU "
+        "preset's batch sizes, with and without remat; compile only). Always on with --gpu",
+    )
+    p.add_argument(
+        "--memory-batches",
+        default="",
+        help="comma list of batch sizes for the memory section (default: the preset's)",
+    )
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma list of sections to skip: main,batch,resolution,distill,memory",
     )
     p.add_argument(
         "--peak-tflops",
@@ -897,7 +1056,10 @@ def main(argv: list[str] | None = None) -> None:
             lambda: bench.scaling_table(preset.resolution, "resolution"),
         ),
         ("distill", "## Distillation overhead", lambda: None, bench.distill),
+        ("memory", "## Planned memory with and without remat", lambda: None, bench.memory),
     ]
+    if not (args.gpu or args.smoke or args.memory):
+        skip.add("memory")  # CPU: only on request (about 18 large compilations)
     for name, title, run, table in sections:
         if name in skip:
             continue

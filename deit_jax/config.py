@@ -30,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: data's
     # None: the registered model's; True adds a distillation token (e.g. to a deit3_* student).
     c.model.distilled = ml_collections.FieldReference(None, field_type=bool)
+    # DeiT kernels for big models (None: off; other students take neither): attention "xla" |
+    # "cudnn" (jax.nn.dot_product_attention; cudnn needs a GPU and bfloat16), and remat, a
+    # jax.checkpoint_policies name (e.g. "nothing_saveable") that rematerialises every block.
+    c.model.attention = ml_collections.FieldReference(None, field_type=str)
+    c.model.remat = ml_collections.FieldReference(None, field_type=str)
     c.init_from = ""  # deit_jax weights directory (python -m deit_jax.convert) to fine-tune from
 
     c.teacher = ml_collections.ConfigDict()

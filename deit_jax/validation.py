@@ -28,6 +28,7 @@ from deit_jax import eval_sets, prompts
 from deit_jax.data.randaugment_policy import parse_policy
 from deit_jax.errors import ConfigError
 from deit_jax.models.registry import list_models, model_options
+from deit_jax.models.vit import REMAT_POLICIES
 
 _MISSING = object()
 
@@ -342,6 +343,17 @@ RULES: tuple[Rule, ...] = (
         "model.num_classes",
         lambda v, c: v is None or (_is_int(v) and v >= 1),
         "must be a positive integer, or None for the data set's class count",
+    ),
+    Rule(
+        "model.attention",
+        lambda v, c: v in (None, "xla") or (v == "cudnn" and c.get("dtype") == "bfloat16"),
+        "must be None (written-out attention), 'xla' or 'cudnn' (jax.nn.dot_product_attention; "
+        "cudnn runs on a GPU in bfloat16: set dtype=bfloat16)",
+    ),
+    Rule(
+        "model.remat",
+        lambda v, c: v is None or v in REMAT_POLICIES,
+        f"must be None (off) or a jax.checkpoint_policies name: {', '.join(REMAT_POLICIES)}",
     ),
     Rule("init_from", _existing_path, f"must be '' or an existing path: {_WEIGHTS}"),
     # Distillation and the teacher.

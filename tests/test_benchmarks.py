@@ -29,6 +29,7 @@ def test_throughput_smoke(tmp_path):
         "## Step time against batch size",
         "## Step time against resolution",
         "## Distillation overhead",
+        "## Planned memory with and without remat",
     ):
         assert title in out, out
     # Both frameworks measured: a ratio column with numbers, for train and inference steps.
@@ -40,6 +41,8 @@ def test_throughput_smoke(tmp_path):
     assert "| timm `TokenDistillationTask`, live teacher (hard) |" in out
     assert "| writer: forward + top-10 + copy to host + zarr write |" in out
     assert "regnety_002" in out
+    assert "| timm teacher forward alone (`torch.no_grad`) |" in out
+    assert "| deit_tiny_patch16_224 | 2 | nothing_saveable |" in out  # the remat memory plan
     assert out_json.exists() and '"jax_seconds"' in out_json.read_text()
 
 

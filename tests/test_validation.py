@@ -94,3 +94,23 @@ def test_a_bad_randaugment_string_is_refused_by_the_config_check(policy):
         assert (
             validation.problems(tiny_config(**{"augment.randaugment": good}), num_devices=1) == []
         )
+
+
+def test_deit_kernel_options_are_checked_and_other_students_ignore_their_defaults():
+    config = base_config()
+    config.model.attention, config.model.remat = "cudnn", "all"
+    found = validation.problems(config, num_devices=8)
+    assert [p.split("=")[0] for p in found] == ["config.model.attention", "config.model.remat"]
+    assert "set dtype=bfloat16" in found[0] and "nothing_saveable" in found[1]
+    config.dtype, config.model.remat = "bfloat16", "dots_saveable"
+    assert validation.problems(config, num_devices=8) == []
+    # The defaults (None) reach no student: create_model gets neither option.
+    assert {"attention", "remat"}.isdisjoint(train.student_overrides(base_config(), 10))
+    # A ResNet student (its config replaces `model`, as configs/resnet_logit_kd_imagenet.py)
+    # takes neither option.
+    config = base_config()
+    config.model_name = "resnet50"
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict({"num_classes": None, "attention": "xla"})
+    (problem,) = validation.problems(config, num_devices=8)
+    assert problem.startswith("config.model=") and "has no option attention" in problem

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deit_jax.models.conv import Conv
 from deit_jax.models.registry import register_model
 from deit_jax.models.vit import Dtype, Initializer, torch_default_conv_init
 
@@ -87,16 +88,16 @@ def conv(
     name: str,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-) -> nn.Conv:
+) -> Conv:
     """A square conv with PyTorch's symmetric padding (not 'SAME', which pads stride-2 convs
-    asymmetrically and so shifts every output pixel against PyTorch's)."""
-    pad = ((stride - 1) + (kernel_size - 1)) // 2
-    return nn.Conv(
+    asymmetrically and so shifts every output pixel against PyTorch's). Grouped convs run as
+    `deit_jax.models.conv.conv_general` chooses for the backend."""
+    return Conv(
         features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups,
+        kernel_size,
+        stride=stride,
+        padding=((stride - 1) + (kernel_size - 1)) // 2,
+        groups=groups,
         use_bias=use_bias,
         kernel_init=nn.with_logical_partitioning(kernel_init or kaiming_fan_out(groups), CONV_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),

@@ -169,20 +169,29 @@ class DenseParams(nn.Module):
         return kernel.astype(self.dtype), bias.astype(self.dtype)
 
 
+ATTENTION_KERNELS = ("xla", "cudnn")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with timm's fused `qkv` and `proj` parameters.
 
     The fused q|k|v kernel (D, 3D) is read as (D, 3, heads, head_dim), PyTorch's row order, and
-    one einsum projects the tokens straight into the (3, batch, heads, length, head_dim) layout
-    the attention products want. The softmax is normalised after the product with v (dividing
-    B*H*N*head_dim numbers instead of B*H*N*N), and `proj` contracts (heads, head_dim) directly.
-    The attention maps themselves are only formed when 'intermediates' is mutable. Measurements
-    behind these choices: benchmarks/NOTES.md.
+    one einsum projects the tokens straight into the layout the attention products want. With
+    `kernel=None` (the default) attention is written out: the softmax is normalised after the
+    product with v (dividing B*H*N*head_dim numbers instead of B*H*N*N), and `proj` contracts
+    (heads, head_dim) directly; the attention maps themselves are only formed when
+    'intermediates' is mutable. Measurements behind these choices: benchmarks/NOTES.md.
+
+    `kernel="xla" | "cudnn"` runs `jax.nn.dot_product_attention` with that implementation
+    (cuDNN's fused flash attention needs a GPU and bf16/fp16), except when the attention maps are
+    requested ('intermediates' mutable): they are sown by the written-out path, which gives the
+    same outputs. Neither kernel applies attention dropout.
     """
 
     num_heads: int
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
+    kernel: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -192,15 +201,42 @@ class Attention(nn.Module):
         h = self.num_heads
         if d % h:
             raise ValueError(f"Width {d} is not divisible by the number of heads {h}.")
+        if self.kernel not in (None, *ATTENTION_KERNELS):
+            raise ValueError(
+                f"Unknown attention kernel {self.kernel!r}; use None (written out), 'xla' or "
+                "'cudnn' (jax.nn.dot_product_attention)."
+            )
         hd = d // h
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv_kernel, qkv_bias = DenseParams(d, 3 * d, ("embed", "heads"), **kw, name="qkv")()
         # Scaling the (small) kernel instead of q: exact, as head_dim**-0.5 is 1/8 in DeiT.
         scale = jnp.asarray([hd**-0.5, 1.0, 1.0], self.dtype)
         qkv_kernel = qkv_kernel.reshape(d, 3, h, hd) * scale[:, None, None]
-        qkv_bias = qkv_bias.reshape(3, 1, h, 1, hd) * scale[:, None, None, None, None]
-        qkv = jnp.einsum("bnc,cthd->tbhnd", x.astype(self.dtype), qkv_kernel) + qkv_bias
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        x = x.astype(self.dtype)
+        fused = self.kernel is not None and not self.is_mutable_collection("intermediates")
+        if fused:
+            if self.attn_drop_rate and not deterministic:
+                raise ValueError(
+                    f"attention kernel {self.kernel!r} has no attention dropout; use "
+                    "attn_drop_rate=0 or the written-out attention (kernel None)."
+                )
+            qkv_bias = qkv_bias.reshape(3, 1, 1, h, hd) * scale[:, None, None, None, None]
+            qkv = jnp.einsum("bnc,cthd->tbnhd", x, qkv_kernel) + qkv_bias
+            out = jax.nn.dot_product_attention(
+                qkv[0], qkv[1], qkv[2], scale=1.0, implementation=self.kernel
+            )  # (batch, length, heads, head_dim)
+            out_spec = "bnhd,hde->bne"
+        else:
+            qkv_bias = qkv_bias.reshape(3, 1, h, 1, hd) * scale[:, None, None, None, None]
+            qkv = jnp.einsum("bnc,cthd->tbhnd", x, qkv_kernel) + qkv_bias
+            out = self._written_out(qkv[0], qkv[1], qkv[2], deterministic)
+            out_spec = "bhnd,hde->bne"
+        proj_kernel, proj_bias = DenseParams(d, d, ("heads", "embed"), **kw, name="proj")()
+        out = jnp.einsum(out_spec, out, proj_kernel.reshape(h, hd, d)) + proj_bias
+        return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+
+    def _written_out(self, q, k, v, deterministic: bool) -> jax.Array:
+        """softmax(q k^T) v on (batch, heads, length, head_dim), normalised after the product."""
         # Softmax statistics in float32 keep bf16 training stable; a no-op in float32. The row
         # maximum only shifts the exponent (softmax is invariant to it), so it needs no gradient.
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
@@ -212,11 +248,7 @@ class Attention(nn.Module):
         out = jnp.einsum(
             "bhqk,bhkd->bhqd", weights.astype(self.dtype), v, preferred_element_type=jnp.float32
         )
-        out = (out / total).astype(self.dtype)
-
-        proj_kernel, proj_bias = DenseParams(d, d, ("heads", "embed"), **kw, name="proj")()
-        out = jnp.einsum("bhnd,hde->bne", out, proj_kernel.reshape(h, hd, d)) + proj_bias
-        return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+        return (out / total).astype(self.dtype)
 
 
 class Mlp(nn.Module):
@@ -267,17 +299,23 @@ class Block(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     init_values: float | None = None
+    attention: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = _layer_norm("norm1", **kw)(x)
-        y = Attention(self.num_heads, self.attn_drop_rate, self.drop_rate, **kw, name="attn")(
-            y, deterministic=deterministic
-        )
+        y = Attention(
+            self.num_heads,
+            self.attn_drop_rate,
+            self.drop_rate,
+            self.attention,
+            **kw,
+            name="attn",
+        )(y, deterministic=deterministic)
         if self.init_values is not None:
             y = LayerScale(self.init_values, **kw, name="ls1")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
@@ -292,6 +330,24 @@ class Block(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         self.sow("intermediates", "tokens", x)
         return x
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+    """`jax.checkpoint_policies.<name>`: what a rematerialised block keeps from its forward."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {name!r}; use one of {', '.join(REMAT_POLICIES)}.")
+    return getattr(jax.checkpoint_policies, name)
+
+
+# The argument-free policies of `jax.checkpoint_policies` (the `save_*` ones take names).
+REMAT_POLICIES = (
+    "everything_saveable",
+    "nothing_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
 
 
 class DeiT(nn.Module):
@@ -321,6 +377,12 @@ class DeiT(nn.Module):
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # Kernels for big models (None: the defaults above). `attention`: "xla" | "cudnn", through
+    # `jax.nn.dot_product_attention` (see `Attention`). `remat`: the name of a
+    # `jax.checkpoint_policies` policy (e.g. "nothing_saveable", "dots_saveable"); each block is
+    # then rematerialised under it in the backward pass, trading compute for activation memory.
+    attention: str | None = None
+    remat: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -371,17 +433,22 @@ class DeiT(nn.Module):
 
         # Stochastic depth grows linearly with depth, from 0 to drop_path_rate (reference).
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+        block = Block
+        if self.remat is not None:
+            # `deterministic` (argument 2, counting self) is a Python bool: static.
+            block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(2,))
         for i, rate in enumerate(rates):
-            x = Block(
+            x = block(
                 self.num_heads,
                 self.mlp_ratio,
                 self.drop_rate,
                 self.attn_drop_rate,
                 rate,
                 self.init_values,
+                self.attention,
                 **kw,
                 name=f"blocks_{i}",
-            )(x, deterministic=deterministic)
+            )(x, deterministic)
         x = _layer_norm("norm", **kw)(x)
         self.sow("intermediates", "tokens", x)
 
