@@ -343,12 +343,8 @@ def _flax_teacher_fn(
     topk: int,
     workdir: str,
 ) -> Callable[[dict[str, jax.Array]], tuple[np.ndarray, np.ndarray]]:
-    if config.teacher.framework == "clip":  # its zero-shot head is kept with the cache
-        from deit_jax.teacher import zero_shot
-
-        teacher, variables = zero_shot.build_clip_teacher(config, num_classes, workdir)
-    else:
-        teacher, variables = flax_teacher.build_flax_teacher(config, num_classes)
+    # A CLIP teacher's zero-shot head is kept with the cache (`workdir`).
+    teacher, variables = flax_teacher.build_jax_teacher(config, num_classes, workdir)
     variables = jax.device_put(variables, sharding.replicated(mesh))
 
     @jax.jit

@@ -59,18 +59,26 @@ def build_teacher(
     readable = config.teacher.checkpoint and config.teacher.framework in ("flax", "clip")
     if config.teacher.cache and not readable:
         return None, {}
-    if config.teacher.framework == "clip":
-        from deit_jax.teacher import zero_shot
-
-        return zero_shot.build_clip_teacher(config, num_classes, workdir)
-    if config.teacher.cache:
-        return build_flax_teacher(config, num_classes)
+    if config.teacher.cache or config.teacher.framework == "clip":
+        return build_jax_teacher(config, num_classes, workdir)
     if config.teacher.framework != "flax":
         raise ValueError(
             f"config.teacher.framework={config.teacher.framework!r} teachers run only in the "
             "cache writer: write a cache with --config.mode=teacher_cache, then train with "
             "--config.teacher.cache=DIR (or use a Flax registry teacher)."
         )
+    return build_flax_teacher(config, num_classes)
+
+
+def build_jax_teacher(
+    config: ml_collections.ConfigDict, num_classes: int, workdir: str | None
+) -> tuple[nn.Module, Any]:
+    """The frozen teacher that runs in JAX (train step, eval step, cache writer): CLIP's
+    zero-shot classifier (`framework="clip"`, its head kept in `workdir`) or a registry model."""
+    if config.teacher.framework == "clip":
+        from deit_jax.teacher import zero_shot
+
+        return zero_shot.build_clip_teacher(config, num_classes, workdir)
     return build_flax_teacher(config, num_classes)
 
 
