@@ -57,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deit_jax import convert, convert_clip  # noqa: E402
+from deit_jax.jit import jit  # noqa: E402
 from deit_jax.models import create_model  # noqa: E402
 
 SMOKE_CLIP = dict(
@@ -98,7 +99,7 @@ def image_tower_row(args: argparse.Namespace, reference: torch.nn.Module) -> dic
     images = np.random.default_rng(0).standard_normal((args.batch, 3, size, size), np.float32)
     x_jax = jax.device_put(jnp.asarray(images.transpose(0, 2, 3, 1)))
     x_torch = torch.from_numpy(images)
-    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
+    encode = jit(lambda v, x: model.apply(v, x, method="encode_image"))
 
     def run_jax():
         return encode(variables, x_jax).block_until_ready()
@@ -164,11 +165,11 @@ def _teacher_steps(args: argparse.Namespace, reference: torch.nn.Module) -> dict
         "label": jnp.asarray(labels.astype(np.int32)),
         "target": jnp.asarray(np.eye(classes, dtype=np.float32)[labels]),
     }
-    top = jax.jit(lambda v, x: jax.lax.top_k(jax.nn.log_softmax(teacher_logits(teacher, v, x)), 10))
+    top = jit(lambda v, x: jax.lax.top_k(jax.nn.log_softmax(teacher_logits(teacher, v, x)), 10))
     logp, index = top(t_vars, batch["image"])
     cached = {**batch, "teacher_logp": jnp.asarray(logp, jnp.float16).astype(jnp.float32)}
     cached["teacher_index"] = index
-    init = jax.jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
+    init = jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
     fns = {}
     for name, kind, cache_dir, data_in in (
         ("plain", "none", "", batch),
@@ -179,7 +180,7 @@ def _teacher_steps(args: argparse.Namespace, reference: torch.nn.Module) -> dict
         live = name == "live"
         step = steps.make_train_step(student, tx, schedule, config, teacher if live else None)
         tv = t_vars if live else {}
-        compiled = jax.jit(step, donate_argnums=(0,)).lower(meta.unbox(init()), tv, data_in)
+        compiled = jit(step, donate_argnums=(0,)).lower(meta.unbox(init()), tv, data_in)
         box = {"state": meta.unbox(init()), "fn": compiled.compile()}
 
         def run(box=box, tv=tv, data_in=data_in):

@@ -94,6 +94,7 @@ import deit_jax  # noqa: E402
 from deit_jax import config as deit_config  # noqa: E402
 from deit_jax import optim, steps  # noqa: E402
 from deit_jax import teacher as teacher_cache  # noqa: E402
+from deit_jax.jit import compiler_options, jit  # noqa: E402
 from deit_jax.models import model_options  # noqa: E402
 
 MODELS = {
@@ -368,7 +369,7 @@ def jax_steps(case: Case, preset: Preset, drop_path: float, seed: int = 0) -> Ja
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.normal(size=(case.batch, case.res, case.res, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, model.num_classes, size=(case.batch,)).astype(np.int32))
-    params = jax.jit(lambda: meta.unbox(model.init(jax.random.key(seed), images[:1])["params"]))()
+    params = jit(lambda: meta.unbox(model.init(jax.random.key(seed), images[:1])["params"]))()
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
     key = jax.random.key(seed + 1)
 
@@ -386,10 +387,10 @@ def jax_steps(case: Case, preset: Preset, drop_path: float, seed: int = 0) -> Ja
     def infer(params, images):
         return model.apply({"params": params}, images, train=False)
 
-    state = {"params": params, "opt": jax.jit(tx.init)(params)}
+    state = {"params": params, "opt": jit(tx.init)(params)}
     fns, flops, plan = {}, {}, {}
     if "train" in case.steps:
-        lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        lowered = jit(train_step, donate_argnums=(0, 1)).lower(
             state["params"], state["opt"], images, labels, key
         )
         compiled = lowered.compile()
@@ -403,7 +404,7 @@ def jax_steps(case: Case, preset: Preset, drop_path: float, seed: int = 0) -> Ja
 
         fns["train"] = run_train
     if "infer" in case.steps:
-        lowered = jax.jit(infer).lower(state["params"], images)
+        lowered = jit(infer).lower(state["params"], images)
         compiled_infer = lowered.compile()
         flops["infer"], plan["infer"] = xla_flops(lowered), xla_bytes(compiled_infer)
         fns["infer"] = lambda: compiled_infer(state["params"], images).block_until_ready()
@@ -632,11 +633,9 @@ class Bench:
             "label": jnp.asarray(labels.astype(np.int32)),
             "target": jnp.asarray(np.eye(1000, dtype=np.float32)[labels] * 0.9 + 0.1 / 1000),
         }
-        t_vars = jax.jit(
-            lambda: meta.unbox(teacher.init(jax.random.key(1), images[:1], train=False))
-        )()
+        t_vars = jit(lambda: meta.unbox(teacher.init(jax.random.key(1), images[:1], train=False)))()
         t_vars = {k: v for k, v in t_vars.items() if k != "intermediates"}
-        top = jax.jit(
+        top = jit(
             lambda v, x: jax.lax.top_k(
                 jax.nn.log_softmax(teacher_cache.teacher_logits(teacher, v, x)), topk
             )
@@ -649,7 +648,7 @@ class Bench:
             "teacher_index": index,
         }
 
-        init = jax.jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
+        init = jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
         fns, flops = {}, {}
         for name, kind, cache_dir, data_in in (
             ("none", "none", "", batch_data),
@@ -661,7 +660,7 @@ class Bench:
             step = steps.make_train_step(student, tx, schedule, config, teacher if live else None)
             state = meta.unbox(init())  # a fresh state for each: the steps donate theirs
             tv = t_vars if live else {}
-            lowered = jax.jit(step, donate_argnums=(0,)).lower(state, tv, data_in)
+            lowered = jit(step, donate_argnums=(0,)).lower(state, tv, data_in)
             compiled = lowered.compile()
             flops[name] = xla_flops(lowered)
             box = {"state": state}
@@ -677,12 +676,8 @@ class Bench:
             fns["timm_teacher_forward"] = timm_teacher_forward(teacher_name, batch, res)
         # Forward FLOPs of each network alone: the analytic ratio is (3 S + T) / 3 S.
         s_vars = {"params": state.params}
-        s_fwd = xla_flops(
-            jax.jit(lambda v, x: student.apply(v, x, train=False)).lower(s_vars, images)
-        )
-        t_fwd = xla_flops(
-            jax.jit(lambda v, x: teacher.apply(v, x, train=False)).lower(t_vars, images)
-        )
+        s_fwd = xla_flops(jit(lambda v, x: student.apply(v, x, train=False)).lower(s_vars, images))
+        t_fwd = xla_flops(jit(lambda v, x: teacher.apply(v, x, train=False)).lower(t_vars, images))
         load_before = os.getloadavg()[0]
         res_t = self.runner.measure(fns, self.preset.sweep_reps)
         med = {k: v.median for k, v in res_t.items()}
@@ -806,7 +801,7 @@ class Bench:
 
         import tensorstore as ts
 
-        forward = jax.jit(lambda v, x: teacher_cache.teacher_logits(teacher, v, x))
+        forward = jit(lambda v, x: teacher_cache.teacher_logits(teacher, v, x))
         batch = images.shape[0]
         directory = tempfile.mkdtemp(prefix="deit_jax_bench_cache_")
         spec = {
@@ -891,9 +886,7 @@ def planned_memory(
         return optax.apply_updates(params, updates), opt_state
 
     key = jax.eval_shape(lambda: jax.random.key(0))
-    lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        params, opt_state, images, labels, key
-    )
+    lowered = jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, images, labels, key)
     return lowered.compile().memory_analysis()
 
 
@@ -1023,6 +1016,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({preset.sweep_reps} for rows marked *, the sweeps and the distillation) "
         f"after {preset.warmup} warm-up. Train step: forward, cross-entropy, backward, AdamW, "
         f"drop path {args.drop_path}. {preset.note}",
+        f"deit_jax compiles with `deit_jax.jit` (compiler options {compiler_options()}).",
         "",
         "deit_jax/timm: ratio of images/s from median times; (fastest rounds): from minimum "
         "times, less hit by other load on a shared machine (which slows timm's OpenMP threads "

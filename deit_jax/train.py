@@ -35,6 +35,7 @@ from deit_jax import (
     validation,
 )
 from deit_jax.errors import CheckpointError, ConfigError, UserError, WeightsNotFoundError
+from deit_jax.jit import jit
 from deit_jax.metrics import MetricsWriter
 from deit_jax.models import create_model, model_options
 from deit_jax.teacher import build_teacher, cache, load_weights
@@ -113,7 +114,7 @@ def _state_and_shardings(config, model, tx, mesh, projection=None):
     rng = jax.random.PRNGKey(config.seed if init_seed is None else init_seed)
     boxed = jax.eval_shape(lambda: steps.init_state(model, tx, rng, ema=ema, projection=projection))
     state_shardings = sharding.tree_shardings(boxed, mesh)
-    init = jax.jit(
+    init = jit(
         lambda: nn.meta.unbox(steps.init_state(model, tx, rng, ema=ema, projection=projection)),
         out_shardings=state_shardings,
     )
@@ -172,7 +173,7 @@ def _eval_teacher(teacher: nn.Module | None, num_classes: int) -> nn.Module | No
 def _eval_step(config, model, teacher, info: data.DatasetInfo):
     """The jitted eval step: with a teacher also the teacher-student KL at the run's tau and
     reduction; only KL and agreement for label-free data."""
-    return jax.jit(
+    return jit(
         steps.make_eval_step(
             model,
             _eval_teacher(teacher, info.num_classes),
@@ -287,7 +288,7 @@ def train_and_evaluate(
                     "Evaluation skips teacher accuracy and agreement: no teacher checkpoint "
                     "(set --config.teacher.checkpoint as well to report them)."
                 )
-        train_step = jax.jit(
+        train_step = jit(
             steps.make_train_step(model, tx, schedule, config, teacher, projection),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),

@@ -7,7 +7,10 @@ on the CPU as `groups` dense convolutions over channel slices, concatenated, and
 native `feature_group_count` on GPU and TPU. The choice is made when the function is lowered for
 a platform (`jax.lax.platform_dependent`), so one traced model serves every backend. Both give
 the same numbers as `lax.conv_general_dilated(..., feature_group_count=groups)` (to rounding).
-Unpadded 1x1 convolutions likewise run as matmuls on the CPU.
+Unpadded 1x1 convolutions likewise run as matmuls on the CPU. Both forms pay most under XLA's
+CPU defaults, which hand convolutions to YNNPACK; deit_jax's own steps compile without YNNPACK
+(`deit_jax.jit`), where the split still makes the RegNetY-16GF forward ~20% faster than XLA's
+grouped conv and the matmuls run even with XLA's 1x1 convs (benchmarks/NOTES.md, attempts 19-20).
 
 `Conv` is `flax.linen.Conv` for the square, explicitly padded convolutions the convnets use,
 with the same parameters (`kernel` (kh, kw, in / groups, out), `bias` (out,)), so converted

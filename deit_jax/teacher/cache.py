@@ -50,6 +50,7 @@ from tqdm import tqdm
 import deit_jax
 from deit_jax import data, sharding, validation
 from deit_jax.errors import DependencyError, UserError, WeightsNotFoundError
+from deit_jax.jit import jit
 from deit_jax.teacher import flax_teacher
 
 log = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ def _flax_teacher_fn(
     teacher, variables = flax_teacher.build_jax_teacher(config, num_classes, workdir)
     variables = jax.device_put(variables, sharding.replicated(mesh))
 
-    @jax.jit
+    @jit
     def top(variables, images):
         logits = flax_teacher.teacher_logits(teacher, variables, images)
         return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)

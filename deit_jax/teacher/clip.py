@@ -24,6 +24,7 @@ import numpy as np
 
 from deit_jax import checkpoint, convert_clip
 from deit_jax.errors import DependencyError, WeightsNotFoundError
+from deit_jax.jit import jit
 
 Tokenizer = Callable[[Sequence[str]], np.ndarray]
 Template = str | Callable[[str], str]
@@ -123,7 +124,7 @@ def zero_shot_head(
     batch = min(batch_size, len(texts))
     padded = np.concatenate([ids, np.repeat(ids[:1], -len(ids) % batch, axis=0)])
 
-    @jax.jit
+    @jit
     def embed(v, chunk):
         text = model.apply(v, chunk, method="encode_text").astype(jnp.float32)
         return _l2_normalize(text)
