@@ -7,6 +7,7 @@ with a `deit_jax.json` beside it naming the model and its overrides, so that tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -379,3 +380,20 @@ def _check_same_arrays(step: int, directory: str, stored: Any, abstract_state: A
             f"config than this run's:\n  {shown}{more}\nUse a new --workdir for a new model/config "
             "(or rerun with the config that wrote it)."
         )
+
+
+def weights_hash(path: str) -> str:
+    """SHA-256 over a weights file, or over every file of a weights directory (sorted)."""
+    digest = hashlib.sha256()
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+        )
+    for name in files:
+        if os.path.isdir(path):
+            digest.update(os.path.relpath(name, path).encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()

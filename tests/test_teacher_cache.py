@@ -25,7 +25,7 @@ from _train_config import save_random_teacher, tiny_config
 from deit_jax import checkpoint, data, losses, sharding, train
 from deit_jax.metrics import read_jsonl
 from deit_jax.models import create_model
-from deit_jax.teacher import cache
+from deit_jax.teacher import cache, cache_store
 
 STEPS = 8
 
@@ -314,8 +314,8 @@ def test_a_corrupt_chunk_is_named_with_the_command_that_rewrites_it(
 def test_the_manifest_fingerprints_stream_teacher_and_layout(hard_cache, teacher_dir):
     with open(os.path.join(hard_cache, "manifest.json")) as f:
         manifest = json.load(f)
-    assert manifest["format"] == cache.FORMAT and manifest["deit_jax_version"]
-    assert manifest["teacher"]["teacher.weights_sha256"] == cache.weights_hash(teacher_dir)
+    assert manifest["format"] == cache_store.FORMAT and manifest["deit_jax_version"]
+    assert manifest["teacher"]["teacher.weights_sha256"] == checkpoint.weights_hash(teacher_dir)
     assert manifest["stream"]["data.num_train"] == 1437
     assert manifest["layout"]["topk"] == 10 and manifest["layout"]["values_dtype"] == "float16"
 

@@ -50,7 +50,7 @@ _INTERPOLATIONS = ("bicubic", "bilinear", "random")
 _ERASE_MODES = ("pixel", "rand", "const")
 
 
-def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+def height_width(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     if len(size) != 2:
@@ -343,7 +343,7 @@ def train_preprocess(
       float32 (height, width, 3), normalised with config.mean / config.std.
     """
     _validate(config)
-    size_hw = _size_hw(size)
+    size_hw = height_width(size)
     if config.get("three_augment", False):
         return _three_augment_preprocess(image, seed, size_hw, config)
     policy = randaugment.parse_policy(config.randaugment) if config.randaugment else None
@@ -426,7 +426,7 @@ def eval_preprocess(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
     if image.dtype == tf.string:
         image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    out_h, out_w = _size_hw(size)
+    out_h, out_w = height_width(size)
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
     if out_h == out_w:

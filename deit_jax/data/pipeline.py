@@ -37,10 +37,7 @@ import copy
 import dataclasses
 import functools
 import math
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import jax
 import ml_collections
@@ -50,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deit_jax import eval_sets, prompts
 from deit_jax._compat import import_tensorflow
-from deit_jax.data import augment, mixup, sources
+from deit_jax.data import augment, hosts, mixup, sources
 from deit_jax.errors import DataError
 
 tf = import_tensorflow()
@@ -74,7 +71,7 @@ class DatasetInfo:
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     """Classes, split sizes and model input shape of `config.data`."""
     source = _source(config.data)
-    size = _size_hw(config.data.img_size)
+    size = augment.height_width(config.data.img_size)
     return DatasetInfo(
         num_classes=num_classes(config, source),
         num_train=source.num_examples(config.data.train_split),
@@ -136,13 +133,13 @@ class _Feeder:
         self.config = config
         self.source = _source(config.data)
         self.num_classes = num_classes(config, self.source)
-        self.size = _size_hw(config.data.img_size)
+        self.size = augment.height_width(config.data.img_size)
         self.global_batch = batch
         unknown = [a for a in data_axes if a not in mesh.axis_names]
         if unknown:
             raise ValueError(f"data_axes {unknown} are not axes of the mesh {mesh.axis_names}.")
         self.sharding = NamedSharding(mesh, PartitionSpec(data_axes))
-        self.share, self.num_shares = _process_share(self.sharding, batch, data_axes)
+        self.share, self.num_shares = hosts.process_share(self.sharding, batch, data_axes)
         self.local_batch = batch // self.num_shares
 
     def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -173,7 +170,7 @@ class TrainIterator(_Feeder):
             )
         if data.repeated_aug < 1:
             raise ValueError(f"config.data.repeated_aug must be >= 1, got {data.repeated_aug}.")
-        self.data_shares, self.num_data_shares = _data_shares(
+        self.data_shares, self.num_data_shares = hosts.data_shares(
             data.num_shares, self.share, self.num_shares, self.global_batch
         )
         self.share_batch = self.global_batch // self.num_data_shares
@@ -182,7 +179,7 @@ class TrainIterator(_Feeder):
         # cache's outputs); set before iterating.
         self.extras: Callable[[int, int], dict[str, np.ndarray]] | None = None
         self._epoch, self._step = 0, 0
-        self._prefetcher: _Prefetcher | None = None
+        self._prefetcher: hosts.Prefetcher | None = None
         self._cached: dict[int, tf.data.Dataset] = {}
         logging.info(
             "Train: %s %r, %d examples, %d steps/epoch, data shares %s of %d (%d per batch).",
@@ -195,7 +192,7 @@ class TrainIterator(_Feeder):
 
     def __next__(self) -> dict[str, jax.Array]:
         if self._prefetcher is None:
-            self._prefetcher = _Prefetcher(self._global_batches(), self.config.data.prefetch)
+            self._prefetcher = hosts.Prefetcher(self._global_batches(), self.config.data.prefetch)
         batch = self._prefetcher.get()
         self._step += 1
         if self._step == self.steps_per_epoch:
@@ -391,7 +388,7 @@ class EvalIterable(_Feeder):
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
         batches = (self._to_global(b) for b in self._dataset.as_numpy_iterator())
-        prefetcher = _Prefetcher(batches, self.config.data.prefetch)
+        prefetcher = hosts.Prefetcher(batches, self.config.data.prefetch)
         try:
             while True:
                 try:
@@ -466,107 +463,6 @@ def build_extra_evals(
     return out
 
 
-class _Prefetcher:
-    """Pulls items from an iterator in a daemon thread, keeping up to `size` ready."""
-
-    _END = object()
-
-    def __init__(self, items: Iterator[Any], size: int):
-        self._items = items
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="deit_jax-prefetch")
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for item in self._items:
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # Handed to the consumer, which re-raises it.
-            self._put(_Failure(e))
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(self) -> Any:
-        item = self._queue.get()
-        if item is self._END:
-            self._queue.put(item)  # Stay exhausted.
-            raise StopIteration
-        if isinstance(item, _Failure):
-            if isinstance(item.error, ValueError):  # deit_jax's own, e.g. a corrupt cache chunk
-                raise item.error
-            raise RuntimeError("The input pipeline failed; see the cause above.") from item.error
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-
-@dataclasses.dataclass
-class _Failure:
-    error: BaseException
-
-
-def _process_share(
-    sharding: NamedSharding, batch: int, data_axes: tuple[str, ...]
-) -> tuple[int, int]:
-    """(index, count): this process feeds rows [index, index + 1) * batch / count of a batch.
-
-    Processes whose devices hold the same rows (data replicated across them) share an index and
-    are fed the same examples.
-    """
-    mesh = sharding.mesh
-    ways = math.prod(mesh.shape[a] for a in data_axes)
-    if batch % ways:
-        raise ValueError(
-            f"Batch size {batch} does not split over the {ways} devices of mesh axes {data_axes}; "
-            f"use a multiple of {ways}."
-        )
-    rows: dict[int, set[tuple[int, int]]] = {}
-    for device, index in sharding.devices_indices_map((batch,)).items():
-        start, stop, _ = index[0].indices(batch)
-        rows.setdefault(device.process_index, set()).add((start, stop))
-    blocks = {}
-    for process, slices in rows.items():
-        ordered = sorted(slices)
-        if any(a[1] != b[0] for a, b in zip(ordered, ordered[1:], strict=False)):
-            raise ValueError(
-                f"Process {process} holds non-contiguous rows {ordered} of the batch; order the "
-                "mesh devices so that each process's devices are neighbours on the data axes."
-            )
-        blocks[process] = (ordered[0][0], ordered[-1][1])
-    distinct = sorted(set(blocks.values()))
-    size = batch // len(distinct)
-    if distinct != [(i * size, (i + 1) * size) for i in range(len(distinct))]:
-        raise ValueError(f"The processes' batch rows {blocks} do not split the batch evenly.")
-    return distinct.index(blocks[jax.process_index()]), len(distinct)
-
-
-def _data_shares(
-    requested: int, process_share: int, process_shares: int, batch: int
-) -> tuple[range, int]:
-    """(this process's training data shares, their total): `requested` (0: one per process)."""
-    count = int(requested) or process_shares
-    if count < 1 or count % process_shares or batch % count:
-        raise ValueError(
-            f"config.data.num_shares={requested} must be a multiple of the {process_shares} "
-            f"processes feeding the batch and divide batch_size {batch} (or be 0: one share per "
-            "process)."
-        )
-    per_process = count // process_shares
-    return range(process_share * per_process, (process_share + 1) * per_process), count
-
-
 def _source(data: ml_collections.ConfigDict) -> sources.Source:
     return _cached_source(data.name, data.data_dir, data.manual_dir)
 
@@ -587,13 +483,6 @@ def _cached_source(name: str, data_dir: str, manual_dir: str) -> sources.Source:
 
 def _axes(data_axes: str | Sequence[str]) -> tuple[str, ...]:
     return (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
-
-
-def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 def _seed_words(seed: int, *keys: int) -> np.ndarray:

@@ -30,11 +30,7 @@ the other classes (exact when k is the class count); hard distillation needs onl
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -44,269 +40,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorstore as ts
 from tqdm import tqdm
 
-import deit_jax
 from deit_jax import data, sharding, validation
-from deit_jax.errors import DependencyError, UserError, WeightsNotFoundError
+from deit_jax.errors import DependencyError, WeightsNotFoundError
 from deit_jax.jit import jit
-from deit_jax.teacher import flax_teacher
+from deit_jax.teacher import build, cache_store, flax_teacher, zero_shot
+from deit_jax.teacher.cache_store import CacheError, CacheStore, Layout
+
+__all__ = [
+    "CacheError",
+    "CacheReader",
+    "CacheStore",
+    "cached_teacher_logits",
+    "full_log_probs",
+    "required_topk",
+    "write_cache",
+]
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-FORMAT = "deit_jax.teacher_cache/1"
-_ARRAYS = ("values", "indices")
-
-
-class CacheError(UserError, ValueError):
-    """A teacher cache that does not fit the run or cannot be read; the message says the fix."""
-
-
-# --------------------------------------------------------------------------- what fixes a cache
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Shape of a cache: which (epoch, step, row) every stored example belongs to."""
-
-    num_epochs: int  # epochs stored (the last one may be partial)
-    steps_per_epoch: int
-    total_steps: int
-    batch_size: int
-    num_shares: int  # data shares of a batch (`config.data.num_shares`, or one per process)
-    topk: int
-    chunk_steps: int
-    values_dtype: str
-    indices_dtype: str
-
-    @property
-    def share_batch(self) -> int:
-        return self.batch_size // self.num_shares
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
-
-    def chunks_in_epoch(self, epoch: int) -> int:
-        return math.ceil(self.steps_in_epoch(epoch) / self.chunk_steps)
-
-    def chunk_steps_of(self, epoch: int, chunk: int) -> range:
-        start = chunk * self.chunk_steps
-        return range(start, min(start + self.chunk_steps, self.steps_in_epoch(epoch)))
-
-
-def layout_for(config: ml_collections.ConfigDict, train_data: data.TrainIterator) -> Layout:
-    spe = train_data.steps_per_epoch
-    total = max(1, int(round(config.num_epochs * spe)))
-    topk = int(config.teacher.cache_topk)
-    num_classes = train_data.num_classes
-    if not 1 <= topk <= num_classes:
-        raise CacheError(
-            f"config.teacher.cache_topk={topk}: must be between 1 and the {num_classes} classes "
-            "(1 is enough for hard distillation; the class count stores the exact distribution)."
-        )
-    if config.teacher.cache_dtype not in ("float16", "float32"):
-        raise CacheError(
-            f"config.teacher.cache_dtype={config.teacher.cache_dtype!r}: use 'float16' (compact) "
-            "or 'float32' (exact soft targets)."
-        )
-    if int(config.teacher.cache_chunk_steps) < 1:
-        raise CacheError(
-            f"config.teacher.cache_chunk_steps={config.teacher.cache_chunk_steps}: must be >= 1."
-        )
-    return Layout(
-        num_epochs=math.ceil(total / spe),
-        steps_per_epoch=spe,
-        total_steps=total,
-        batch_size=train_data.global_batch,
-        num_shares=train_data.num_data_shares,
-        topk=topk,
-        chunk_steps=min(int(config.teacher.cache_chunk_steps), spe),
-        values_dtype=config.teacher.cache_dtype,
-        indices_dtype="int16" if num_classes <= 32767 else "int32",
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=list))
-
-
-def stream_fingerprint(
-    config: ml_collections.ConfigDict, train_data: data.TrainIterator
-) -> dict[str, Any]:
-    """Every value that fixes the training batches (images, augmentation, mixing, order)."""
-    d = config.data
-    fingerprint = {
-        "data.name": d.name,
-        "data.train_split": d.train_split,
-        "data.num_train": train_data.num_examples,
-        "data.num_classes": train_data.num_classes,
-        "data.img_size": d.img_size,
-        "data.repeated_aug": d.repeated_aug,
-        "data.num_shares": train_data.num_data_shares,
-        "data.shuffle_buffer": d.shuffle_buffer,
-        "data.cache": d.cache,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-    }
-    for group in ("augment", "mixup"):
-        for key, value in sorted(config[group].to_dict().items()):
-            if (group, key) != ("mixup", "label_smoothing"):  # changes targets, not images
-                fingerprint[f"{group}.{key}"] = value
-    return _jsonable(fingerprint)
-
-
-def weights_hash(path: str) -> str:
-    """SHA-256 over a weights file, or over every file of a weights directory (sorted)."""
-    digest = hashlib.sha256()
-    files = [path]
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-        )
-    for name in files:
-        if os.path.isdir(path):
-            digest.update(os.path.relpath(name, path).encode())
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def teacher_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    t = config.teacher
-    zero_shot = {}
-    if t.framework == "clip":  # the head: class names and templates
-        from deit_jax.teacher import zero_shot as zs
-
-        zero_shot = zs.zero_shot_fingerprint(config)
-    return _jsonable(
-        {
-            **zero_shot,
-            "teacher.name": t.name,
-            "teacher.framework": t.framework,
-            "teacher.img_size": t.img_size,
-            "teacher.checkpoint": t.checkpoint,
-            "teacher.weights_sha256": weights_hash(t.checkpoint) if t.checkpoint else "",
-            "teacher.cache_topk": int(t.cache_topk),
-            "teacher.cache_dtype": t.cache_dtype,
-            "dtype": config.dtype,
-        }
-    )
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def _kvstore(path: str, sub: str = "") -> Any:
-    """A TensorStore kvstore spec for `path/sub`: URLs (gs://, file://) as they are."""
-    if "://" in path:
-        return path.rstrip("/") + "/" + (sub + "/" if sub else "")
-    return {"driver": "file", "path": os.path.abspath(os.path.join(path, sub)) + "/"}
-
-
-def _array_spec(path: str, name: str, layout: Layout | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _kvstore(path, name)}
-    if layout is not None:
-        dtype = layout.values_dtype if name == "values" else layout.indices_dtype
-        spec["metadata"] = {
-            "shape": [layout.num_epochs, layout.steps_per_epoch, layout.batch_size, layout.topk],
-            "data_type": dtype,
-            "chunk_grid": {
-                "name": "regular",
-                "configuration": {
-                    "chunk_shape": [1, layout.chunk_steps, layout.share_batch, layout.topk]
-                },
-            },
-            "codecs": [
-                {"name": "bytes", "configuration": {"endian": "little"}},
-                {"name": "crc32c"},
-            ],
-            "attributes": {"format": FORMAT},
-        }
-    return spec
-
-
-def _chunk_key(epoch: int, chunk: int, share: int) -> str:
-    return f"c/{epoch}/{chunk}/{share}/0"  # zarr v3's default chunk key encoding
-
-
-class CacheStore:
-    """The manifest and the two arrays of one cache directory."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._root = ts.KvStore.open(_kvstore(path)).result()
-
-    def read_manifest(self) -> dict[str, Any] | None:
-        result = self._root.read(MANIFEST).result()
-        if result.state != "value":
-            return None
-        return json.loads(bytes(result.value))
-
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self._root.write(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True)).result()
-
-    def open_arrays(self, layout: Layout | None = None) -> dict[str, ts.TensorStore]:
-        """Both arrays; `layout` creates them (or opens them if they exist with that layout)."""
-        kwargs = {"create": True, "open": True} if layout is not None else {"open": True}
-        return {
-            name: ts.open(_array_spec(self.path, name, layout), **kwargs).result()
-            for name in _ARRAYS
-        }
-
-    def written_chunks(self) -> set[tuple[int, int, int]]:
-        """(epoch, chunk, share) of every chunk present in both arrays."""
-        present = []
-        for name in _ARRAYS:
-            store = ts.KvStore.open(_kvstore(self.path, name)).result()
-            keys = set()
-            for key in store.list().result():
-                parts = key.decode().split("/")
-                if len(parts) == 5 and parts[0] == "c" and parts[4] == "0":  # not temp files
-                    keys.add((int(parts[1]), int(parts[2]), int(parts[3])))
-            present.append(keys)
-        return present[0] & present[1]
-
-    def read_all(self) -> dict[str, np.ndarray]:
-        """Both whole arrays in memory (`values`, `indices`), for inspection and small caches;
-        never-written rows read as zeros (zarr's fill value)."""
-        return {name: array.read().result() for name, array in self.open_arrays().items()}
-
-    def chunk_files(self, epoch: int, chunk: int, share: int) -> list[str]:
-        return [os.path.join(self.path, name, _chunk_key(epoch, chunk, share)) for name in _ARRAYS]
-
-
-def _manifest(
-    config: ml_collections.ConfigDict, train_data: data.TrainIterator, layout: Layout
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "deit_jax_version": deit_jax.__version__,
-        "stream": stream_fingerprint(config, train_data),
-        "teacher": teacher_fingerprint(config),
-        "layout": dataclasses.asdict(layout),
-        "num_epochs": config.num_epochs,
-    }
-
-
-def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(stored) | set(current))
-    missing = "(absent)"
-    return [
-        f"config.{k}: cache {stored.get(k, missing)!r}, this run {current.get(k, missing)!r}"
-        for k in keys
-        if stored.get(k, missing) != current.get(k, missing)
-    ]
-
-
-def _writer_command(path: str) -> str:
-    return (
-        "python -m deit_jax.main --config <this run's config and overrides> "
-        f"--workdir {path} --config.mode=teacher_cache"
-    )
-
 
 # --------------------------------------------------------------------------- writing
 
@@ -345,7 +97,7 @@ def _flax_teacher_fn(
     workdir: str,
 ) -> Callable[[dict[str, jax.Array]], tuple[np.ndarray, np.ndarray]]:
     # A CLIP teacher's zero-shot head is kept with the cache (`workdir`).
-    teacher, variables = flax_teacher.build_jax_teacher(config, num_classes, workdir)
+    teacher, variables = build.build_jax_teacher(config, num_classes, workdir)
     variables = jax.device_put(variables, sharding.replicated(mesh))
 
     @jit
@@ -434,18 +186,18 @@ def write_cache(
     _check_teacher_source(config)
     mesh = sharding.create_mesh(config.mesh, devices)
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
-    layout = layout_for(config, train_data)
+    layout = cache_store.layout_for(config, train_data)
     epochs = _epoch_range(config.teacher.cache_epochs, layout)
     teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
-    manifest = _manifest(config, train_data, layout)
+    manifest = cache_store.manifest(config, train_data, layout)
 
     store = CacheStore(workdir)
     stored = store.read_manifest()
     if stored is not None:
-        problems = _differences(
+        problems = cache_store.differences(
             {**stored["stream"], **stored["teacher"]}, {**manifest["stream"], **manifest["teacher"]}
         )
-        problems += _differences(
+        problems += cache_store.differences(
             {f"layout.{k}": v for k, v in stored["layout"].items()},
             {f"layout.{k}": v for k, v in manifest["layout"].items()},
         )
@@ -535,8 +287,9 @@ def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
         # Which process writes which chunk (tests check that each writes only its own shares').
         log.debug(
             "Teacher cache: process %d writes chunk %s",
-            jax.process_index(), _chunk_key(epoch, steps.start // layout.chunk_steps, share),
-        )  # fmt: skip
+            jax.process_index(),
+            cache_store.chunk_key(epoch, steps.start // layout.chunk_steps, share),
+        )
         futures.append(arrays["values"][target].write(values[:, local]).commit)
         futures.append(arrays["indices"][target].write(indices[:, local]).commit)
     return futures
@@ -572,25 +325,28 @@ class CacheReader:
         manifest = self.store.read_manifest()
         if manifest is None:
             raise CacheError(
-                f"config.teacher.cache={path!r} holds no teacher cache ({MANIFEST} is missing); "
-                f"write it first: {_writer_command(path)}"
+                f"config.teacher.cache={path!r} holds no teacher cache "
+                f"({cache_store.MANIFEST} is missing); "
+                f"write it first: {cache_store.writer_command(path)}"
             )
-        if manifest.get("format") != FORMAT:
-            raise CacheError(f"{path!r} is not a {FORMAT} cache (format {manifest.get('format')}).")
-        problems = _differences(manifest["stream"], stream_fingerprint(config, train_data))
+        if manifest.get("format") != cache_store.FORMAT:
+            raise CacheError(
+                f"{path!r} is not a {cache_store.FORMAT} cache (format {manifest.get('format')})."
+            )
+        problems = cache_store.differences(
+            manifest["stream"], cache_store.stream_fingerprint(config, train_data)
+        )
         if problems:
             raise CacheError(
                 f"The teacher cache {path!r} was written for another training stream:\n  "
                 + "\n  ".join(problems)
                 + "\nTrain with the config the cache was written with, or write a cache for this "
-                f"one: {_writer_command('NEW_CACHE')}"
+                f"one: {cache_store.writer_command('NEW_CACHE')}"
             )
         self.layout = Layout(**manifest["layout"])
         self.teacher = manifest["teacher"]
         if config.teacher.framework == "clip" and "teacher.templates_sha256" in self.teacher:
-            from deit_jax.teacher import zero_shot
-
-            problems = _differences(
+            problems = cache_store.differences(
                 {k: v for k, v in self.teacher.items() if k in _ZERO_SHOT_KEYS},
                 {
                     k: v
@@ -603,7 +359,7 @@ class CacheReader:
                     f"The teacher cache {path!r} holds a CLIP teacher's outputs for other class "
                     "names or prompts:\n  " + "\n  ".join(problems) + "\nTrain with the "
                     "teacher.class_names and teacher.prompts the cache was written with, or write "
-                    f"a cache for these: {_writer_command('NEW_CACHE')}"
+                    f"a cache for these: {cache_store.writer_command('NEW_CACHE')}"
                 )
         needed = required_topk(config)
         if self.layout.topk < needed:
@@ -639,7 +395,7 @@ class CacheReader:
             raise CacheError(
                 f"The teacher cache {self.path!r} lacks {len(missing)} of the {total_steps} steps "
                 f"this run needs: {spans}{more} (steps per epoch {spe}). Complete it with "
-                f"{_writer_command(self.path)} and --config.num_epochs covering the run."
+                f"{cache_store.writer_command(self.path)} and --config.num_epochs covering the run."
             )
 
     def __call__(self, epoch: int, step: int) -> dict[str, np.ndarray]:
@@ -662,13 +418,13 @@ class CacheReader:
         rows = self.layout.share_batch
         target = (epoch, slice(steps.start, steps.stop), slice(share * rows, (share + 1) * rows))
         try:
-            return tuple(self.arrays[name][target].read().result() for name in _ARRAYS)
+            return tuple(self.arrays[name][target].read().result() for name in cache_store.ARRAYS)
         except ValueError as e:
             files = " and ".join(self.store.chunk_files(epoch, chunk, share))
             raise CacheError(
                 f"Teacher cache chunk (epoch {epoch}, steps {steps.start}-{steps.stop - 1}, data "
                 f"share {share}) of {self.path!r} is corrupt or truncated: {e}. Delete {files} "
-                f"and rewrite the missing chunk: {_writer_command(self.path)}"
+                f"and rewrite the missing chunk: {cache_store.writer_command(self.path)}"
             ) from None
 
 

@@ -41,10 +41,11 @@ import ml_collections
 import numpy as np
 import tensorstore as ts
 
-from deit_jax import prompts
+from deit_jax import checkpoint, prompts
 from deit_jax.errors import CheckpointError, ConfigError
 from deit_jax.models import create_model
 from deit_jax.models.clip import CLIP_MEAN, CLIP_STD
+from deit_jax.teacher import flax_teacher
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,10 @@ def fingerprint(
     config: ml_collections.ConfigDict, names: list[str], templates: list[str]
 ) -> dict[str, Any]:
     """What fixes the head: teacher name, SHA-256 of its weights, class names and templates."""
-    from deit_jax.teacher.cache import weights_hash
-
     return {
         "teacher.name": config.teacher.name,
         "teacher.checkpoint": config.teacher.checkpoint,  # informative: moved weights are fine
-        "weights_sha256": weights_hash(config.teacher.checkpoint),
+        "weights_sha256": checkpoint.weights_hash(config.teacher.checkpoint),
         "class_names": list(names),
         "templates": list(templates),
     }
@@ -259,8 +258,6 @@ def build_clip_teacher(
     `workdir`: where the head is saved and looked for first; a run reading a teacher cache also
     looks in the cache, whose writer saved the head its outputs came from.
     """
-    from deit_jax.teacher.flax_teacher import compute_dtype, load_weights
-
     t = config.teacher
     if not t.checkpoint:
         raise ConfigError(
@@ -268,8 +265,8 @@ def build_clip_teacher(
             "directory (python -m deit_jax.convert --checkpoint DIR_OR_FILE --model "
             f"{t.name} --output OUT), a transformers CLIP directory or an open_clip file."
         )
-    variables, overrides = load_weights(t.checkpoint, t.name)
-    clip = create_model(t.name, **{**overrides, "dtype": compute_dtype(config.dtype)})
+    variables, overrides = flax_teacher.load_weights(t.checkpoint, t.name)
+    clip = create_model(t.name, **{**overrides, "dtype": flax_teacher.compute_dtype(config.dtype)})
     if t.img_size and t.img_size != clip.img_size:
         raise ConfigError(
             f"config.teacher.img_size={t.img_size}: a CLIP teacher runs at the resolution of its "
