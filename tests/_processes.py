@@ -2,8 +2,8 @@
 
 `TF_FIRST_MAIN` runs the entry point with TensorFlow imported first, which spares
 deit_jax/_compat.py's precautionary torchvision import (~5 s of each process's imports);
-`cpu_env` gives a process N CPU devices and a shared JAX compilation cache (each run would
-otherwise spend ~20 s recompiling the same steps).
+`cpu_env` gives a process N CPU devices and the test session's JAX compilation cache
+(tests/conftest.py; each run would otherwise spend ~20 s recompiling the same steps).
 """
 
 import os
@@ -11,17 +11,19 @@ import socket
 import subprocess
 
 import pytest
+from conftest import JAX_CACHE, JAX_CACHE_MAX_BYTES
 
 TF_FIRST_MAIN = "import tensorflow\nfrom deit_jax.main import run\nrun()"
 TIMEOUT = 300  # seconds, for any one process
 
 
-def cpu_env(devices: int, jax_cache: str, gloo: bool = False) -> dict[str, str]:
+def cpu_env(devices: int, gloo: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
         JAX_NUM_CPU_DEVICES=str(devices),
-        JAX_COMPILATION_CACHE_DIR=jax_cache,
+        JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(JAX_CACHE_MAX_BYTES),  # turns on the cache's file lock
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         TF_CPP_MIN_LOG_LEVEL="2",

@@ -46,11 +46,10 @@ def launch(data_dir, tmp_path_factory):
     """`launch(workdir, *flags, devices=1, process=None)` starts deit_jax.main on the cache config
     (`process=(id, count, port)` for a multi-process run)."""
     teacher = save_random_teacher(str(tmp_path_factory.mktemp("teacher") / "weights"))
-    jax_cache = str(tmp_path_factory.mktemp("jax_cache"))
     started = []
 
     def start(workdir, *flags, devices=1, process=None, program=TF_FIRST_MAIN):
-        env = cpu_env(devices, jax_cache, gloo=True)
+        env = cpu_env(devices, gloo=True)
         cmd = [
             sys.executable,
             "-c",

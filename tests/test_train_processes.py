@@ -52,11 +52,6 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-@pytest.fixture(scope="module")
 def processes():
     """Started processes; any still running at the end of the module is killed."""
     started = []
@@ -68,11 +63,11 @@ def processes():
 
 
 @pytest.fixture(scope="module")
-def launch(data_dir, jax_cache, processes):
+def launch(data_dir, processes):
     """`launch(workdir, log, *flags, devices=4, gloo=False, tf_first=True)` starts deit_jax.main."""
 
     def start(workdir, log, *flags, devices=4, gloo=False, tf_first=True):
-        env = cpu_env(devices, jax_cache, gloo)
+        env = cpu_env(devices, gloo)
         entry = ["-c", TF_FIRST_MAIN] if tf_first else ["-m", "deit_jax.main"]
         cmd = [
             sys.executable,
