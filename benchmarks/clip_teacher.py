@@ -22,7 +22,6 @@ whole process first (`tune_malloc`, see benchmarks/NOTES.md; `--default-malloc` 
 """
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -31,19 +30,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import timing  # benchmarks/timing.py: a script's own folder is on sys.path
 
-def tune_malloc() -> bool:
-    """glibc keeps freed memory (no mmap-backed blocks, no trimming, one arena); as in
-    benchmarks/throughput.py, whose docstring gives the why. Before torch and jax start."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    settings = ((-4, 0), (-1, -1), (-8, 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD, M_ARENA_MAX
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
-
-
-MALLOC_TUNED = "--default-malloc" not in sys.argv[1:] and tune_malloc()
+MALLOC_TUNED = "--default-malloc" not in sys.argv[1:] and timing.tune_malloc()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # torch and open_clip before deit_jax (TensorFlow first would crash torchvision: _compat.py).

@@ -34,40 +34,20 @@ see benchmarks/NOTES.md for the numbers with and without).
 """
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
 import gc
 import json
 import os
 import resource
-import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-
-def tune_malloc() -> bool:
-    """Makes glibc reuse freed memory instead of returning it to the OS; True if applied.
-
-    One arena, no mmap-backed blocks and no heap trimming: a step's buffers then come from memory
-    earlier steps freed, without page faults (about 480k faults and 0.9 s of a 3.5 s DeiT-Ti
-    batch-32 train step on 2 cores). The process keeps its peak memory. Call it before any thread
-    allocates (before importing torch and jax); a no-op returning False without glibc.
-    """
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    settings = ((m_mmap_max, 0), (m_trim_threshold, -1), (m_arena_max, 1))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
-
+import timing  # benchmarks/timing.py: a script's own folder is on sys.path
 
 # Before torch and jax start their threads; skipped on GPU, where host memory matters little.
-MALLOC_TUNED = not {"--gpu", "--default-malloc"} & set(sys.argv[1:]) and tune_malloc()
+MALLOC_TUNED = not {"--gpu", "--default-malloc"} & set(sys.argv[1:]) and timing.tune_malloc()
 if "--smoke" in sys.argv[1:]:  # compile fast: the smoke run checks code paths, not speed
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
@@ -90,12 +70,11 @@ import optax  # noqa: E402
 from flax.core import meta  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distillation  # noqa: E402
+from timing import Runner, fmt, mib, ratio, set_threads, xla_bytes, xla_flops  # noqa: E402
+
 import deit_jax  # noqa: E402
-from deit_jax import config as deit_config  # noqa: E402
-from deit_jax import optim, steps  # noqa: E402
-from deit_jax import teacher as teacher_cache  # noqa: E402
 from deit_jax.jit import compiler_options, jit  # noqa: E402
-from deit_jax.models import model_options  # noqa: E402
 
 MODELS = {
     "Ti": "deit_tiny_patch16_224",
@@ -213,127 +192,6 @@ PRESETS = {
         note="Smoke preset: tiny 1-block models, numbers mean nothing.",
     ),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement helpers.
-
-
-class RssSampler:
-    """Samples the process's resident set size in a thread; `peak_since(mark)` reads the peak."""
-
-    def __init__(self, interval: float = 0.02):
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._interval = interval
-        self._peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._peak = max(self._peak, self.rss())
-
-    def start(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def reset(self) -> int:
-        """Starts a new peak window; returns the RSS now."""
-        self._peak = now = self.rss()
-        return now
-
-    def peak(self) -> int:
-        return max(self._peak, self.rss())
-
-
-@dataclasses.dataclass
-class Measured:
-    seconds: list[float]
-    memory: int | None = None  # bytes: step peak above the state (CPU) or device peak (GPU)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-
-class Runner:
-    """Runs step functions round-robin and records median times and peak memory."""
-
-    def __init__(self, gpu: bool, warmup: int, reps: int):
-        self.gpu = gpu
-        self.warmup = warmup
-        self.reps = reps
-        self.rss = None if gpu else RssSampler().start()
-
-    def measure(
-        self, fns: dict[str, Callable[[], Any]], reps: int | None = None
-    ) -> dict[str, Measured]:
-        results = {k: Measured([]) for k in fns}
-        for key, fn in fns.items():  # warm-up (the first call also measures memory)
-            before = self._reset_memory(key)
-            fn()
-            results[key].memory = self._peak_memory(key, before)
-            for _ in range(self.warmup - 1):
-                fn()
-        for _ in range(reps or self.reps):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                results[key].seconds.append(time.perf_counter() - start)
-        return results
-
-    def _reset_memory(self, key: str) -> int:
-        if not self.gpu:
-            _malloc_trim()  # so that memory freed by earlier steps does not hide this one's
-            return self.rss.reset()
-        if key.startswith("timm"):
-            torch.cuda.reset_peak_memory_stats()
-        return 0
-
-    def _peak_memory(self, key: str, before: int) -> int | None:
-        if not self.gpu:
-            return self.rss.peak() - before
-        if key.startswith("timm"):
-            return torch.cuda.max_memory_allocated()
-        return None  # JAX's device peak is process-wide; the table gives XLA's plan instead
-
-
-def _malloc_trim() -> None:
-    """Returns the C heap's free memory to the OS (glibc), so RSS growth measures a step."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def xla_flops(lowered: jax.stages.Lowered) -> float | None:
-    """FLOPs XLA counts for a lowered function (a multiply-add is 2), before optimisation."""
-    try:
-        cost = lowered.cost_analysis()
-    except Exception:  # a backend without HLO cost analysis
-        return None
-    if isinstance(cost, list):  # older JAX returned one dict per device
-        cost = cost[0]
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    return flops or None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def xla_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """Bytes the compiled executable needs: arguments + outputs + temporaries - donated."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if m is None:
-        return None
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return int(total - m.alias_size_in_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,14 +313,6 @@ def timm_steps(case: Case, preset: Preset, drop_path: float, device: str, seed: 
 # Tables.
 
 
-def fmt(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:,.{digits}f}"
-
-
-def mib(x: int | None) -> str:
-    return "-" if x is None else f"{x / 2**20:,.0f}"
-
-
 @dataclasses.dataclass
 class Row:
     case: Case
@@ -477,6 +327,8 @@ class Row:
 
 
 class Bench:
+    """The measured rows of one run and the tables made from them."""
+
     def __init__(self, args: argparse.Namespace, preset: Preset):
         self.args = args
         self.preset = preset
@@ -597,163 +449,7 @@ class Bench:
         return "\n".join(lines)
 
     def distill(self) -> str:
-        """The distillation table at the preset's batch and at each of `distill_batches`."""
-        batches = (self.preset.distill[3], *self.preset.distill_batches)
-        if len(batches) == 1:
-            return self._distill(batches[0])
-        return "\n\n".join(f"### Batch {b}\n\n{self._distill(b)}" for b in batches)
-
-    def _distill(self, batch: int) -> str:
-        """deit_jax's real train step for a distilled student: plain, with the frozen teacher
-        live, and reading the teacher's cached top-k (`deit_jax.teacher.cache`); timm's own
-        `TokenDistillationTask` step with the same models; the teacher's forward alone in both
-        frameworks; the cache writer's work per batch."""
-        student_name, teacher_name, precision, _ = self.preset.distill
-        dtype = DTYPES[precision][0]
-        s_over = dict(self.preset.model_overrides, dtype=dtype)
-        t_over = dict(self.preset.teacher_overrides)
-        if "dtype" in model_options(teacher_name):
-            t_over["dtype"] = dtype
-        if self.args.smoke:
-            s_over["img_size"] = t_over["img_size"] = 32
-        student = deit_jax.create_model(student_name, **s_over)
-        teacher = deit_jax.create_model(teacher_name, **t_over)
-        res, topk = student.img_size, 10
-        config = deit_config.base_config()
-        config.distillation.alpha, config.distillation.tau = 0.5, 1.0
-        # The learning-rate schedule of the reference batch (1024): its values do not change speed.
-        tx, schedule = optim.create_optimizer(
-            config.optim, global_batch_size=1024, steps_per_epoch=1000, num_epochs=300
-        )
-        rng = np.random.default_rng(0)
-        images = jnp.asarray(rng.normal(size=(batch, res, res, 3)).astype(np.float32))
-        labels = rng.integers(0, 1000, size=(batch,))
-        batch_data = {
-            "image": images,
-            "label": jnp.asarray(labels.astype(np.int32)),
-            "target": jnp.asarray(np.eye(1000, dtype=np.float32)[labels] * 0.9 + 0.1 / 1000),
-        }
-        t_vars = jit(lambda: meta.unbox(teacher.init(jax.random.key(1), images[:1], train=False)))()
-        t_vars = {k: v for k, v in t_vars.items() if k != "intermediates"}
-        top = jit(
-            lambda v, x: jax.lax.top_k(
-                jax.nn.log_softmax(teacher_cache.teacher_logits(teacher, v, x)), topk
-            )
-        )
-        logp, index = top(t_vars, images)
-        # What the cache reader puts in a batch (float16 storage, read back as float32).
-        cached_batch = {
-            **batch_data,
-            "teacher_logp": jnp.asarray(np.asarray(logp, np.float16), jnp.float32),
-            "teacher_index": index,
-        }
-
-        init = jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
-        fns, flops = {}, {}
-        for name, kind, cache_dir, data_in in (
-            ("none", "none", "", batch_data),
-            ("hard", "hard", "", batch_data),
-            ("cached", "hard", "(batches bring the top-k)", cached_batch),
-        ):
-            config.distillation.kind, config.teacher.cache = kind, cache_dir
-            live = name == "hard"
-            step = steps.make_train_step(student, tx, schedule, config, teacher if live else None)
-            state = meta.unbox(init())  # a fresh state for each: the steps donate theirs
-            tv = t_vars if live else {}
-            lowered = jit(step, donate_argnums=(0,)).lower(state, tv, data_in)
-            compiled = lowered.compile()
-            flops[name] = xla_flops(lowered)
-            box = {"state": state}
-
-            def run(compiled=compiled, box=box, tv=tv, data_in=data_in):
-                box["state"], metrics = compiled(box["state"], tv, data_in)
-                jax.block_until_ready(metrics)
-
-            fns[name] = run
-        fns.update(self._cache_writer_fns(teacher, t_vars, images, top, topk))
-        if not self.args.no_timm:
-            fns["timm_hard"] = timm_distill_step(student_name, teacher_name, s_over, batch, res)
-            fns["timm_teacher_forward"] = timm_teacher_forward(teacher_name, batch, res)
-        # Forward FLOPs of each network alone: the analytic ratio is (3 S + T) / 3 S.
-        s_vars = {"params": state.params}
-        s_fwd = xla_flops(jit(lambda v, x: student.apply(v, x, train=False)).lower(s_vars, images))
-        t_fwd = xla_flops(jit(lambda v, x: teacher.apply(v, x, train=False)).lower(t_vars, images))
-        load_before = os.getloadavg()[0]
-        res_t = self.runner.measure(fns, self.preset.sweep_reps)
-        med = {k: v.median for k, v in res_t.items()}
-        plain, dist, cached = med["none"], med["hard"], med["cached"]
-        fastest = lambda a, b: min(res_t[a].seconds) / min(res_t[b].seconds)  # noqa: E731
-        self.records.append({"section": "distill", "batch": batch, "seconds": med})
-        self.log(
-            f"distillation: plain {batch / plain:.1f} img/s, live teacher {batch / dist:.1f}, "
-            f"cached {batch / cached:.1f}"
-        )
-        analytic = None if s_fwd is None or t_fwd is None else (3 * s_fwd + t_fwd) / (3 * s_fwd)
-        timm_t = med.get("timm_hard")
-        rows = [
-            ("plain (kind none)", plain, flops["none"], 1.0),
-            ("distilled, live teacher (kind hard)", dist, flops["hard"], analytic),
-            ("distilled, cached teacher (kind hard)", cached, flops["cached"], 1.0),
-        ]
-        lines = [
-            f"Student {student_name}, teacher {teacher_name} (frozen, eval mode, stop_gradient), "
-            f"{precision}, batch {batch}, `deit_jax.steps.make_train_step` (AdamW + EMA); cached: "
-            f"the same step fed the teacher's top-{topk} (float16 storage) from the batch.",
-            "",
-            "| step | img/s | ms | x time | x FLOPs (XLA, step) | x FLOPs (3 S + T) / 3 S "
-            "| deit_jax / timm distillation (img/s) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for label, t, fl, predicted in rows:
-            lines.append(
-                f"| {label} | {fmt(batch / t)} | {fmt(1e3 * t)} | {t / plain:.2f} "
-                f"| {fmt(ratio(fl, flops['none']), 2)} | {fmt(predicted, 2)} "
-                f"| {fmt(ratio(timm_t, t), 2) if timm_t else '-'} |"
-            )
-        if timm_t:
-            lines.append(
-                f"| timm `TokenDistillationTask`, live teacher (hard) | {fmt(batch / timm_t)} "
-                f"| {fmt(1e3 * timm_t)} | {timm_t / plain:.2f} | - | - | 1.00 |"
-            )
-        per_example = {k: k * (2 + 2) for k in (1, 10)}  # float16 values + int16 indices
-        imagenet = 1_281_167 * 300
-        lines += [
-            "",
-            f"Live / cached step time: {dist / cached:.2f}x; cached / plain: "
-            f"{cached / plain:.2f}x.",
-            f"Forward GFLOP/img (XLA): student {fmt(ratio(s_fwd, batch * 1e9), 2)}, "
-            f"teacher {fmt(ratio(t_fwd, batch * 1e9), 2)}.",
-            "",
-            "Cache writer, per batch (the input pipeline, shared with training, not counted):",
-            "",
-            "| work | img/s |",
-            "|---|---|",
-            f"| teacher forward alone | {fmt(batch / med['teacher_forward'])} |",
-            f"| writer: forward + top-{topk} + copy to host + zarr write "
-            f"| {fmt(batch / med['cache_writer'])} |",
-            *(
-                [
-                    f"| timm teacher forward alone (`torch.no_grad`) "
-                    f"| {fmt(batch / med['timm_teacher_forward'])} |",
-                    "",
-                    f"Teacher forward, deit_jax / timm (img/s): median "
-                    f"{med['timm_teacher_forward'] / med['teacher_forward']:.2f}, fastest rounds "
-                    f"{fastest('timm_teacher_forward', 'teacher_forward'):.2f}; live "
-                    f"distillation step, fastest rounds {fastest('timm_hard', 'hard'):.2f}. "
-                    f"Load average (1 min) before / after: {load_before:.1f} / "
-                    f"{os.getloadavg()[0]:.1f}.",
-                ]
-                if "timm_teacher_forward" in med
-                else []
-            ),
-            "",
-            "Storage (float16 values + int16 indices): "
-            + ", ".join(f"k = {k}: {b} B per example per epoch" for k, b in per_example.items())
-            + "; ImageNet-1k x 300 epochs: "
-            + ", ".join(f"k = {k}: {b * imagenet / 1e9:.1f} GB" for k, b in per_example.items())
-            + " (TinyViT, k = 10 with its 4-byte seed per record: 16 GB).",
-        ]
-        return "\n".join(lines)
+        return distillation.tables(self)
 
     def memory(self) -> str:
         """XLA's planned memory of the bf16 train step (forward, backward, AdamW; parameters and
@@ -795,71 +491,6 @@ class Bench:
                     )  # fmt: skip
         return "\n".join(lines)
 
-    def _cache_writer_fns(self, teacher, t_vars, images, top, topk) -> dict[str, Callable]:
-        """The teacher forward alone, and the writer's work for one batch (chunk of 1 step)."""
-        import tempfile
-
-        import tensorstore as ts
-
-        forward = jit(lambda v, x: teacher_cache.teacher_logits(teacher, v, x))
-        batch = images.shape[0]
-        directory = tempfile.mkdtemp(prefix="deit_jax_bench_cache_")
-        spec = {
-            "driver": "zarr3",
-            "kvstore": {"driver": "file", "path": directory},
-            "metadata": {
-                "shape": [1000, batch, topk],
-                "data_type": "float16",
-                "chunk_grid": {
-                    "name": "regular",
-                    "configuration": {"chunk_shape": [1, batch, topk]},
-                },
-                "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
-            },
-        }
-        store = ts.open(spec, create=True, delete_existing=True).result()
-        position = {"step": 0}
-
-        def write():
-            logp, index = top(t_vars, images)
-            step = position["step"] % 1000
-            store[step].write(np.asarray(logp, np.float16)).result()
-            np.asarray(index, np.int16)
-            position["step"] += 1
-
-        return {
-            "teacher_forward": lambda: jax.block_until_ready(forward(t_vars, images)),
-            "cache_writer": write,
-        }
-
-
-def timm_distill_step(
-    student_name: str, teacher_name: str, overrides: dict[str, Any], batch: int, res: int
-) -> Callable[[], None]:
-    """timm's own DeiT distillation step: `timm.task.TokenDistillationTask`, hard, eager."""
-    from timm.task import TokenDistillationTask
-
-    torch.manual_seed(0)
-    kw = {k: v for k, v in overrides.items() if k not in ("dtype", "img_size")}
-    student = timm.create_model(student_name, pretrained=False, img_size=res, **kw)
-    teacher = timm.create_model(teacher_name, pretrained=False).eval()
-    task = TokenDistillationTask(
-        student, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_type="hard",
-        task_loss_weight=0.5, verbose=False,
-    )  # fmt: skip
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
-    rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.normal(size=(batch, 3, res, res)).astype(np.float32))
-    labels = torch.from_numpy(rng.integers(0, 1000, size=(batch,)))
-
-    def train():
-        student.train()
-        opt.zero_grad(set_to_none=True)
-        task(images, labels)["loss"].backward()
-        opt.step()
-
-    return train
-
 
 def planned_memory(
     size: str, batch: int, overrides: dict[str, Any], remat: str | None, res: int = 224
@@ -890,38 +521,12 @@ def planned_memory(
     return lowered.compile().memory_analysis()
 
 
-def timm_teacher_forward(teacher_name: str, batch: int, res: int) -> Callable[[], None]:
-    """timm's teacher alone: eval mode, `torch.no_grad`, as `TokenDistillationTask` runs it."""
-    torch.manual_seed(0)
-    teacher = timm.create_model(teacher_name, pretrained=False).eval()  # as timm_distill_step
-    images = torch.from_numpy(
-        np.random.default_rng(0).normal(size=(batch, 3, res, res)).astype(np.float32)
-    )
-
-    def forward():
-        with torch.no_grad():
-            teacher(images)
-
-    return forward
-
-
 def case_key(case: Case, step: str) -> tuple:
     return (case.size, case.precision, case.batch, case.res, case.attention, case.remat, step)
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point.
-
-
-def set_threads(n: int | None) -> int:
-    """Pins this process to n CPUs; XLA sizes its CPU thread pool from the affinity mask."""
-    cpus = sorted(os.sched_getaffinity(0))
-    n = len(cpus) if n is None else n
-    if not 1 <= n <= len(cpus):
-        raise SystemExit(f"--threads must be in [1, {len(cpus)}] (the CPUs available), got {n}.")
-    os.sched_setaffinity(0, cpus[:n])
-    torch.set_num_threads(n)
-    return n
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
