@@ -3,7 +3,7 @@ transformers, or a folder from `python -m deit_jax.export`) into a deit_jax weig
 
 The conversion functions, for use from Python: `load_torch_checkpoint(path, name, **overrides)`,
 `torch_to_flax(state_dict, name, **overrides)` and `flax_to_torch(variables, name)`. They live
-in `deit_jax.weights` (`load`, with the formats in `timm` and `clip`); the command line is
+in `deit_jax.weights` (`load`, with the formats in `timm_keys` and `clip`); the command line is
 `deit_jax.weights.cli`.
 """
 

@@ -27,6 +27,7 @@ from deit_jax.errors import CheckpointError  # noqa: E402
 from deit_jax.teacher.clip.tokenizer import load_tokenizer  # noqa: E402
 from deit_jax.weights import clip as clip_weights  # noqa: E402
 from deit_jax.weights import hf_clip, load  # noqa: E402
+from deit_jax.weights.directory import load_variables  # noqa: E402
 from deit_jax.weights.load import load_weights  # noqa: E402
 
 NAME = "clip_vit_b32"
@@ -166,7 +167,7 @@ def test_transformers_dir_cli_records_overrides_and_tokenizer(reference, tmp_pat
 
     out = tmp_path / "converted"
     convert.main(["--checkpoint", directory, "--model", NAME, "--output", str(out)])
-    variables, metadata = directory.load_variables(out)
+    variables, metadata = load_variables(out)
     assert metadata == {"model_name": NAME, "model_overrides": {**SIZE, "quick_gelu": True}}
     same(variables, expected)
     assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(

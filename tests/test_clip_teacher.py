@@ -1,4 +1,4 @@
-"""CLIP as a zero-shot teacher: the brief's loss, live and cached runs, label-free data, the head.
+"""CLIP as a zero-shot teacher: the KL-only loss, live and cached runs, label-free data, the head.
 
 Every run is the tiny config of tests/_train_config.py (digits at 16x16, batch 32, 8 steps)
 with a small random CLIP teacher saved as a user would have it: an open_clip state dict
@@ -95,33 +95,33 @@ def train_losses(workdir):
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-# --------------------------------------------------------------------------- the brief's loss
+# --------------------------------------------------------------------------- the KL-only loss
 
 
 @pytest.mark.parametrize("tau", [1.0, 4.0])
-def test_the_soft_batchmean_term_is_the_briefs_kl_div(tau):
+def test_the_soft_batchmean_term_is_torchs_batchmean_kl_div(tau):
     import torch
     import torch.nn.functional as F
 
     rng = np.random.default_rng(0)
     s, t = (rng.normal(size=(6, 10)).astype(np.float32) * 3 for _ in range(2))
-    brief = F.kl_div(
+    kl_div = F.kl_div(
         F.log_softmax(torch.from_numpy(s) / tau, 1),
         F.softmax(torch.from_numpy(t) / tau, 1),
         reduction="batchmean",
     ).item()
     kw = dict(kind="soft", alpha=1.0, tau=tau, kl_reduction="batchmean", tau_squared=False)
     total, parts = losses.distillation_loss(s, None, t, np.zeros_like(s), **kw)
-    np.testing.assert_allclose([float(total), float(parts["distillation"])], brief, rtol=1e-6)
+    np.testing.assert_allclose([float(total), float(parts["distillation"])], kl_div, rtol=1e-6)
     # The default (Hinton, DeiT, timm) multiplies by T^2; the eval metric is the same term.
     hinton, _ = losses.distillation_loss(
         s, None, t, np.zeros_like(s), **{**kw, "tau_squared": True}
     )
-    np.testing.assert_allclose(float(hinton), brief * tau * tau, rtol=1e-6)
+    np.testing.assert_allclose(float(hinton), kl_div * tau * tau, rtol=1e-6)
     per_example = losses.soft_kl_per_example(
         s, t, tau=tau, kl_reduction="batchmean", tau_squared=False
     )
-    np.testing.assert_allclose(float(per_example.mean()), brief, rtol=1e-6)
+    np.testing.assert_allclose(float(per_example.mean()), kl_div, rtol=1e-6)
 
 
 def test_the_cosine_feature_loss_is_torchs():

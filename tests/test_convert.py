@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import deit_jax
 from deit_jax import convert
 from deit_jax.errors import CheckpointMismatchError
-from deit_jax.weights import directory
+from deit_jax.weights.directory import load_variables
 from deit_jax.weights.state_dict import read_state_dict
 from deit_jax.weights.surgery import resize_pos_embed
 
@@ -187,7 +187,7 @@ def test_cli_writes_an_orbax_checkpoint(tiny_state_dict, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "re-initialising" in result.stderr
-    variables, metadata = directory.load_variables(out)
+    variables, metadata = load_variables(out)
     assert metadata == {"model_name": TINY_DISTILLED, "model_overrides": {"num_classes": 10}}
     np.testing.assert_array_equal(
         variables["params"]["pos_embed"], tiny_state_dict["pos_embed"].numpy()

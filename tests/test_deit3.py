@@ -23,7 +23,7 @@ from deit_jax import convert, losses, main, train
 from deit_jax.train import loop, optim, steps
 from deit_jax.train import state as train_state
 from deit_jax.train.metrics import read_jsonl
-from deit_jax.weights import directory
+from deit_jax.weights.directory import load_variables
 from deit_jax.weights.surgery import resize_pos_embed
 
 RTOL = 1e-5
@@ -177,7 +177,7 @@ def test_deit3_trains_resumes_and_exports_to_timm(tmp_path):
     train.train_and_evaluate(config, str(resumed), devices=one)
     records = read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [5, 6, 7, 8]
-    final = [directory.load_variables(d / "weights")[0] for d in (whole, resumed)]
+    final = [load_variables(d / "weights")[0] for d in (whole, resumed)]
     for x, y in zip(*map(jax.tree.leaves, final), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
 

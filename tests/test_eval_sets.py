@@ -25,7 +25,7 @@ from deit_jax import sharding, train  # noqa: E402
 from deit_jax.config import rules  # noqa: E402
 from deit_jax.errors import ConfigError  # noqa: E402
 from deit_jax.models import create_model  # noqa: E402
-from deit_jax.weights import directory  # noqa: E402
+from deit_jax.weights.directory import save_variables  # noqa: E402
 
 REAL_URL = "https://raw.githubusercontent.com/google-research/reassessed-imagenet/master/real.json"
 N_REAL = 12
@@ -93,7 +93,7 @@ def prepared(tmp_path_factory):
     model = create_model("deit_tiny_patch16_224", **OVERRIDES)
     variables = nn.meta.unbox(model.init(jax.random.key(3), np.zeros((1, 16, 16, 3), np.float32)))
     weights = root / "weights"
-    directory.save_variables(
+    save_variables(
         weights, dict(variables), model_name="deit_tiny_patch16_224", model_overrides=OVERRIDES
     )
     # Pass 1: the model's predictions on the ReaL images (with placeholder labels) ...

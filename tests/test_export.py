@@ -24,7 +24,8 @@ from deit_jax import convert, sharding, train  # noqa: E402
 from deit_jax import data as data_lib  # noqa: E402
 from deit_jax.train.metrics import read_jsonl  # noqa: E402
 from deit_jax.train.state import build_student  # noqa: E402
-from deit_jax.weights import directory, timm_export  # noqa: E402
+from deit_jax.weights import timm_export  # noqa: E402
+from deit_jax.weights.directory import METADATA_FILE, load_variables  # noqa: E402
 
 EXTRA = "digits:train[:100]"
 
@@ -53,7 +54,7 @@ def run(tmp_path_factory):
     out = timm_export.export(workdir / "weights", root / "hub", pth=True)
     # deit_jax's eval outputs (the heads' average) on the preprocessed test split, by image id.
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-    variables, _ = directory.load_variables(workdir / "weights")
+    variables, _ = load_variables(workdir / "weights")
     predict = jax.jit(lambda x: build_student(config, 10).apply(variables, x, train=False))
     images, logits = np.zeros((360, 16, 16, 3), np.float32), np.zeros((360, 10), np.float32)
     for b in data_lib.build_eval(config, mesh, with_ids=True):
@@ -144,8 +145,8 @@ def test_timm_eval_transform_gives_deit_jax_test_top1(run):
 
 def test_folder_converts_back_bit_for_bit(run, tmp_path):
     convert.main(["--checkpoint", run["out"], "--output", str(tmp_path / "back")])
-    back, meta = directory.load_variables(tmp_path / "back")
-    original, original_meta = directory.load_variables(run["workdir"] / "weights")
+    back, meta = load_variables(tmp_path / "back")
+    original, original_meta = load_variables(run["workdir"] / "weights")
     assert meta["model_name"] == original_meta["model_name"]
     a, b = _flat(back), _flat(original)
     assert a.keys() == b.keys()
@@ -185,7 +186,7 @@ def test_bad_weights_dirs_and_outputs_are_refused(run, tmp_path, caplog):
         timm_export.export(tmp_path / "nope", tmp_path / "o1")
     partial = tmp_path / "partial"
     shutil.copytree(weights, partial)
-    os.remove(partial / directory.METADATA_FILE)
+    os.remove(partial / METADATA_FILE)
     with pytest.raises(FileNotFoundError, match="interrupted"):
         timm_export.export(partial, tmp_path / "o2")
     broken = tmp_path / "broken"
@@ -205,9 +206,9 @@ def test_bad_weights_dirs_and_outputs_are_refused(run, tmp_path, caplog):
 def test_older_weights_dirs_export_with_defaults_and_a_warning(run, tmp_path, caplog):
     old = tmp_path / "old"
     shutil.copytree(run["workdir"] / "weights", old)
-    meta = json.loads((old / directory.METADATA_FILE).read_text())
+    meta = json.loads((old / METADATA_FILE).read_text())
     meta = {k: meta[k] for k in ("model_name", "model_overrides")}  # what older runs wrote
-    (old / directory.METADATA_FILE).write_text(json.dumps(meta))
+    (old / METADATA_FILE).write_text(json.dumps(meta))
     with caplog.at_level("WARNING"):
         out = timm_export.export(old, tmp_path / "hub")
     assert "records no data config" in caplog.text

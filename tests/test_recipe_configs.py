@@ -45,14 +45,14 @@ def test_function_matching_recipe(tmp_path):
         assert words in module.__doc__
 
 
-def test_clip_zero_shot_recipe_is_the_briefs_loop(tmp_path):
+def test_clip_zero_shot_recipe_is_the_kl_only_loop(tmp_path):
     module, config = load("clip_zero_shot_distill", "10")
     config.teacher.checkpoint = str(tmp_path)
     state.check_config(config, None)
     assert (config.teacher.framework, config.teacher.name) == ("clip", "clip_vit_b32")
     assert (config.distillation.kind, config.distillation.kl_reduction) == ("soft", "batchmean")
     assert (config.distillation.alpha, config.distillation.tau) == (1.0, 1.0)
-    assert not config.distillation.tau_squared  # the brief's F.kl_div for any T
+    assert not config.distillation.tau_squared  # the loop's F.kl_div for any T
     assert (config.optim.lr, config.batch_size, config.optim.weight_decay) == (1e-5, 32, 0.0)
     assert not model_options(config.model_name).get("distilled", False)
     for words in (

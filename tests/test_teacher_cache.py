@@ -28,7 +28,7 @@ from deit_jax.teacher import cache
 from deit_jax.teacher.build import build_teacher
 from deit_jax.teacher.cache import store as cache_store
 from deit_jax.train.metrics import read_jsonl
-from deit_jax.weights import directory
+from deit_jax.weights.directory import load_variables, save_variables, weights_hash
 
 STEPS = 8
 
@@ -46,7 +46,7 @@ def teacher_dir(data_dir, tmp_path_factory):
     misaligned cache rows would go unseen."""
     directory = tmp_path_factory.mktemp("teacher")
     random = save_random_teacher(str(directory / "random"))
-    variables, metadata = directory.load_variables(random)
+    variables, metadata = load_variables(random)
     config = distill_config(data_dir, random)
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     with data.build_train(config, mesh, data_axes=sharding.DATA_AXES) as batches:
@@ -55,7 +55,7 @@ def teacher_dir(data_dir, tmp_path_factory):
     logits = model.apply(variables, images, train=False)
     variables["params"]["fc"]["bias"] = variables["params"]["fc"]["bias"] - logits.mean(0)
     path = str(directory / "weights")
-    directory.save_variables(
+    save_variables(
         path, variables, model_name="cnn_small", model_overrides=metadata["model_overrides"]
     )
     return path
@@ -77,7 +77,7 @@ def train_losses(workdir):
 
 
 def final_params(workdir):
-    return directory.load_variables(os.path.join(workdir, "weights"))[0]["params"]
+    return load_variables(os.path.join(workdir, "weights"))[0]["params"]
 
 
 def assert_trees_close(a, b, atol):
@@ -318,7 +318,7 @@ def test_the_manifest_fingerprints_stream_teacher_and_layout(hard_cache, teacher
     with open(os.path.join(hard_cache, "manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["format"] == cache_store.FORMAT and manifest["deit_jax_version"]
-    assert manifest["teacher"]["teacher.weights_sha256"] == directory.weights_hash(teacher_dir)
+    assert manifest["teacher"]["teacher.weights_sha256"] == weights_hash(teacher_dir)
     assert manifest["stream"]["data.num_train"] == 1437
     assert manifest["layout"]["topk"] == 10 and manifest["layout"]["values_dtype"] == "float16"
 

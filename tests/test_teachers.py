@@ -15,7 +15,7 @@ from deit_jax import convert
 from deit_jax.models import RegNet, ResNet, create_model, input_size
 from deit_jax.models.blocks import BatchNorm
 from deit_jax.models.regnet import regnet_stages
-from deit_jax.weights.timm import torch_key
+from deit_jax.weights.timm_keys import torch_key
 
 
 def _count(tree) -> int:

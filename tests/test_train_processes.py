@@ -34,7 +34,7 @@ from _train_config import save_random_teacher, tiny_config
 
 from deit_jax.data import sources
 from deit_jax.train.metrics import read_jsonl
-from deit_jax.weights import directory
+from deit_jax.weights.directory import load_variables
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_config.py")
 STEPS = 32  # 44 steps make an epoch
@@ -159,7 +159,7 @@ def train_losses(workdir) -> dict[int, list[float]]:
 
 
 def final_params(workdir):
-    variables, _ = directory.load_variables(os.path.join(workdir, "weights"))
+    variables, _ = load_variables(os.path.join(workdir, "weights"))
     return variables["params"]
 
 

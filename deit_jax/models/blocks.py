@@ -5,8 +5,9 @@ explicit symmetric padding `((stride - 1) + (kernel - 1)) // 2` (timm's `get_pad
 'SAME'), and `BatchNorm` with PyTorch's running statistics (momentum 0.1, eps 1e-5, unbiased
 running variance).
 
-Module names follow timm's (`ConvNormAct` holds `conv` and `bn`), so `deit_jax.weights.timm` maps
-state dicts by rule; a Flax name `features_2` stands for the PyTorch list index `features.2`.
+Module names follow timm's (`ConvNormAct` holds `conv` and `bn`), so
+`deit_jax.weights.timm_keys` maps state dicts by rule; a Flax name `features_2` stands for the
+PyTorch list index `features.2`.
 
 Logical axis names on parameters (unknown names are replicated by the sharding rules):
   conv kernels   (None, None, 'conv_in', 'conv_out')   conv biases, BN scale/bias ('conv_out',)

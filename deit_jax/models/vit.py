@@ -1,7 +1,7 @@
 """DeiT: the vision transformer of Touvron et al. (2021), with the optional distillation token.
 
 Module and parameter names mirror timm's `VisionTransformer` / `VisionTransformerDistilled`
-(`patch_embed/proj`, `blocks_3/attn/qkv`, `head_dist`, ...), so `deit_jax.weights.timm` maps
+(`patch_embed/proj`, `blocks_3/attn/qkv`, `head_dist`, ...), so `deit_jax.weights.timm_keys` maps
 PyTorch state dicts onto them by rule. Every parameter and the main activations carry logical
 axis names ('batch', 'length', 'embed', 'heads', 'mlp', 'classes'); `deit_jax.sharding` maps
 them to a mesh. The DeiT and DeiT III names are registered at the end.

@@ -13,10 +13,7 @@
 first use, so that the pure modules (`steps`, `optim`) load without the data pipeline.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from deit_jax._compat import lazy_names
 
 _NAMES = {
     "NonFiniteLossError": "loop",
@@ -26,8 +23,4 @@ _NAMES = {
 }
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"deit_jax.train.{_NAMES[name]}"), name)
-    raise AttributeError(f"module 'deit_jax.train' has no attribute {name!r}")
+__getattr__ = lazy_names("deit_jax.train", _NAMES)

@@ -5,7 +5,7 @@
   TorchScript `.pt`) or a transformers CLIP directory, as `(variables, overrides)`: what
   `config.teacher.checkpoint` and `config.init_from` name.
 - `torch_to_flax` / `flax_to_torch`: a state dict of the model family that `model_name` belongs
-  to (`deit_jax.weights.timm` for DeiT and the convnets, `deit_jax.weights.clip` for CLIP).
+  to (`deit_jax.weights.timm_keys` for DeiT and the convnets, `deit_jax.weights.clip` for CLIP).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from deit_jax.errors import CheckpointError
 from deit_jax.models import model_options
-from deit_jax.weights import clip, directory, timm
+from deit_jax.weights import clip, directory, timm_keys
 from deit_jax.weights.hf_clip import hf_config, hf_overrides, is_hf_dir
 from deit_jax.weights.state_dict import read_state_dict
 
@@ -35,7 +35,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_name: str, **overrides: A
     (`overrides` win). Any missing, unexpected or mis-shaped key raises
     `CheckpointMismatchError` listing all of them.
     """
-    family = clip if is_clip(model_name) else timm
+    family = clip if is_clip(model_name) else timm_keys
     return family.torch_to_flax(state_dict, model_name, **overrides)
 
 
@@ -45,7 +45,7 @@ def flax_to_torch(variables: Mapping[str, Any], model_name: str | None = None) -
     gives transformers')."""
     if "visual" in variables.get("params", {}):
         return clip.flax_to_open_clip(variables)
-    return timm.flax_to_torch(variables, model_name)
+    return timm_keys.flax_to_torch(variables, model_name)
 
 
 def inferred_overrides(path: str | os.PathLike, model_name: str) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def load_with_overrides(
         state, inferred = clip.read_weights(path)
         overrides = {**inferred, **overrides}
         return clip.open_clip_to_flax(state, model_name, **overrides), overrides
-    return timm.torch_to_flax(read_state_dict(path), model_name, **overrides), overrides
+    return timm_keys.torch_to_flax(read_state_dict(path), model_name, **overrides), overrides
 
 
 def load_torch_checkpoint(

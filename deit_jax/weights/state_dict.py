@@ -5,7 +5,7 @@
   `{"model": ...}`.
 - `template(model)`: the shapes of a model's variables, by Flax path.
 - `match(...)`: a state dict's arrays placed onto a template by a family's key rule and layout
-  (`deit_jax.weights.timm`, `deit_jax.weights.clip`), with every missing, unexpected and
+  (`deit_jax.weights.timm_keys`, `deit_jax.weights.clip`), with every missing, unexpected and
   mis-shaped key reported at once in one error.
 """
 

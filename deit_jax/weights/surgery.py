@@ -1,8 +1,8 @@
 """Weights meeting a model of another shape: position embeddings resized, heads made afresh.
 
 The one place where pretrained weights are changed to fit the model that loads them, for a
-PyTorch checkpoint (`deit_jax.weights.timm`) and for `config.init_from` (`deit_jax.train.state`)
-alike:
+PyTorch checkpoint (`deit_jax.weights.timm_keys`) and for `config.init_from`
+(`deit_jax.train.state`) alike:
 
 - DeiT / DeiT III `pos_embed` for another image size: the token rows kept, the patch grid
   resized as the reference fine-tuning code does (`resize_pos_embed`);

@@ -44,6 +44,7 @@ from deit_jax.errors import CheckpointError, UserError, WeightsNotFoundError
 from deit_jax.models import DeiT, RegNet, ResNet, create_model, input_size, model_options
 from deit_jax.weights import directory
 from deit_jax.weights.state_dict import read_state_dict
+from deit_jax.weights.timm_keys import flax_to_torch
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def export(
     import timm
     import torch
 
-    state_dict = timm.flax_to_torch(variables, model_name=None)
+    state_dict = flax_to_torch(variables, model_name=None)
     with torch.device("cpu"):
         timm_model = timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
     result = timm_model.load_state_dict(state_dict, strict=False)

@@ -31,10 +31,7 @@ Soft targets from the top-k follow TinyViT: the leftover probability mass is spr
 the other classes (exact when k is the class count); hard distillation needs only the top-1.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from deit_jax._compat import lazy_names
 
 # Imported on first use: the train step needs only `targets` (pure jnp), not TensorStore.
 _NAMES = {
@@ -48,8 +45,4 @@ _NAMES = {
 }
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"deit_jax.teacher.cache.{_NAMES[name]}"), name)
-    raise AttributeError(f"module 'deit_jax.teacher.cache' has no attribute {name!r}")
+__getattr__ = lazy_names("deit_jax.teacher.cache", _NAMES)

@@ -1,4 +1,4 @@
-"""timm's weights <-> Flax variables, for DeiT, DeiT III and the convnets.
+"""timm's state-dict keys <-> Flax variables, for DeiT, DeiT III and the convnets.
 
 Flax modules in `deit_jax.models` are named after their timm counterparts, so one rule maps every
 parameter, for DeiT and the convnet teachers alike:
