@@ -7,7 +7,7 @@ deit_jax (above 1: deit_jax is faster).
 - `image tower`: `encode_image` of the ViT-B/32 image tower, float32, batch 8 at 224 px: deit_jax
   jitted against open_clip's `model.visual` under `torch.inference_mode()` (its fastest CPU
   path: the fused attention kernels of `nn.MultiheadAttention`), random weights converted from
-  the open_clip model by `deit_jax.convert`.
+  the open_clip model by `deit_jax.convert` (`deit_jax.weights`).
 
 Usage (from the repository root):
 
@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,9 +44,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deit_jax import convert, convert_clip  # noqa: E402
+from deit_jax import convert  # noqa: E402
 from deit_jax.jit import jit  # noqa: E402
 from deit_jax.models import create_model  # noqa: E402
+from deit_jax.weights.clip import open_clip_overrides  # noqa: E402
 
 SMOKE_CLIP = dict(
     embed_dim=32,
@@ -69,20 +69,14 @@ def timed(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict[s
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+    return timing.interleaved(fns, rounds)
 
 
 def image_tower_row(args: argparse.Namespace, reference: torch.nn.Module) -> dict[str, Any]:
     """deit_jax's jitted `encode_image` against open_clip's `model.visual`."""
     state = reference.state_dict()
     variables = convert.torch_to_flax(state, "clip_vit_b32")
-    sizes = convert_clip.open_clip_overrides(state)
+    sizes = open_clip_overrides(state)
     model = create_model("clip_vit_b32", **sizes)
     size = sizes["img_size"]
     images = np.random.default_rng(0).standard_normal((args.batch, 3, size, size), np.float32)
@@ -123,11 +117,13 @@ def _teacher_steps(args: argparse.Namespace, reference: torch.nn.Module) -> dict
     from flax.core import meta
 
     from deit_jax import config as deit_config
-    from deit_jax import optim, steps
-    from deit_jax.teacher import teacher_logits, zero_shot
+    from deit_jax.teacher.clip import zero_shot
+    from deit_jax.teacher.forward import teacher_logits
+    from deit_jax.train import optim, steps
+    from deit_jax.train.state import init_state
 
     state_dict = reference.state_dict()
-    sizes = convert_clip.open_clip_overrides(state_dict)
+    sizes = open_clip_overrides(state_dict)
     clip_vars = convert.torch_to_flax(state_dict, "clip_vit_b32")
     size, classes = sizes["img_size"], 1000
     smoke = {"depth": 2} if args.smoke else {}  # --smoke: the code paths, quickly
@@ -158,7 +154,7 @@ def _teacher_steps(args: argparse.Namespace, reference: torch.nn.Module) -> dict
     logp, index = top(t_vars, batch["image"])
     cached = {**batch, "teacher_logp": jnp.asarray(logp, jnp.float16).astype(jnp.float32)}
     cached["teacher_index"] = index
-    init = jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
+    init = jit(lambda: init_state(student, tx, jax.random.key(0), ema=True))
     fns = {}
     for name, kind, cache_dir, data_in in (
         ("plain", "none", "", batch),

@@ -18,10 +18,11 @@ from timing import fmt, ratio, xla_flops
 
 import deit_jax
 from deit_jax import config as deit_config
-from deit_jax import optim, steps
-from deit_jax import teacher as teacher_cache
 from deit_jax.jit import jit
 from deit_jax.models import model_options
+from deit_jax.teacher.forward import teacher_logits
+from deit_jax.train import optim, steps
+from deit_jax.train.state import init_state
 
 
 def tables(bench: Any) -> str:
@@ -64,11 +65,7 @@ def _table(bench: Any, batch: int) -> str:
     }
     t_vars = jit(lambda: meta.unbox(teacher.init(jax.random.key(1), images[:1], train=False)))()
     t_vars = {k: v for k, v in t_vars.items() if k != "intermediates"}
-    top = jit(
-        lambda v, x: jax.lax.top_k(
-            jax.nn.log_softmax(teacher_cache.teacher_logits(teacher, v, x)), topk
-        )
-    )
+    top = jit(lambda v, x: jax.lax.top_k(jax.nn.log_softmax(teacher_logits(teacher, v, x)), topk))
     logp, index = top(t_vars, images)
     # What the cache reader puts in a batch (float16 storage, read back as float32).
     cached_batch = {
@@ -77,7 +74,7 @@ def _table(bench: Any, batch: int) -> str:
         "teacher_index": index,
     }
 
-    init = jit(lambda: steps.init_state(student, tx, jax.random.key(0), ema=True))
+    init = jit(lambda: init_state(student, tx, jax.random.key(0), ema=True))
     fns, flops = {}, {}
     for name, kind, cache_dir, data_in in (
         ("none", "none", "", batch_data),
@@ -126,8 +123,8 @@ def _table(bench: Any, batch: int) -> str:
     ]
     lines = [
         f"Student {student_name}, teacher {teacher_name} (frozen, eval mode, stop_gradient), "
-        f"{precision}, batch {batch}, `deit_jax.steps.make_train_step` (AdamW + EMA); cached: "
-        f"the same step fed the teacher's top-{topk} (float16 storage) from the batch.",
+        f"{precision}, batch {batch}, `deit_jax.train.steps.make_train_step` (AdamW + EMA); "
+        f"cached: the same step fed the teacher's top-{topk} (float16 storage) from the batch.",
         "",
         "| step | img/s | ms | x time | x FLOPs (XLA, step) | x FLOPs (3 S + T) / 3 S "
         "| deit_jax / timm distillation (img/s) |",
@@ -190,7 +187,7 @@ def cache_writer_fns(teacher, t_vars, images, top, topk) -> dict[str, Callable]:
 
     import tensorstore as ts
 
-    forward = jit(lambda v, x: teacher_cache.teacher_logits(teacher, v, x))
+    forward = jit(lambda v, x: teacher_logits(teacher, v, x))
     batch = images.shape[0]
     directory = tempfile.mkdtemp(prefix="deit_jax_bench_cache_")
     spec = {

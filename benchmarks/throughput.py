@@ -7,8 +7,9 @@ Prints Markdown tables:
    precision (JAX: bf16 compute with float32 parameters; PyTorch: autocast bf16 on CPU, AMP on
    GPU) and thread count, with the ratio deit_jax / timm. Also the FLOPs XLA counts per image,
    the achieved TFLOP/s, the model FLOP utilisation (MFU, GPU only) and the peak memory.
-2. The distillation overhead: deit_jax's real train step (`deit_jax.steps.make_train_step`, with
-   EMA) for a distilled student, plain and with a frozen RegNetY teacher, against the FLOP ratio.
+2. The distillation overhead: deit_jax's real train step (`deit_jax.train.steps.make_train_step`,
+   with EMA) for a distilled student, plain and with a frozen RegNetY teacher, against the FLOP
+   ratio.
 3. How the step time grows with the batch size and with the resolution (224 -> 384), against the
    FLOP growth.
 
@@ -41,7 +42,6 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import timing  # benchmarks/timing.py: a script's own folder is on sys.path
@@ -65,45 +65,18 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax.core import meta  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distillation  # noqa: E402
-from timing import Runner, fmt, mib, ratio, set_threads, xla_bytes, xla_flops  # noqa: E402
+from model_steps import MODELS, Case, jax_model, jax_steps, timm_steps  # noqa: E402
+from timing import Runner, fmt, mib, ratio, set_threads  # noqa: E402
 
-import deit_jax  # noqa: E402
 from deit_jax.jit import compiler_options, jit  # noqa: E402
 
-MODELS = {
-    "Ti": "deit_tiny_patch16_224",
-    "S": "deit_small_patch16_224",
-    "B": "deit_base_patch16_224",
-}
-DTYPES = {"float32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfloat16)}
 # Dense peak TFLOP/s for MFU, by device kind substring and precision (fp32 rows: TF32 matmuls).
 PEAK_TFLOPS = {"H100": {"bf16": 989.4, "float32": 494.7}, "H200": {"bf16": 989.4, "float32": 494.7}}
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One measured configuration: a DeiT size at a resolution, precision and batch size."""
-
-    size: str  # key of MODELS
-    precision: str  # key of DTYPES
-    batch: int
-    res: int = 224
-    steps: tuple[str, ...] = ("train", "infer")
-    reps: int | None = None  # timed rounds; None: the preset's
-    attention: str | None = None  # deit_jax's model.attention ("xla" | "cudnn"; None: default)
-    remat: str | None = None  # deit_jax's model.remat (a jax.checkpoint_policies name)
-
-    @property
-    def label(self) -> str:
-        extra = [f"attention {self.attention}"] * bool(self.attention)
-        extra += [f"remat {self.remat}"] * bool(self.remat)
-        return f"DeiT-{self.size}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,121 +168,6 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# The two frameworks' steps.
-
-
-def jax_model(size: str, precision: str, res: int, overrides: dict[str, Any], **kernels: Any):
-    name = MODELS.get(size, size)
-    kernels = {k: v for k, v in kernels.items() if v is not None}  # attention, remat
-    return deit_jax.create_model(
-        name, img_size=res, dtype=DTYPES[precision][0], **overrides, **kernels
-    )
-
-
-@dataclasses.dataclass
-class JaxSteps:
-    fns: dict[str, Callable[[], Any]]
-    flops: dict[str, float | None]  # per step
-    plan_bytes: dict[str, int | None]
-
-
-def jax_steps(case: Case, preset: Preset, drop_path: float, seed: int = 0) -> JaxSteps:
-    """Compiled deit_jax train and inference steps on fixed random data."""
-    model = jax_model(
-        case.size,
-        case.precision,
-        case.res,
-        preset.model_overrides,
-        attention=case.attention,
-        remat=case.remat,
-    )
-    model = model.clone(drop_path_rate=drop_path)
-    rng = np.random.default_rng(seed)
-    images = jnp.asarray(rng.normal(size=(case.batch, case.res, case.res, 3)).astype(np.float32))
-    labels = jnp.asarray(rng.integers(0, model.num_classes, size=(case.batch,)).astype(np.int32))
-    params = jit(lambda: meta.unbox(model.init(jax.random.key(seed), images[:1])["params"]))()
-    tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
-    key = jax.random.key(seed + 1)
-
-    def loss_fn(params, images, labels, key):
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-        return loss.mean()
-
-    def train_step(params, opt_state, images, labels, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    def infer(params, images):
-        return model.apply({"params": params}, images, train=False)
-
-    state = {"params": params, "opt": jit(tx.init)(params)}
-    fns, flops, plan = {}, {}, {}
-    if "train" in case.steps:
-        lowered = jit(train_step, donate_argnums=(0, 1)).lower(
-            state["params"], state["opt"], images, labels, key
-        )
-        compiled = lowered.compile()
-        flops["train"], plan["train"] = xla_flops(lowered), xla_bytes(compiled)
-
-        def run_train():
-            state["params"], state["opt"], loss = compiled(
-                state["params"], state["opt"], images, labels, key
-            )
-            loss.block_until_ready()
-
-        fns["train"] = run_train
-    if "infer" in case.steps:
-        lowered = jit(infer).lower(state["params"], images)
-        compiled_infer = lowered.compile()
-        flops["infer"], plan["infer"] = xla_flops(lowered), xla_bytes(compiled_infer)
-        fns["infer"] = lambda: compiled_infer(state["params"], images).block_until_ready()
-    return JaxSteps(fns, flops, plan)
-
-
-def timm_steps(case: Case, preset: Preset, drop_path: float, device: str, seed: int = 0):
-    """timm train and inference steps: eager, fused AdamW, autocast for bf16."""
-    torch.manual_seed(seed)
-    overrides = dict(preset.model_overrides)
-    model = timm.create_model(
-        MODELS[case.size],
-        pretrained=False,
-        img_size=case.res,
-        drop_path_rate=drop_path,
-        **overrides,
-    ).to(device)
-    rng = np.random.default_rng(seed)
-    images = torch.from_numpy(
-        rng.normal(size=(case.batch, 3, case.res, case.res)).astype(np.float32)
-    )
-    images = images.to(device)
-    labels = torch.from_numpy(rng.integers(0, model.num_classes, size=(case.batch,))).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
-    bf16 = case.precision == "bf16"
-    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def train():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        opt.step()
-        sync()
-
-    def infer():
-        model.eval()
-        with torch.inference_mode(), autocast():
-            model(images)
-        sync()
-
-    return {"train": train, "infer": infer}
-
-
-# ---------------------------------------------------------------------------------------------
 # Tables.
 
 
@@ -349,10 +207,10 @@ class Bench:
             return
         case = dataclasses.replace(case, steps=tuple(todo), reps=case.reps or reps)
         t0 = time.perf_counter()
-        js = jax_steps(case, self.preset, self.args.drop_path)
+        js = jax_steps(case, self.preset.model_overrides, self.args.drop_path)
         fns = {f"jax-{k}": v for k, v in js.fns.items()}
         if not self.args.no_timm:
-            ts = timm_steps(case, self.preset, self.args.drop_path, self.device)
+            ts = timm_steps(case, self.preset.model_overrides, self.args.drop_path, self.device)
             fns.update({f"timm-{k}": ts[k] for k in todo})
         res = self.runner.measure(fns, case.reps)
         for step in todo:

@@ -107,11 +107,8 @@ class Runner:
             results[key].memory = self._peak_memory(key, before)
             for _ in range(self.warmup - 1):
                 fn()
-        for _ in range(reps or self.reps):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                results[key].seconds.append(time.perf_counter() - start)
+        for key, seconds in interleaved(fns, reps or self.reps).items():
+            results[key].seconds = seconds
         return results
 
     def _reset_memory(self, key: str) -> int:
@@ -132,6 +129,18 @@ class Runner:
 
             return torch.cuda.max_memory_allocated()
         return None  # JAX's device peak is process-wide; the table gives XLA's plan instead
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each (warmed-up) function, called in turn round after round, so that
+    load from elsewhere on a shared machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def malloc_trim() -> None:

@@ -1,6 +1,6 @@
-r"""The brief's CLIP loop: distil CLIP ViT-B/32's zero-shot predictions into a DeiT, KL only.
+r"""A KL-only CLIP loop: distil CLIP ViT-B/32's zero-shot predictions into a DeiT.
 
-  # 1. one download, on a machine with network: the brief's model, as transformers stores it
+  # 1. one download, on a machine with network: OpenAI's ViT-B/32, as transformers stores it
   huggingface-cli download openai/clip-vit-base-patch32 --local-dir /ckpt/clip-vit-base-patch32
   #    (or: python -c "from transformers import CLIPModel, CLIPProcessor as P;
   #     m, d = 'openai/clip-vit-base-patch32', '/ckpt/clip-vit-base-patch32';
@@ -28,12 +28,13 @@ r"""The brief's CLIP loop: distil CLIP ViT-B/32's zero-shot predictions into a D
 (`teacher.checkpoint` may also be the transformers directory of step 1 itself, or an open_clip /
 OpenAI file: they are read the same way, only converted on every start.)
 
-The recipe, as the brief writes it: teacher logits = CLIP's `logits_per_image` for one prompt
+The recipe, the usual transformers loop of `CLIPModel` + `CLIPProcessor` with a KL loss: teacher
+logits = CLIP's `logits_per_image` for one prompt
 set per class (`teacher.prompts=openai`: the 80 templates of CLIP's ImageNet evaluation,
 averaged into one text embedding per class; open_clip's curated ImageNet class names); loss =
 `F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean")` alone (soft,
 `kl_reduction=batchmean`, alpha 1: no label term; T = 1, and `tau_squared=False`: no Hinton
-T^2 factor, so the term is the brief's for any T); Adam at lr 1e-5 (weight decay 0, no warmup,
+T^2 factor, so the term is that `F.kl_div` for any T); Adam at lr 1e-5 (weight decay 0, no warmup,
 constant: min_lr = lr, not scaled with the batch); batch 32. A plain DeiT-Ti student (no
 distillation token: with alpha 1 a distilled model's class head would never train). Light
 augmentation (random resized crop, flip; no RandAugment, erasing or mixup); the teacher sees
@@ -69,7 +70,7 @@ def get_config(epochs: str = "10"):
     c.distillation.kl_reduction = "batchmean"
     c.distillation.alpha = 1.0
     c.distillation.tau = 1.0
-    c.distillation.tau_squared = False  # the brief's F.kl_div, for any T (equal at T = 1)
+    c.distillation.tau_squared = False  # the loop's plain F.kl_div, for any T (equal at T = 1)
     c.data.name = "imagenet2012"
     c.data.crop_pct = 1.0
     c.data.repeated_aug = 1
@@ -84,7 +85,7 @@ def get_config(epochs: str = "10"):
     c.num_epochs = float(epochs)
     c.optim.lr = 1e-5
     c.optim.unscale_lr = True
-    c.optim.min_lr = 1e-5  # constant, as the brief's plain Adam
+    c.optim.min_lr = 1e-5  # constant, as the loop's plain Adam
     c.optim.warmup_epochs = 0.0
     c.optim.weight_decay = 0.0
     c.optim.ema_decay = 0.0

@@ -1,17 +1,24 @@
-"""Import-order workarounds for the libraries deit_jax sits between.
+"""Import-order workarounds for the libraries deit_jax sits between, and lazy package names.
 
 TensorFlow (used only by the input pipeline) and torchvision (pulled in by timm, used only by the
 PyTorch interop) crash the interpreter with a segmentation fault when TensorFlow is imported
 first in the same process. Every TensorFlow import in deit_jax goes through `import_tensorflow`,
 which imports torchvision first when it is installed, so any import order of deit_jax modules is
 safe.
+
+A package that offers its submodules' main names (`deit_jax.create_model`,
+`deit_jax.train.train_and_evaluate`, ...) imports them on first use (`lazy_names`), so that
+importing one light submodule does not load JAX, TensorFlow or TensorStore with the others.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 
 def import_tensorflow() -> ModuleType:
@@ -35,3 +42,15 @@ def import_torch() -> ModuleType:
             "interop extra: pip install 'deit_jax[torch]' (or use a .safetensors file)."
         ) from e
     return torch
+
+
+def lazy_names(package: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module-level `__getattr__` for `package` that imports `names` (name -> the submodule
+    that defines it, relative to `package`) on first use."""
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -3,10 +3,16 @@
 `python -m deit_jax.main` prints a `UserError` as one `error: ...` line (exit code 2 for a
 `ConfigError`, 1 for the others) and lets any other exception, a bug, show its traceback. Each
 class also derives from the builtin exception that callers caught before it existed
-(`ValueError`, `FileNotFoundError`), so `except ValueError` keeps working.
+(`ValueError`, `FileNotFoundError`), so `except ValueError` keeps working. `Preempted` is no
+error: a run stopped by SIGTERM after saving its checkpoint (exit code 0).
 """
 
 from __future__ import annotations
+
+
+class Preempted(Exception):
+    """SIGTERM stopped a run after saving a checkpoint (not an error: running the same command
+    again resumes from it)."""
 
 
 class UserError(Exception):
@@ -31,6 +37,11 @@ class DataNotFoundError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError, ValueError):
     """Weights or checkpoints that cannot be read, or do not fit the model that loads them."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """Stored arrays that do not fit the model or config that loads them (all problems listed at
+    once): an Orbax training checkpoint, a PyTorch state dict or a weights directory."""
 
 
 class WeightsNotFoundError(UserError, FileNotFoundError):

@@ -3,7 +3,8 @@
 On the CPU, XLA hands dots and convolutions to YNNPACK by default
 (`xla_cpu_experimental_ynn_fusion_type`). On this project's 2-core machines XLA's own (Eigen)
 kernels run them faster: the RegNetY-16GF teacher forward 15-30% (its convolutions, grouped ones
-4-5x), a DeiT-Ti train step 8-11% (benchmarks/NOTES.md, attempt 19). `jit` therefore compiles
+4-5x), a DeiT-Ti train step 8-11% (measured per operation and per whole step, each setting in a
+process of its own: benchmarks/NOTES.md, "The convnet teacher on CPU"). `jit` therefore compiles
 with YNNPACK fusions off on the CPU, per compilation, so nothing outside deit_jax's own
 functions changes. GPU and TPU compile with XLA's defaults.
 

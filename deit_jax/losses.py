@@ -1,6 +1,8 @@
 """Training losses (the reference `DistillationLoss` and its base criteria) and eval metrics.
 
-Pure `jnp` functions of logits, safe under `jax.jit`. Logits may be bfloat16 (mixed-precision
+Pure `jnp` functions of logits, safe under `jax.jit`, with no other deit_jax import: the config
+rules (`deit_jax.config.rules`) take the names they accept from the tuples below, the train and
+eval steps (`deit_jax.train.steps`) call the functions. Logits may be bfloat16 (mixed-precision
 training); every loss is computed in float32 and returns a float32 scalar.
 """
 
@@ -67,11 +69,11 @@ def label_smoothing_cross_entropy(
 
 
 def check_kl_reduction(kl_reduction: str) -> None:
+    """The soft term's reduction must be one of `KL_REDUCTIONS` (the config rules accept those)."""
     if kl_reduction not in KL_REDUCTIONS:
         raise ValueError(
-            f"Unknown kl_reduction {kl_reduction!r}; set config.distillation.kl_reduction to "
-            "'numel' (the DeiT reference: summed KL / (batch x classes)) or 'batchmean' "
-            "(Hinton's KD and timm's tasks: summed KL / batch)."
+            f"Unknown kl_reduction {kl_reduction!r}: use 'numel' (the DeiT reference: summed KL "
+            "/ (batch x classes)) or 'batchmean' (Hinton's KD and timm's tasks: summed KL / batch)."
         )
 
 
@@ -242,7 +244,7 @@ def feature_distillation_loss(
         raise ValueError(
             f"Student features {student_features.shape} and teacher features "
             f"{teacher_features.shape} differ in shape: project the student's features to the "
-            "teacher's width (deit_jax.distill.Projection)."
+            "teacher's width (deit_jax.teacher.feature.Projection)."
         )
     teacher_features = jax.lax.stop_gradient(jnp.asarray(teacher_features, jnp.float32))
     student_features = jnp.asarray(student_features, jnp.float32)

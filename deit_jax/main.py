@@ -5,13 +5,13 @@ Any config value can be overridden on the command line, e.g.
 resumes from the latest checkpoint in DIR. `--config.mode=eval` evaluates the latest checkpoint
 (or `--config.init_from` weights). `--config.mode=teacher_cache` writes the teacher's outputs over
 the run's exact batches into DIR, for training runs with `--config.teacher.cache=DIR`
-(deit_jax/teacher/cache.py).
+(deit_jax/teacher/cache/).
 
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,
 which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the explicit
 `--coordinator_address`, `--num_processes` and `--process_id` flags.
 
-The config is checked as a whole before anything slow starts (`deit_jax/validation.py`). Exit
+The config is checked as a whole before anything slow starts (`deit_jax/config/rules.py`). Exit
 codes: 0 finished, or stopped by SIGTERM after saving a checkpoint (rerun to resume); 2 a bad
 config or command line (one `error: config.<key>=<value>: ...` line per problem); 1 a data,
 checkpoint or weights problem or diverged training (one `error: ...` line), or a bug (its
@@ -27,6 +27,9 @@ import sys
 
 # Before anything imports TensorFlow: its C++ start-up messages are not for deit_jax's users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# On AVX-512 CPUs TensorFlow turns its oneDNN custom operations on by itself and says so past
+# TF_CPP_MIN_LOG_LEVEL; the input pipeline's image ops give the same numbers without them.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 _STARTUP = {"workdir": None, "defaults": {}}
 
 
@@ -53,6 +56,7 @@ if __name__ == "__main__":  # As early as possible: the imports below take secon
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
 import difflib  # noqa: E402
+import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
@@ -61,8 +65,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from deit_jax import validation  # noqa: E402
-from deit_jax.errors import ConfigError, UserError  # noqa: E402
+from deit_jax.config import rules  # noqa: E402
+from deit_jax.errors import ConfigError, Preempted, UserError  # noqa: E402
 
 log = logging.getLogger("deit_jax.main")
 
@@ -105,7 +109,8 @@ def _check_override_keys(argv: list[str]) -> None:
                     f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
                 )
                 print(
-                    f"error: unknown config key --config.{key}.{hint} See deit_jax/config.py.",
+                    f"error: unknown config key --config.{key}.{hint} See "
+                    "deit_jax/config/defaults.py.",
                     file=sys.stderr,
                 )
                 sys.exit(2)
@@ -133,7 +138,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             default = _STARTUP["defaults"].get(key)
             wanted = f"of type {type(default).__name__}" if default is not None else "of its type"
             _refuse([f"config.{key}={value!r}: must be {wanted} (it does not parse: {why}); see "
-                     "deit_jax/config.py"])  # fmt: skip
+                     "deit_jax/config/defaults.py"])  # fmt: skip
         print(f"error: {e} (see --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -174,8 +179,12 @@ def main(argv: list[str]) -> None:
     _STARTUP["workdir"] = os.path.abspath(workdir)
     try:
         # Before anything slow (TensorFlow, data sets, models, compilation).
-        validation.check_config(
-            config, num_devices=jax.device_count(), num_processes=jax.process_count()
+        # The quickstart trains the teacher its distillation stages use: none is given.
+        rules.check_config(
+            config,
+            num_devices=jax.device_count(),
+            num_processes=jax.process_count(),
+            teacher_from_run=config.mode == "quickstart",
         )
     except ConfigError as e:
         _refuse(e.problems)
@@ -185,22 +194,9 @@ def main(argv: list[str]) -> None:
         jax.process_count(), _STARTUP["workdir"],
     )  # fmt: skip
 
-    from deit_jax import train
-
     try:
-        if config.mode == "train":
-            train.train_and_evaluate(config, workdir)
-        elif config.mode == "eval":
-            train.evaluate(config, workdir)
-        elif config.mode == "teacher_cache":
-            from deit_jax.teacher import cache
-
-            cache.write_cache(config, workdir)
-        else:
-            from deit_jax import quickstart
-
-            quickstart.run(config, workdir)
-    except train.Preempted:
+        _job(config.mode)(config, workdir)
+    except Preempted:
         sys.exit(0)  # a clean stop: the checkpoint is written, the same command resumes
     except ConfigError as e:
         _refuse(e.problems)
@@ -209,6 +205,21 @@ def main(argv: list[str]) -> None:
         # change, and a traceback would bury them. Any other exception is a bug: traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+# What each `config.mode` runs: imported once the config is checked (the check must not wait
+# for TensorFlow and the models).
+JOBS = {
+    "train": ("deit_jax.train.loop", "train_and_evaluate"),
+    "eval": ("deit_jax.train.evaluation", "evaluate"),
+    "teacher_cache": ("deit_jax.teacher.cache.write", "write_cache"),
+    "quickstart": ("deit_jax.experiments.quickstart", "run"),
+}
+
+
+def _job(mode: str):
+    module, name = JOBS[mode]
+    return getattr(importlib.import_module(module), name)
 
 
 def run() -> None:

@@ -17,28 +17,19 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deit_jax.errors import ConfigError
-
 DATA_AXES = ("data", "fsdp")
 
 
 def create_mesh(
     config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A ('data', 'fsdp') mesh over all devices; `config.data = -1` takes what fsdp leaves."""
+    """A ('data', 'fsdp') mesh over all devices; `config.data = -1` takes what fsdp leaves.
+
+    `config` is `config.mesh`, whose values the config rules (`deit_jax.config.rules`) checked.
+    """
     devices = list(jax.devices() if devices is None else devices)
     fsdp = int(config.fsdp)
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ConfigError(
-            f"mesh.fsdp={fsdp} must be >= 1 and divide the {len(devices)} devices; "
-            "set --config.mesh.fsdp to a divisor."
-        )
     data = len(devices) // fsdp if config.data == -1 else int(config.data)
-    if data * fsdp != len(devices):
-        raise ConfigError(
-            f"mesh.data={config.data} x mesh.fsdp={fsdp} != {len(devices)} devices; "
-            "use --config.mesh.data=-1 to take all the remaining devices."
-        )
     return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
 
 

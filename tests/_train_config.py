@@ -60,12 +60,12 @@ def save_random_teacher(path: str, img_size: int = 16) -> str:
     import jax
     import jax.numpy as jnp
 
-    from deit_jax import checkpoint
     from deit_jax.models import create_model
+    from deit_jax.weights.directory import save_variables
 
     overrides = {"num_classes": 10, "img_size": img_size}
     model = create_model("cnn_small", **overrides)
     images = jnp.zeros((1, img_size, img_size, 3))
     variables = nn.meta.unbox(model.init(jax.random.key(7), images))
-    checkpoint.save_variables(path, variables, model_name="cnn_small", model_overrides=overrides)
+    save_variables(path, variables, model_name="cnn_small", model_overrides=overrides)
     return path

@@ -19,6 +19,7 @@ from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from deit_jax import config as config_lib
+from deit_jax.config import rules
 from deit_jax.data import augment
 
 tf = augment.tf
@@ -261,30 +262,37 @@ def test_random_erasing_modes():
         augment.random_erasing(x, seed, prob=1.0, mode="noise")
 
 
+def test_a_bad_randaugment_string_is_refused_where_it_is_parsed():
+    with pytest.raises(ValueError, match="Unknown key"):
+        augment.train_preprocess(
+            tf.zeros([8, 8, 3], tf.uint8),
+            tf.constant([0, 0]),
+            size=8,
+            config=augment_config(randaugment="rand-q3"),
+        )
+
+
 @pytest.mark.parametrize(
-    "overrides, message",
+    "key, value, message",
     [
-        (dict(interpolation="lanczos"), "interpolation"),
-        (dict(remode="noise"), "remode"),
-        (dict(scale=(0.5, 0.1)), "scale"),
-        (dict(randaugment="rand-q3"), "Unknown key"),
+        ("interpolation", "lanczos", "must be 'bicubic', 'bilinear' or 'random'"),
+        ("remode", "noise", "must be 'pixel', 'rand' or 'const'"),
+        ("scale", (0.5, 0.1), "must be (min, max) with 0 < min <= max"),
+        ("ratio", (2.0, 0.5), "must be (min, max) with 0 < min <= max"),
     ],
 )
-def test_bad_config_raises(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        augment.train_preprocess(
-            tf.zeros([8, 8, 3], tf.uint8),
-            tf.constant([0, 0]),
-            size=8,
-            config=augment_config(**overrides),
-        )
+def test_bad_augment_values_are_refused_by_the_config_rules(key, value, message):
+    # The augmentation's values are checked where every config value is, before any work.
+    config = config_lib.base_config()
+    config.augment[key] = value
+    (problem,) = rules.problems(config, num_devices=1)
+    assert problem.startswith(f"config.augment.{key}=") and message in problem, problem
 
 
-def test_missing_config_key_raises():
-    with pytest.raises(ValueError, match="lacks"):
-        augment.train_preprocess(
-            tf.zeros([8, 8, 3], tf.uint8),
-            tf.constant([0, 0]),
-            size=8,
-            config=ml_collections.ConfigDict({"scale": (0.08, 1.0)}),
-        )
+def test_a_section_without_its_keys_is_refused_by_the_config_rules():
+    config = config_lib.base_config()
+    with config.unlocked():
+        config.augment = ml_collections.ConfigDict({"scale": (0.08, 1.0)})
+    (problem,) = rules.problems(config, num_devices=1)
+    assert problem.startswith("config.augment={") and "lacks color_jitter, hflip" in problem
+    assert "base_config()" in problem

@@ -15,12 +15,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deit_jax.checkpoint import (
-    CheckpointMismatchError,
-    TrainCheckpointer,
-    load_variables,
-    save_variables,
-)
+from deit_jax.errors import CheckpointMismatchError
+from deit_jax.train.checkpoint import TrainCheckpointer
+from deit_jax.weights.directory import load_variables, save_variables
 
 
 @pytest.fixture(scope="module")

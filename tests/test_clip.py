@@ -27,7 +27,10 @@ from deit_jax.models import (  # noqa: E402
     list_models,
     pooled_features,
 )
-from deit_jax.teacher import clip as clip_teacher  # noqa: E402
+from deit_jax.teacher.clip.head import zero_shot_head  # noqa: E402
+from deit_jax.teacher.clip.tokenizer import load_tokenizer  # noqa: E402
+from deit_jax.weights import clip as clip_weights  # noqa: E402
+from deit_jax.weights import load  # noqa: E402
 
 # --------------------------------------------------------------------------- parity
 
@@ -240,11 +243,11 @@ def test_registered_and_interface(small):
 def test_parity_with_open_clip_and_transformers(case):
     """encode_image, encode_text and logits_per_image within 1e-5 (relative L2) of both
     libraries; open_clip's weights converted in memory, transformers' from its directory."""
-    ids = clip_teacher.load_tokenizer(case.hf_dir)(PROMPTS)
+    ids = load_tokenizer(case.hf_dir)(PROMPTS)
     oc_ids = open_clip.get_tokenizer("ViT-B-32")(PROMPTS).numpy().astype(np.int32)
     oc_vars = case.oc_vars
     check_parity(case, oc_vars, oc_ids, "open_clip")
-    hf_vars, overrides = convert.load_with_overrides(case.hf_dir, "clip_vit_b32")
+    hf_vars, overrides = load.load_with_overrides(case.hf_dir, "clip_vit_b32")
     assert {k: overrides[k] for k in case.overrides} == case.overrides
     check_parity(case, hf_vars, ids, "transformers")
     if case.full_size:
@@ -254,7 +257,7 @@ def test_parity_with_open_clip_and_transformers(case):
     case.oc.load_state_dict(oc_state, strict=True)
     for key, value in case.oc.state_dict().items():
         assert torch.equal(oc_state[key], value), key
-    hf_state = convert.convert_clip.flax_to_hf(hf_vars)
+    hf_state = clip_weights.flax_to_hf(hf_vars)
     case.hf.load_state_dict(hf_state, strict=True)
     for key, value in case.hf.state_dict().items():
         assert torch.equal(hf_state[key], value), key
@@ -267,14 +270,14 @@ def test_token_ids_equal_the_reference_tokenizers(small):
     """load_tokenizer gives the directory's own CLIPTokenizer ids, and open_clip's for a file;
     the two agree up to the padding after the end-of-text token (49407 against 0)."""
     texts = [*PROMPTS, "a " * 100 + "dog"]  # the last is truncated to 77 ids
-    hf_ids = clip_teacher.load_tokenizer(small.hf_dir)(texts)
+    hf_ids = load_tokenizer(small.hf_dir)(texts)
     reference = transformers.CLIPTokenizer.from_pretrained(small.hf_dir)(
         texts, padding="max_length", max_length=77, truncation=True
     )["input_ids"]
     assert hf_ids.dtype == np.int32 and hf_ids.shape == (5, 77)
     np.testing.assert_array_equal(hf_ids, np.asarray(reference))
     weights_file = os.path.join(small.hf_dir, "model.safetensors")
-    oc_ids = clip_teacher.load_tokenizer(weights_file)(texts)
+    oc_ids = load_tokenizer(weights_file)(texts)
     np.testing.assert_array_equal(oc_ids, open_clip.tokenize(texts).numpy())
     after_eot = np.arange(77) > np.argmax(oc_ids, axis=1)[:, None]
     np.testing.assert_array_equal(np.where(after_eot, 0, hf_ids), oc_ids)
@@ -288,15 +291,13 @@ def test_zero_shot_head_equals_open_clips_classifier(small):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
     names = list(IMAGENET_CLASSNAMES[:7])
-    tokenize = clip_teacher.load_tokenizer(os.path.join(small.hf_dir, "model.safetensors"))
+    tokenize = load_tokenizer(os.path.join(small.hf_dir, "model.safetensors"))
     for templates in (OPENAI_IMAGENET_TEMPLATES[:5], ("a photo of a {}.", "itap of the {}")):
         with torch.no_grad():
             expected = build_zero_shot_classifier(
                 small.oc, open_clip.get_tokenizer("ViT-B-32"), names, templates
             ).numpy()
-        got = clip_teacher.zero_shot_head(
-            small.model, small.oc_vars, names, templates, tokenize, batch_size=8
-        )
+        got = zero_shot_head(small.model, small.oc_vars, names, templates, tokenize, batch_size=8)
         assert got.dtype == np.float32 and got.shape == (SMALL_PARITY["embed_dim"], 7)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
         np.testing.assert_allclose(np.linalg.norm(got, axis=0), 1.0, rtol=1e-6)

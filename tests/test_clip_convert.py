@@ -1,4 +1,4 @@
-"""CLIP weights from disk (deit_jax.convert, convert_clip, torchscript_weights): every file format,
+"""CLIP weights from disk (deit_jax.weights: clip, hf_clip, torchscript): every file format,
 the overrides a file implies, the command line, and refusals (a pickle that runs code).
 
 All on one small random open_clip model (QuickGELU, 2 x 128 towers), converted in memory as the
@@ -22,10 +22,13 @@ open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-from deit_jax import checkpoint, convert, convert_clip  # noqa: E402
+from deit_jax import convert  # noqa: E402
 from deit_jax.errors import CheckpointError  # noqa: E402
-from deit_jax.teacher import clip as clip_teacher  # noqa: E402
-from deit_jax.teacher import load_weights  # noqa: E402
+from deit_jax.teacher.clip.tokenizer import load_tokenizer  # noqa: E402
+from deit_jax.weights import clip as clip_weights  # noqa: E402
+from deit_jax.weights import hf_clip, load  # noqa: E402
+from deit_jax.weights.directory import load_variables  # noqa: E402
+from deit_jax.weights.load import load_weights  # noqa: E402
 
 NAME = "clip_vit_b32"
 SIZE = dict(
@@ -54,11 +57,11 @@ def reference():
 
 
 def test_hf_defaults_are_transformers_defaults():
-    """config.json from save_pretrained leaves out default values: convert_clip fills them in."""
+    """config.json from save_pretrained leaves out default values: weights.hf_clip fills them in."""
     config = transformers.CLIPConfig().to_dict()
-    assert config["projection_dim"] == convert_clip.HF_DEFAULTS["projection_dim"]
+    assert config["projection_dim"] == hf_clip.HF_DEFAULTS["projection_dim"]
     for tower in ("text_config", "vision_config"):
-        for key, value in convert_clip.HF_DEFAULTS[tower].items():
+        for key, value in hf_clip.HF_DEFAULTS[tower].items():
             assert config[tower][key] == value, (tower, key)
 
 
@@ -72,7 +75,7 @@ def test_every_open_clip_file_format(reference, tmp_path, caplog):
     torch.save({"epoch": 3, "state_dict": wrapped}, tmp_path / "epoch_3.pth")
     for name in ("w.safetensors", "w.bin", "epoch_3.pth"):
         caplog.clear()
-        overrides = convert.inferred_overrides(tmp_path / name, NAME)
+        overrides = load.inferred_overrides(tmp_path / name, NAME)
         assert overrides == {**SIZE, "quick_gelu": False}
         assert "does not say which activation" in caplog.text
         variables = convert.load_torch_checkpoint(tmp_path / name, NAME, quick_gelu=True)
@@ -82,7 +85,7 @@ def test_every_open_clip_file_format(reference, tmp_path, caplog):
     hub.mkdir()
     save_file(state, str(hub / "open_clip_model.safetensors"))
     (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
-    variables, overrides = convert.load_with_overrides(hub / "open_clip_model.safetensors", NAME)
+    variables, overrides = load.load_with_overrides(hub / "open_clip_model.safetensors", NAME)
     assert overrides == {**SIZE, "quick_gelu": True}
     same(variables, expected)
 
@@ -94,10 +97,10 @@ def test_openai_torchscript_archive_is_read_as_data(reference, tmp_path):
     torch.jit.save(torch.jit.script(model), str(tmp_path / "ViT-B-32.pt"))
     with pytest.raises(Exception, match="TorchScript"):  # what torch.load itself says
         torch.load(tmp_path / "ViT-B-32.pt", weights_only=True)
-    variables, overrides = convert.load_with_overrides(tmp_path / "ViT-B-32.pt", NAME)
+    variables, overrides = load.load_with_overrides(tmp_path / "ViT-B-32.pt", NAME)
     assert overrides == {**SIZE, "quick_gelu": True}
     same(variables, expected)
-    assert convert_clip.is_hf_dir(tmp_path) is False
+    assert hf_clip.is_hf_dir(tmp_path) is False
 
     # The same archive with a data.pkl that would run a command: refused by name, nothing runs.
     marker = tmp_path / "MARKER"
@@ -137,7 +140,7 @@ def hf_model(tmp_path, reference) -> tuple[str, dict]:
         ),
     )  # fmt: skip
     model = transformers.CLIPModel(config)
-    model.load_state_dict(convert_clip.flax_to_hf(expected), strict=True)
+    model.load_state_dict(clip_weights.flax_to_hf(expected), strict=True)
     directory = str(tmp_path / "hf")
     model.save_pretrained(directory)
     from test_clip import write_tokenizer_files
@@ -164,7 +167,7 @@ def test_transformers_dir_cli_records_overrides_and_tokenizer(reference, tmp_pat
 
     out = tmp_path / "converted"
     convert.main(["--checkpoint", directory, "--model", NAME, "--output", str(out)])
-    variables, metadata = checkpoint.load_variables(out)
+    variables, metadata = load_variables(out)
     assert metadata == {"model_name": NAME, "model_overrides": {**SIZE, "quick_gelu": True}}
     same(variables, expected)
     assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(
@@ -172,10 +175,10 @@ def test_transformers_dir_cli_records_overrides_and_tokenizer(reference, tmp_pat
     )
     texts = ["a photo of a dog.", "itap of the Golden Retriever"]
     np.testing.assert_array_equal(
-        clip_teacher.load_tokenizer(str(out))(texts),
-        clip_teacher.load_tokenizer(directory)(texts),
+        load_tokenizer(str(out))(texts),
+        load_tokenizer(directory)(texts),
     )
-    assert (clip_teacher.load_tokenizer(str(out))(texts)[:, -1] == 49407).all()  # its padding
+    assert (load_tokenizer(str(out))(texts)[:, -1] == 49407).all()  # its padding
 
 
 def test_cli_on_a_torchscript_file_and_an_explicit_activation(reference, tmp_path):
@@ -191,7 +194,7 @@ def test_cli_on_a_torchscript_file_and_an_explicit_activation(reference, tmp_pat
     assert not (out / "tokenizer").exists()
     texts = ["a photo of a dog."]
     np.testing.assert_array_equal(
-        clip_teacher.load_tokenizer(str(out))(texts), open_clip.tokenize(texts).numpy()
+        load_tokenizer(str(out))(texts), open_clip.tokenize(texts).numpy()
     )
     # --no-quick-gelu wins over what the format implies.
     convert.main(

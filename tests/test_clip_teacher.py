@@ -1,4 +1,4 @@
-"""CLIP as a zero-shot teacher: the brief's loss, live and cached runs, label-free data, the head.
+"""CLIP as a zero-shot teacher: the KL-only loss, live and cached runs, label-free data, the head.
 
 Every run is the tiny config of tests/_train_config.py (digits at 16x16, batch 32, 8 steps)
 with a small random CLIP teacher saved as a user would have it: an open_clip state dict
@@ -21,10 +21,14 @@ import numpy as np
 import pytest
 from _train_config import tiny_config
 
-from deit_jax import convert, losses, prompts, train, validation
+from deit_jax import convert, losses, train
+from deit_jax.config import rules
+from deit_jax.data import labels
 from deit_jax.errors import ConfigError
-from deit_jax.metrics import read_jsonl
-from deit_jax.teacher import cache, zero_shot
+from deit_jax.teacher import cache
+from deit_jax.teacher.build import build_teacher
+from deit_jax.teacher.clip import zero_shot
+from deit_jax.train.metrics import read_jsonl
 
 STEPS = 8
 TEMPLATES = ("a photo of the number {}.", "a blurry drawing of a {}.")
@@ -91,33 +95,33 @@ def train_losses(workdir):
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-# --------------------------------------------------------------------------- the brief's loss
+# --------------------------------------------------------------------------- the KL-only loss
 
 
 @pytest.mark.parametrize("tau", [1.0, 4.0])
-def test_the_soft_batchmean_term_is_the_briefs_kl_div(tau):
+def test_the_soft_batchmean_term_is_torchs_batchmean_kl_div(tau):
     import torch
     import torch.nn.functional as F
 
     rng = np.random.default_rng(0)
     s, t = (rng.normal(size=(6, 10)).astype(np.float32) * 3 for _ in range(2))
-    brief = F.kl_div(
+    kl_div = F.kl_div(
         F.log_softmax(torch.from_numpy(s) / tau, 1),
         F.softmax(torch.from_numpy(t) / tau, 1),
         reduction="batchmean",
     ).item()
     kw = dict(kind="soft", alpha=1.0, tau=tau, kl_reduction="batchmean", tau_squared=False)
     total, parts = losses.distillation_loss(s, None, t, np.zeros_like(s), **kw)
-    np.testing.assert_allclose([float(total), float(parts["distillation"])], brief, rtol=1e-6)
+    np.testing.assert_allclose([float(total), float(parts["distillation"])], kl_div, rtol=1e-6)
     # The default (Hinton, DeiT, timm) multiplies by T^2; the eval metric is the same term.
     hinton, _ = losses.distillation_loss(
         s, None, t, np.zeros_like(s), **{**kw, "tau_squared": True}
     )
-    np.testing.assert_allclose(float(hinton), brief * tau * tau, rtol=1e-6)
+    np.testing.assert_allclose(float(hinton), kl_div * tau * tau, rtol=1e-6)
     per_example = losses.soft_kl_per_example(
         s, t, tau=tau, kl_reduction="batchmean", tau_squared=False
     )
-    np.testing.assert_allclose(float(per_example.mean()), brief, rtol=1e-6)
+    np.testing.assert_allclose(float(per_example.mean()), kl_div, rtol=1e-6)
 
 
 def test_the_cosine_feature_loss_is_torchs():
@@ -205,8 +209,9 @@ def test_the_head_is_the_text_towers_and_the_logits_are_the_formula(
     import jax.numpy as jnp
 
     from deit_jax.models import create_model
-    from deit_jax.teacher import load_weights
-    from deit_jax.teacher.clip import load_tokenizer, zero_shot_head
+    from deit_jax.teacher.clip.head import zero_shot_head
+    from deit_jax.teacher.clip.tokenizer import load_tokenizer
+    from deit_jax.weights.load import load_weights
 
     workdir, _ = live_run
     head = np.load(os.path.join(workdir, "zero_shot_head", "head.npy"))
@@ -231,7 +236,7 @@ def test_the_head_is_the_text_towers_and_the_logits_are_the_formula(
     # Teacher logits: min(exp(logit_scale), 100) * normalise(encode_image(CLIP input)) @ W, the
     # CLIP input being the stream's images re-normalised and resized bicubically to 24 px.
     config = clip_config(data_dir, clip_weights, prompt_file)
-    teacher, teacher_vars = train.build_teacher(config, 10, workdir)
+    teacher, teacher_vars = build_teacher(config, 10, workdir)
     images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     mean, std = np.asarray(config.augment.mean), np.asarray(config.augment.std)
     pixels = np.asarray(images) * std + mean
@@ -247,7 +252,7 @@ def test_the_head_is_the_text_towers_and_the_logits_are_the_formula(
 def test_a_resume_reuses_the_saved_head(
     data_dir, clip_weights, prompt_file, live_run, tmp_path, monkeypatch
 ):
-    import deit_jax.teacher.clip as clip_module
+    from deit_jax.teacher.clip import head as clip_module
 
     source, _ = live_run
     workdir = str(tmp_path / "resumed")
@@ -375,7 +380,7 @@ def test_label_free_runs_are_refused_without_names_or_with_a_label_term(tmp_path
             "teacher.checkpoint": str(tmp_path),
         }
     )
-    found = validation.problems(config, num_devices=1)
+    found = rules.problems(config, num_devices=1)
     keys = [line.split("=", 1)[0] for line in found]
     assert keys == [
         "config.distillation.kind",
@@ -386,7 +391,7 @@ def test_label_free_runs_are_refused_without_names_or_with_a_label_term(tmp_path
     assert "set --config.distillation.alpha=1.0" in found[1]
     config.distillation.kind, config.distillation.alpha = "soft", 1.0
     config.teacher.class_names, config.data.eval_split = "cat,dog", "train[90%:]"
-    assert validation.problems(config, num_devices=1) == []
+    assert rules.problems(config, num_devices=1) == []
 
 
 # --------------------------------------------------------------------------- names and prompts
@@ -397,30 +402,30 @@ def test_class_names_come_from_the_data_set_or_the_config(tmp_path):
 
     wnids = ["n01440764", "n01443537", "n15075141"]  # ImageNet classes 0, 1, 999
     curated = open_clip.IMAGENET_CLASSNAMES
-    assert prompts.dataset_class_names("imagenette", wnids) == [
+    assert labels.dataset_class_names("imagenette", wnids) == [
         curated[0],
         curated[1],
         curated[999],
     ]
-    assert prompts.dataset_class_names("folder:/x", ["golden_retriever", "cat"]) == [
+    assert labels.dataset_class_names("folder:/x", ["golden_retriever", "cat"]) == [
         "golden retriever",
         "cat",
     ]
-    assert prompts.dataset_class_names("digits", [str(i) for i in range(10)])[3] == "3"
+    assert labels.dataset_class_names("digits", [str(i) for i in range(10)])[3] == "3"
     with pytest.raises(ValueError, match="only by their indices"):
-        prompts.dataset_class_names("imagenet_v2", [str(i) for i in range(1000)])
+        labels.dataset_class_names("imagenet_v2", [str(i) for i in range(1000)])
     with pytest.raises(ValueError, match="no class names"):
-        prompts.dataset_class_names("images:/x", None)
+        labels.dataset_class_names("images:/x", None)
     names = tmp_path / "names.txt"
     names.write_text("cat\n\ndog\n")
-    assert prompts.parse_class_names(str(names)) == ["cat", "dog"]
-    assert prompts.parse_class_names("cat, dog") == ["cat", "dog"]
+    assert labels.parse_class_names(str(names)) == ["cat", "dog"]
+    assert labels.parse_class_names("cat, dog") == ["cat", "dog"]
     for bad, match in (("cat", "at least 2"), ("cat,,dog", "empty"), ("cat,cat", "repeats")):
         with pytest.raises(ValueError, match=match):
-            prompts.parse_class_names(bad)
-    assert prompts.templates("openai")[0] == "a bad photo of a {}."
-    assert len(prompts.templates("openai")) == 80 and len(prompts.templates("simple")) == 7
+            labels.parse_class_names(bad)
+    assert labels.templates("openai")[0] == "a bad photo of a {}."
+    assert len(labels.templates("openai")) == 80 and len(labels.templates("simple")) == 7
     bad_templates = tmp_path / "t.txt"
     bad_templates.write_text("a photo of a {}.\na photo\n")
     with pytest.raises(ValueError, match="line 2 .*'a photo'.* has no"):
-        prompts.check_templates(str(bad_templates))
+        labels.check_templates(str(bad_templates))

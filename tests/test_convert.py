@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import deit_jax
-from deit_jax import checkpoint, convert
+from deit_jax import convert
+from deit_jax.errors import CheckpointMismatchError
+from deit_jax.weights.directory import load_variables
+from deit_jax.weights.state_dict import read_state_dict
+from deit_jax.weights.surgery import resize_pos_embed
 
 TINY = "deit_tiny_patch16_224"
 TINY_DISTILLED = "deit_tiny_distilled_patch16_224"
@@ -48,7 +52,7 @@ def reference_resize(pos_embed: torch.Tensor, prefix: int, new_grid) -> torch.Te
 def test_resize_pos_embed_matches_reference(new_grid):
     pos = torch.randn(1, 2 + 14 * 14, 192)
     expected = reference_resize(pos, 2, new_grid).numpy()
-    got = convert.resize_pos_embed(pos.numpy(), new_grid, num_prefix_tokens=2)
+    got = resize_pos_embed(pos.numpy(), new_grid, num_prefix_tokens=2)
     assert got.shape == expected.shape
     assert rel_l2(got, expected) <= 1e-5
     np.testing.assert_array_equal(got[:, :2], pos.numpy()[:, :2])
@@ -59,7 +63,7 @@ def test_resize_differs_from_jax_image_resize():
     import jax
 
     grid = np.random.default_rng(0).normal(size=(14, 14, 8)).astype(np.float32)
-    ours = convert.resize_pos_embed(
+    ours = resize_pos_embed(
         np.concatenate([np.zeros((1, 8)), grid.reshape(-1, 8)])[None], (24, 24), 1
     )
     theirs = jax.image.resize(grid, (24, 24, 8), "bicubic").reshape(1, -1, 8)
@@ -97,7 +101,7 @@ def test_official_wrapping_and_file_formats(tiny_state_dict, tmp_path):
 
 
 def test_wrong_model_lists_all_mismatched_shapes(tiny_state_dict):
-    with pytest.raises(convert.CheckpointMismatchError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         convert.torch_to_flax(tiny_state_dict, "deit_small_distilled_patch16_224")
     message = str(err.value)
     assert "wrong shapes" in message and "blocks.11.mlp.fc2.weight" in message
@@ -105,9 +109,7 @@ def test_wrong_model_lists_all_mismatched_shapes(tiny_state_dict):
 
 
 def test_distilled_checkpoint_into_plain_model_lists_unexpected_keys(tiny_state_dict):
-    with pytest.raises(
-        convert.CheckpointMismatchError, match=r"unexpected .*dist_token.*head_dist"
-    ):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected .*dist_token.*head_dist"):
         convert.torch_to_flax(tiny_state_dict, TINY)
 
 
@@ -115,7 +117,7 @@ def test_extra_and_missing_keys_are_listed_together(tiny_state_dict):
     state = dict(tiny_state_dict)
     state["blocks.12.attn.qkv.weight"] = torch.zeros(3)
     del state["norm.bias"]
-    with pytest.raises(convert.CheckpointMismatchError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         convert.torch_to_flax(state, TINY_DISTILLED)
     assert "missing from the checkpoint (1): norm.bias" in str(err.value)
     assert "unexpected in the checkpoint (1): blocks.12.attn.qkv.weight" in str(err.value)
@@ -138,31 +140,31 @@ class RunsCode:
 
 def test_missing_truncated_and_pickled_files_are_refused(tiny_state_dict, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.read_state_dict(tmp_path / "nope.pth")
+        read_state_dict(tmp_path / "nope.pth")
 
     torch.save(tiny_state_dict, tmp_path / "full.pth")
     data = (tmp_path / "full.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        convert.read_state_dict(tmp_path / "cut.pth")
+        read_state_dict(tmp_path / "cut.pth")
 
     save_file(dict(tiny_state_dict), str(tmp_path / "full.safetensors"))
     data = (tmp_path / "full.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        convert.read_state_dict(tmp_path / "cut.safetensors")
+        read_state_dict(tmp_path / "cut.safetensors")
 
     marker = tmp_path / "executed"
     torch.save({"model": tiny_state_dict, "x": RunsCode(str(marker))}, tmp_path / "pickle.pth")
     with pytest.raises(ValueError, match="weights_only"):
-        convert.read_state_dict(tmp_path / "pickle.pth")
+        read_state_dict(tmp_path / "pickle.pth")
     assert not marker.exists()
 
 
 def test_official_training_checkpoint_with_args_namespace_loads(tiny_state_dict, tmp_path):
     args = argparse.Namespace(model=TINY_DISTILLED, lr=5e-4)
     torch.save({"model": tiny_state_dict, "epoch": 3, "args": args}, tmp_path / "ckpt.pth")
-    state = convert.read_state_dict(tmp_path / "ckpt.pth")
+    state = read_state_dict(tmp_path / "ckpt.pth")
     assert set(state) == set(tiny_state_dict)
 
 
@@ -185,7 +187,7 @@ def test_cli_writes_an_orbax_checkpoint(tiny_state_dict, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "re-initialising" in result.stderr
-    variables, metadata = checkpoint.load_variables(out)
+    variables, metadata = load_variables(out)
     assert metadata == {"model_name": TINY_DISTILLED, "model_overrides": {"num_classes": 10}}
     np.testing.assert_array_equal(
         variables["params"]["pos_embed"], tiny_state_dict["pos_embed"].numpy()

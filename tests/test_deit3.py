@@ -19,8 +19,12 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.deit import VisionTransformerDistilled
 
 import deit_jax
-from deit_jax import checkpoint, convert, losses, main, optim, steps, train
-from deit_jax.metrics import read_jsonl
+from deit_jax import convert, losses, main, train
+from deit_jax.train import loop, optim, steps
+from deit_jax.train import state as train_state
+from deit_jax.train.metrics import read_jsonl
+from deit_jax.weights.directory import load_variables
+from deit_jax.weights.surgery import resize_pos_embed
 
 RTOL = 1e-5
 PARITY = [
@@ -138,7 +142,7 @@ def test_pos_embed_resize_224_to_384_matches_timm():
     # (timm's default antialias=True, used by its own pretrained loading, is PIL's a = -0.5 kernel
     # when upsampling: about 8% relative L2 away from this one.)
     expected = resample_abs_pos_embed(pos, (24, 24), num_prefix_tokens=0, antialias=False)
-    got = convert.resize_pos_embed(pos.numpy(), (24, 24), num_prefix_tokens=0)
+    got = resize_pos_embed(pos.numpy(), (24, 24), num_prefix_tokens=0)
     assert got.shape == (1, 576, 384)
     assert rel_l2(got, expected.numpy()) <= RTOL
 
@@ -173,7 +177,7 @@ def test_deit3_trains_resumes_and_exports_to_timm(tmp_path):
     train.train_and_evaluate(config, str(resumed), devices=one)
     records = read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [5, 6, 7, 8]
-    final = [checkpoint.load_variables(d / "weights")[0] for d in (whole, resumed)]
+    final = [load_variables(d / "weights")[0] for d in (whole, resumed)]
     for x, y in zip(*map(jax.tree.leaves, final), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
 
@@ -194,8 +198,8 @@ def test_init_from_resizes_patch_only_pos_embed():
     large = deit_jax.create_model("deit3_small_patch16_224", **{**TINY, "img_size": 20})
     pretrained = nn.meta.unbox(small.init(jax.random.key(1), jnp.zeros((1, 12, 12, 3))))
     fresh = nn.meta.unbox(large.init(jax.random.key(2), jnp.zeros((1, 20, 20, 3))))
-    merged = train._merge_pretrained(fresh["params"], pretrained["params"], large)
-    expected = convert.resize_pos_embed(pretrained["params"]["pos_embed"], (5, 5), 0)
+    merged = train_state.merge_pretrained(fresh["params"], pretrained["params"], large)
+    expected = resize_pos_embed(pretrained["params"]["pos_embed"], (5, 5), 0)
     np.testing.assert_allclose(merged["pos_embed"], expected, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(
         merged["blocks_1"]["ls2"]["gamma"], pretrained["params"]["blocks_1"]["ls2"]["gamma"]
@@ -205,7 +209,7 @@ def test_init_from_resizes_patch_only_pos_embed():
 @pytest.mark.parametrize("variant", ["small", "medium", "base", "base_ft224"])
 def test_imagenet_configs_hold_the_recipe(variant):
     config = main._load_config_file(f"configs/deit3_imagenet.py:{variant}")
-    overrides = train.student_overrides(config, 1000)
+    overrides = train_state.student_overrides(config, 1000)
     model = deit_jax.create_model(config.model_name, **overrides)
     peak = optim.peak_learning_rate(config.optim, config.batch_size)
     assert config.data.crop_pct == 1.0 and config.distillation.kind == "none"
@@ -222,9 +226,9 @@ def test_imagenet_configs_hold_the_recipe(variant):
 
 def test_distilled_override_enables_distillation():
     config = tiny_config(model_name="deit3_small_patch16_224", **{"distillation.kind": "hard"})
-    assert not train.build_student(config, 10).distilled  # distils through its class head
+    assert not train_state.build_student(config, 10).distilled  # distils through its class head
     config.model.distilled = True
-    model = train.build_student(config, 10)
+    model = train_state.build_student(config, 10)
     assert model.distilled and model.no_embed_class and model.init_values == 1e-6
 
 
@@ -236,13 +240,13 @@ def test_distilled_deit3_step_with_bce_and_hard_distillation():
         **{"distillation.kind": "hard", "loss": "bce", "optim.name": "lamb"},
     )
     config.model.distilled = True
-    student = train.build_student(config, 10)
+    student = train_state.build_student(config, 10)
     teacher = deit_jax.create_model("deit3_small_patch16_224", **TINY)
     teacher_variables = teacher.init(jax.random.key(5), jnp.zeros((1, 16, 16, 3)))
     tx, schedule = optim.create_optimizer(
         config.optim, global_batch_size=8, steps_per_epoch=10, num_epochs=1
     )
-    state = nn.meta.unbox(steps.init_state(student, tx, jax.random.key(0), ema=True))
+    state = nn.meta.unbox(train_state.init_state(student, tx, jax.random.key(0), ema=True))
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 8)
     batch = {
@@ -263,10 +267,10 @@ def test_distilled_deit3_step_with_bce_and_hard_distillation():
 
 def test_bce_ignores_label_smoothing_and_unknown_losses_are_refused(caplog):
     config = tiny_config(**{"loss": "bce"})  # the base config's label smoothing, 0.1
-    resolved = train._bce_without_smoothing(config)
+    resolved = loop._bce_without_smoothing(config)
     assert resolved.mixup.label_smoothing == 0.0 and config.mixup.label_smoothing == 0.1
     assert "ignores mixup.label_smoothing=0.1" in caplog.text
     ce = tiny_config()
-    assert train._bce_without_smoothing(ce) is ce
+    assert loop._bce_without_smoothing(ce) is ce
     with pytest.raises(ValueError, match="config.loss='focal': must be 'ce'"):
-        train._check_config(tiny_config(**{"loss": "focal"}), None)
+        train_state.check_config(tiny_config(**{"loss": "focal"}), None)

@@ -22,8 +22,8 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
 
 from deit_jax import convert, losses
-from deit_jax.feature_distillation import Projection, project
 from deit_jax.models import create_model, feature_width, pooled_features
+from deit_jax.teacher.feature import Projection, project
 
 ATOL = 1e-6
 

@@ -20,10 +20,12 @@ from _train_config import tiny_config  # noqa: E402
 from PIL import Image  # noqa: E402
 from timm.data import RealLabelsImagenet
 
-from deit_jax import checkpoint, sharding, train, validation  # noqa: E402
 from deit_jax import data as data_lib  # noqa: E402
+from deit_jax import sharding, train  # noqa: E402
+from deit_jax.config import rules  # noqa: E402
 from deit_jax.errors import ConfigError  # noqa: E402
 from deit_jax.models import create_model  # noqa: E402
+from deit_jax.weights.directory import save_variables  # noqa: E402
 
 REAL_URL = "https://raw.githubusercontent.com/google-research/reassessed-imagenet/master/real.json"
 N_REAL = 12
@@ -91,7 +93,7 @@ def prepared(tmp_path_factory):
     model = create_model("deit_tiny_patch16_224", **OVERRIDES)
     variables = nn.meta.unbox(model.init(jax.random.key(3), np.zeros((1, 16, 16, 3), np.float32)))
     weights = root / "weights"
-    checkpoint.save_variables(
+    save_variables(
         weights, dict(variables), model_name="deit_tiny_patch16_224", model_overrides=OVERRIDES
     )
     # Pass 1: the model's predictions on the ReaL images (with placeholder labels) ...
@@ -149,7 +151,7 @@ def test_real_top1_follows_timms_rule_and_v2_is_the_main_split(prepared):
 def test_missing_or_empty_extra_eval_sets_are_refused_naming_them(prepared, tmp_path):
     def check(extra):
         config = _config(prepared["data_dir"], prepared["weights"], **{"data.extra_eval": extra})
-        validation.check_config(config, num_devices=1)
+        rules.check_config(config, num_devices=1)
 
     check("imagenet2012_real, imagenet_v2/matched-frequency:test")  # both prepared: accepted
     with pytest.raises(

@@ -20,9 +20,12 @@ import jax  # noqa: E402
 from _train_config import save_random_teacher, tiny_config  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from deit_jax import checkpoint, convert, export, sharding, train  # noqa: E402
+from deit_jax import convert, sharding, train  # noqa: E402
 from deit_jax import data as data_lib  # noqa: E402
-from deit_jax.metrics import read_jsonl  # noqa: E402
+from deit_jax.train.metrics import read_jsonl  # noqa: E402
+from deit_jax.train.state import build_student  # noqa: E402
+from deit_jax.weights import timm_export  # noqa: E402
+from deit_jax.weights.directory import METADATA_FILE, load_variables  # noqa: E402
 
 EXTRA = "digits:train[:100]"
 
@@ -48,11 +51,11 @@ def run(tmp_path_factory):
     )
     workdir = root / "work"
     metrics = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
-    out = export.export(workdir / "weights", root / "hub", pth=True)
+    out = timm_export.export(workdir / "weights", root / "hub", pth=True)
     # deit_jax's eval outputs (the heads' average) on the preprocessed test split, by image id.
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-    variables, _ = checkpoint.load_variables(workdir / "weights")
-    predict = jax.jit(lambda x: train.build_student(config, 10).apply(variables, x, train=False))
+    variables, _ = load_variables(workdir / "weights")
+    predict = jax.jit(lambda x: build_student(config, 10).apply(variables, x, train=False))
     images, logits = np.zeros((360, 16, 16, 3), np.float32), np.zeros((360, 10), np.float32)
     for b in data_lib.build_eval(config, mesh, with_ids=True):
         keep = np.asarray(b["mask"])
@@ -142,15 +145,15 @@ def test_timm_eval_transform_gives_deit_jax_test_top1(run):
 
 def test_folder_converts_back_bit_for_bit(run, tmp_path):
     convert.main(["--checkpoint", run["out"], "--output", str(tmp_path / "back")])
-    back, meta = checkpoint.load_variables(tmp_path / "back")
-    original, original_meta = checkpoint.load_variables(run["workdir"] / "weights")
+    back, meta = load_variables(tmp_path / "back")
+    original, original_meta = load_variables(run["workdir"] / "weights")
     assert meta["model_name"] == original_meta["model_name"]
     a, b = _flat(back), _flat(original)
     assert a.keys() == b.keys()
     for key in b:
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
     # The official DeiT code's state dict: {"model": ...} with the same tensors.
-    pth = torch.load(os.path.join(run["out"], export.PTH_FILE), weights_only=True)
+    pth = torch.load(os.path.join(run["out"], timm_export.PTH_FILE), weights_only=True)
     np.testing.assert_array_equal(
         pth["model"]["head_dist.weight"].numpy(), np.asarray(b[("params", "head_dist", "kernel")]).T
     )
@@ -177,37 +180,37 @@ def test_model_card_and_extra_eval_metrics(run):
 
 def test_bad_weights_dirs_and_outputs_are_refused(run, tmp_path, caplog):
     weights = run["workdir"] / "weights"
-    with pytest.raises(export.OutputExistsError, match="already exists"):
-        export.export(weights, run["out"])
+    with pytest.raises(timm_export.OutputExistsError, match="already exists"):
+        timm_export.export(weights, run["out"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.export(tmp_path / "nope", tmp_path / "o1")
+        timm_export.export(tmp_path / "nope", tmp_path / "o1")
     partial = tmp_path / "partial"
     shutil.copytree(weights, partial)
-    os.remove(partial / checkpoint.METADATA_FILE)
+    os.remove(partial / METADATA_FILE)
     with pytest.raises(FileNotFoundError, match="interrupted"):
-        export.export(partial, tmp_path / "o2")
+        timm_export.export(partial, tmp_path / "o2")
     broken = tmp_path / "broken"
     shutil.copytree(weights, broken)
     shutil.rmtree(broken / "variables")
     with pytest.raises(ValueError, match="partial or corrupt"):
-        export.export(broken, tmp_path / "o3")
+        timm_export.export(broken, tmp_path / "o3")
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
-    with pytest.raises(export.ExportError, match="timm has no architecture for 'cnn_small'"):
-        export.export(run["root"] / "teacher", tmp_path / "o4")
-    with pytest.raises(export.ExportError, match="no DeiT III .no_embed_class. position"):
-        export.timm_spec("deit3_small_patch16_224", {"distilled": True})
-    spec = export.timm_spec("deit3_small_patch16_224", {"depth": 2, "num_classes": 5})
+    with pytest.raises(timm_export.ExportError, match="timm has no architecture for 'cnn_small'"):
+        timm_export.export(run["root"] / "teacher", tmp_path / "o4")
+    with pytest.raises(timm_export.ExportError, match="no DeiT III .no_embed_class. position"):
+        timm_export.timm_spec("deit3_small_patch16_224", {"distilled": True})
+    spec = timm_export.timm_spec("deit3_small_patch16_224", {"depth": 2, "num_classes": 5})
     assert spec.architecture == "deit3_small_patch16_224" and spec.kwargs["init_values"] == 1e-6
 
 
 def test_older_weights_dirs_export_with_defaults_and_a_warning(run, tmp_path, caplog):
     old = tmp_path / "old"
     shutil.copytree(run["workdir"] / "weights", old)
-    meta = json.loads((old / checkpoint.METADATA_FILE).read_text())
+    meta = json.loads((old / METADATA_FILE).read_text())
     meta = {k: meta[k] for k in ("model_name", "model_overrides")}  # what older runs wrote
-    (old / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
+    (old / METADATA_FILE).write_text(json.dumps(meta))
     with caplog.at_level("WARNING"):
-        out = export.export(old, tmp_path / "hub")
+        out = timm_export.export(old, tmp_path / "hub")
     assert "records no data config" in caplog.text
     hub = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert "label_names" not in hub and hub["pretrained_cfg"]["crop_pct"] == 0.875

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from deit_jax.metrics import read_jsonl
+from deit_jax.train.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")

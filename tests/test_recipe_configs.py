@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from deit_jax import train
 from deit_jax.models import model_options
+from deit_jax.train import state
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -22,7 +22,7 @@ def load(name: str, *args: str):
 def test_resnet_logit_kd_recipe(student, tmp_path):
     module, config = load("resnet_logit_kd_imagenet", student)
     config.teacher.checkpoint = str(tmp_path)  # the check wants an existing teacher path
-    train._check_config(config, None)
+    state.check_config(config, None)
     assert config.model_name == student and config.teacher.name == "regnety_160"
     assert (config.distillation.kind, config.distillation.kl_reduction) == ("soft", "batchmean")
     # Only overrides the ResNet accepts: `create_model` refuses unknown ones.
@@ -36,7 +36,7 @@ def test_resnet_logit_kd_recipe(student, tmp_path):
 def test_function_matching_recipe(tmp_path):
     module, config = load("deit_function_matching_imagenet", "4800")
     config.teacher.checkpoint = str(tmp_path)
-    train._check_config(config, None)
+    state.check_config(config, None)
     assert config.num_epochs == 4800
     assert not model_options(config.model_name).get("distilled", False)  # a plain DeiT-S
     assert (config.distillation.kind, config.distillation.alpha) == ("soft", 1.0)  # KL only
@@ -45,14 +45,14 @@ def test_function_matching_recipe(tmp_path):
         assert words in module.__doc__
 
 
-def test_clip_zero_shot_recipe_is_the_briefs_loop(tmp_path):
+def test_clip_zero_shot_recipe_is_the_kl_only_loop(tmp_path):
     module, config = load("clip_zero_shot_distill", "10")
     config.teacher.checkpoint = str(tmp_path)
-    train._check_config(config, None)
+    state.check_config(config, None)
     assert (config.teacher.framework, config.teacher.name) == ("clip", "clip_vit_b32")
     assert (config.distillation.kind, config.distillation.kl_reduction) == ("soft", "batchmean")
     assert (config.distillation.alpha, config.distillation.tau) == (1.0, 1.0)
-    assert not config.distillation.tau_squared  # the brief's F.kl_div for any T
+    assert not config.distillation.tau_squared  # the loop's F.kl_div for any T
     assert (config.optim.lr, config.batch_size, config.optim.weight_decay) == (1e-5, 32, 0.0)
     assert not model_options(config.model_name).get("distilled", False)
     for words in (

@@ -22,10 +22,13 @@ import numpy as np
 import pytest
 from _train_config import save_random_teacher, tiny_config
 
-from deit_jax import checkpoint, data, losses, sharding, train
-from deit_jax.metrics import read_jsonl
+from deit_jax import data, losses, sharding, train
 from deit_jax.models import create_model
-from deit_jax.teacher import cache, cache_store
+from deit_jax.teacher import cache
+from deit_jax.teacher.build import build_teacher
+from deit_jax.teacher.cache import store as cache_store
+from deit_jax.train.metrics import read_jsonl
+from deit_jax.weights.directory import load_variables, save_variables, weights_hash
 
 STEPS = 8
 
@@ -43,7 +46,7 @@ def teacher_dir(data_dir, tmp_path_factory):
     misaligned cache rows would go unseen."""
     directory = tmp_path_factory.mktemp("teacher")
     random = save_random_teacher(str(directory / "random"))
-    variables, metadata = checkpoint.load_variables(random)
+    variables, metadata = load_variables(random)
     config = distill_config(data_dir, random)
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     with data.build_train(config, mesh, data_axes=sharding.DATA_AXES) as batches:
@@ -52,7 +55,7 @@ def teacher_dir(data_dir, tmp_path_factory):
     logits = model.apply(variables, images, train=False)
     variables["params"]["fc"]["bias"] = variables["params"]["fc"]["bias"] - logits.mean(0)
     path = str(directory / "weights")
-    checkpoint.save_variables(
+    save_variables(
         path, variables, model_name="cnn_small", model_overrides=metadata["model_overrides"]
     )
     return path
@@ -74,7 +77,7 @@ def train_losses(workdir):
 
 
 def final_params(workdir):
-    return checkpoint.load_variables(os.path.join(workdir, "weights"))[0]["params"]
+    return load_variables(os.path.join(workdir, "weights"))[0]["params"]
 
 
 def assert_trees_close(a, b, atol):
@@ -152,7 +155,7 @@ def test_stored_values_are_the_teachers_top_k_on_the_runs_batches(data_dir, teac
     stored = read_cache(tmp_path / "cache")
     assert stored["values"].shape == (1, 44, 32, 4) and stored["indices"].dtype == np.int16
 
-    teacher, variables = train.build_teacher(config, 10)
+    teacher, variables = build_teacher(config, 10)
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     with data.build_train(config, mesh, data_axes=sharding.DATA_AXES) as batches:
         for step in range(STEPS):
@@ -315,7 +318,7 @@ def test_the_manifest_fingerprints_stream_teacher_and_layout(hard_cache, teacher
     with open(os.path.join(hard_cache, "manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["format"] == cache_store.FORMAT and manifest["deit_jax_version"]
-    assert manifest["teacher"]["teacher.weights_sha256"] == checkpoint.weights_hash(teacher_dir)
+    assert manifest["teacher"]["teacher.weights_sha256"] == weights_hash(teacher_dir)
     assert manifest["stream"]["data.num_train"] == 1437
     assert manifest["layout"]["topk"] == 10 and manifest["layout"]["values_dtype"] == "float16"
 
@@ -386,27 +389,26 @@ def test_a_torch_teacher_without_its_checkpoint_file_is_refused(data_dir, tmp_pa
 
 
 def test_a_torch_teacher_without_torch_installed_says_what_to_install(tmp_path):
-    # A real import failure: the interpreter is told torch and timm are not importable.
+    # A real import failure: the interpreter is told torch and timm are not importable. The
+    # cache writer's config check refuses the run before any data or teacher is touched.
     program = f"""
 import sys
 sys.modules["torch"] = sys.modules["timm"] = sys.modules["torchvision"] = None
-from deit_jax.config import base_config
-from deit_jax.teacher import torch_teacher
+from deit_jax.config import base_config, rules
 c = base_config()
+c.mode = "teacher_cache"
 c.teacher.framework, c.teacher.name = "torch", "convnext_tiny"
 c.teacher.checkpoint = {str(tmp_path / "w.pth")!r}
 open(c.teacher.checkpoint, "wb").close()
-try:
-    torch_teacher.TorchTeacher(c, 10)
-except ImportError as e:
-    print("ImportError:", e)
+print("problems:", rules.problems(c, num_devices=1))
 """
     out = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=300
     )
-    assert "ImportError: config.teacher.framework='torch' needs PyTorch and timm" in out.stdout, (
-        out.stdout + out.stderr
-    )
+    assert (
+        "config.teacher.framework='torch': needs PyTorch and timm, which are not installed"
+        in out.stdout
+    ), out.stdout + out.stderr
     assert "pip install 'deit_jax[torch]'" in out.stdout
 
 

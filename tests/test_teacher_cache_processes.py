@@ -25,10 +25,10 @@ import pytest
 from _processes import TF_FIRST_MAIN, TIMEOUT, cpu_env, free_port, run_ok, tail
 from _train_config import save_random_teacher, tiny_config
 
-from deit_jax import checkpoint
 from deit_jax.data import sources
-from deit_jax.metrics import read_jsonl
 from deit_jax.teacher import cache
+from deit_jax.train.metrics import read_jsonl
+from deit_jax.weights.directory import load_variables
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_config.py")
 EPOCHS, CHUNK = 20, 8  # 880 steps in 120 chunks per data share (6 per epoch)
@@ -215,7 +215,7 @@ def test_kill_9_during_cached_training_resumes_exactly(reference, launch, tmp_pa
     }
     for step, values in resumed.items():
         assert values == whole[step] * len(values), step
-    a = checkpoint.load_variables(os.path.join(tmp_path / "whole", "weights"))[0]
-    b = checkpoint.load_variables(os.path.join(workdir, "weights"))[0]
+    a = load_variables(os.path.join(tmp_path / "whole", "weights"))[0]
+    b = load_variables(os.path.join(workdir, "weights"))[0]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

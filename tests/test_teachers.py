@@ -13,8 +13,9 @@ from sklearn.model_selection import train_test_split
 
 from deit_jax import convert
 from deit_jax.models import RegNet, ResNet, create_model, input_size
-from deit_jax.models.cnn import BatchNorm
+from deit_jax.models.blocks import BatchNorm
 from deit_jax.models.regnet import regnet_stages
+from deit_jax.weights.timm_keys import torch_key
 
 
 def _count(tree) -> int:
@@ -63,7 +64,7 @@ def test_parameters_match_timm_key_for_key(name):
         shape = spec.shape
         if path[-1] == "kernel":  # back to PyTorch's layout: (out, in[, kh, kw])
             shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        ours[convert._torch_key(path[1:])] = tuple(shape)
+        ours[torch_key(path[1:])] = tuple(shape)
     assert ours == expected
     assert _count(shapes["params"]) == sum(p.numel() for p in reference.parameters())
 

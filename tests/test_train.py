@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from _train_config import tiny_config
 
-from deit_jax import checkpoint, train
-from deit_jax.metrics import read_jsonl
+from deit_jax import train
+from deit_jax.train.metrics import read_jsonl
+from deit_jax.weights.directory import load_variables
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def data_dir(tmp_path_factory):
 
 
 def final_params(workdir):
-    variables, _ = checkpoint.load_variables(os.path.join(workdir, "weights"))
+    variables, _ = load_variables(os.path.join(workdir, "weights"))
     return variables["params"]
 
 

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from _train_config import save_random_teacher, tiny_config
 
-from deit_jax import checkpoint, train
-from deit_jax.metrics import read_jsonl
+from deit_jax import train
 from deit_jax.models import create_model, list_models, register_model
 from deit_jax.teacher import cache
+from deit_jax.train.metrics import read_jsonl
+from deit_jax.weights.directory import load_variables, save_variables
 
 STUDENT = "deit_tiny_patch16_224"
 
@@ -82,7 +83,7 @@ def assert_trees_close(a, b, atol):
 
 def assert_exported_student(workdir, stored):
     """The exported weights are the student alone, usable for inference without a projection."""
-    variables, metadata = checkpoint.load_variables(os.path.join(workdir, "weights"))
+    variables, metadata = load_variables(os.path.join(workdir, "weights"))
     assert "projection" not in variables["params"] and metadata["model_name"] == STUDENT
     assert_trees_close(
         variables["params"], {k: v for k, v in stored.items() if k != "projection"}, 0
@@ -167,9 +168,7 @@ def random_weights(directory, name, **overrides):
     model = create_model(name, **overrides)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
     variables = {k: v for k, v in variables.items() if k != "intermediates"}
-    checkpoint.save_variables(
-        directory, nn.meta.unbox(variables), model_name=name, model_overrides=overrides
-    )
+    save_variables(directory, nn.meta.unbox(variables), model_name=name, model_overrides=overrides)
     return str(directory)
 
 

@@ -32,9 +32,9 @@ import pytest
 from _processes import TF_FIRST_MAIN, TIMEOUT, cpu_env, finish, free_port, run_ok, tail
 from _train_config import save_random_teacher, tiny_config
 
-from deit_jax import checkpoint
 from deit_jax.data import sources
-from deit_jax.metrics import read_jsonl
+from deit_jax.train.metrics import read_jsonl
+from deit_jax.weights.directory import load_variables
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_config.py")
 STEPS = 32  # 44 steps make an epoch
@@ -159,7 +159,7 @@ def train_losses(workdir) -> dict[int, list[float]]:
 
 
 def final_params(workdir):
-    variables, _ = checkpoint.load_variables(os.path.join(workdir, "weights"))
+    variables, _ = load_variables(os.path.join(workdir, "weights"))
     return variables["params"]
 
 

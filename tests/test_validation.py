@@ -1,4 +1,4 @@
-"""deit_jax.validation as library callers meet it: the shipped configs pass, bad values are one
+"""deit_jax.config.rules as library callers meet it: the shipped configs pass, bad values are one
 `ConfigError` (a ValueError) listing every problem, raised before any data set is prepared."""
 
 import glob
@@ -9,9 +9,10 @@ import ml_collections
 import pytest
 from _train_config import tiny_config
 
-from deit_jax import train, validation
-from deit_jax.config import base_config
+from deit_jax import train
+from deit_jax.config import base_config, rules
 from deit_jax.errors import ConfigError
+from deit_jax.train.state import student_overrides
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
 
@@ -27,9 +28,13 @@ def load(path):
 def test_shipped_configs_pass_with_the_paths_their_docstrings_give(path, tmp_path):
     config = load(path)
     # Their commands pass a teacher / init_from path; an existing one stands in for it here.
-    if config.distillation.kind != "none" and config.mode != "quickstart":
+    # The quickstart trains the teacher of its distillation stages (python -m deit_jax.main
+    # checks it so).
+    quickstart = config.mode == "quickstart"
+    if config.distillation.kind != "none" and not quickstart:
         config.teacher.checkpoint = str(tmp_path)
-    assert validation.problems(config, num_devices=8, num_processes=2) == []
+    found = rules.problems(config, num_devices=8, num_processes=2, teacher_from_run=quickstart)
+    assert found == []
 
 
 def test_library_callers_get_every_problem_at_once_before_any_work(tmp_path):
@@ -57,15 +62,15 @@ def test_library_callers_get_every_problem_at_once_before_any_work(tmp_path):
 
 def test_device_and_process_counts_shape_the_batch_rules():
     config = tiny_config(batch_size=30, eval_batch_size=64, **{"data.num_shares": 4})
-    (batch,) = validation.problems(config, num_devices=4, num_processes=2)
+    (batch,) = rules.problems(config, num_devices=4, num_processes=2)
     assert batch.startswith("config.batch_size=30: ")
     assert "4 devices of 2 processes" in batch and "use e.g. 32" in batch
     config.batch_size = 32
-    assert validation.problems(config, num_devices=4, num_processes=2) == []
-    (shares,) = validation.problems(config, num_devices=4, num_processes=8)
+    assert rules.problems(config, num_devices=4, num_processes=2) == []
+    (shares,) = rules.problems(config, num_devices=4, num_processes=8)
     assert shares.startswith("config.data.num_shares=4: ") and "8 processes" in shares
     config.mesh.fsdp = 3
-    assert [p.split("=")[0] for p in validation.problems(config, num_devices=4)] == [
+    assert [p.split("=")[0] for p in rules.problems(config, num_devices=4)] == [
         "config.mesh.fsdp"
     ]  # mesh.data depends on mesh.fsdp: not reported on top
 
@@ -76,41 +81,39 @@ def test_a_wrongly_typed_value_is_one_problem_and_its_dependents_are_skipped():
     values["batch_size"] = "32"
     values["data"]["img_size"] = 30  # not a multiple of the patch size 16
     config = ml_collections.ConfigDict(values)
-    found = validation.problems(config, num_devices=8)
+    found = rules.problems(config, num_devices=8)
     assert [p.split("=")[0] for p in found] == ["config.batch_size", "config.data.img_size"]
     assert found[0].startswith("config.batch_size='32': must be a positive integer")
     assert "patch size 16" in found[1] and "use e.g. 16 or 32" in found[1]
     with pytest.raises(ConfigError):
-        validation.check_config(config, num_devices=8)
+        rules.check_config(config, num_devices=8)
 
 
 @pytest.mark.parametrize("policy", ["rand-m9-xyz", "rand-mX", "randaug"])
 def test_a_bad_randaugment_string_is_refused_by_the_config_check(policy):
-    (line,) = validation.problems(tiny_config(**{"augment.randaugment": policy}), num_devices=1)
+    (line,) = rules.problems(tiny_config(**{"augment.randaugment": policy}), num_devices=1)
     assert line.startswith(f"config.augment.randaugment={policy!r}: ")
     assert "RandAugment policy" in line and "rand-m9-mstd0.5-inc1" in line
     # The parser the pipeline applies: the shipped policies pass.
     for good in ("", "rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-n2-m10-tweights"):
-        assert (
-            validation.problems(tiny_config(**{"augment.randaugment": good}), num_devices=1) == []
-        )
+        assert rules.problems(tiny_config(**{"augment.randaugment": good}), num_devices=1) == []
 
 
 def test_deit_kernel_options_are_checked_and_other_students_ignore_their_defaults():
     config = base_config()
     config.model.attention, config.model.remat = "cudnn", "all"
-    found = validation.problems(config, num_devices=8)
+    found = rules.problems(config, num_devices=8)
     assert [p.split("=")[0] for p in found] == ["config.model.attention", "config.model.remat"]
     assert "set dtype=bfloat16" in found[0] and "nothing_saveable" in found[1]
     config.dtype, config.model.remat = "bfloat16", "dots_saveable"
-    assert validation.problems(config, num_devices=8) == []
+    assert rules.problems(config, num_devices=8) == []
     # The defaults (None) reach no student: create_model gets neither option.
-    assert {"attention", "remat"}.isdisjoint(train.student_overrides(base_config(), 10))
+    assert {"attention", "remat"}.isdisjoint(student_overrides(base_config(), 10))
     # A ResNet student (its config replaces `model`, as configs/resnet_logit_kd_imagenet.py)
     # takes neither option.
     config = base_config()
     config.model_name = "resnet50"
     with config.unlocked():
         config.model = ml_collections.ConfigDict({"num_classes": None, "attention": "xla"})
-    (problem,) = validation.problems(config, num_devices=8)
+    (problem,) = rules.problems(config, num_devices=8)
     assert problem.startswith("config.model=") and "has no option attention" in problem

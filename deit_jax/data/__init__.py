@@ -5,10 +5,7 @@ They are imported on first use, so that TensorFlow-free modules of this package 
 `randaugment_policy`, which the config check parses policies with) import without TensorFlow.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from deit_jax._compat import lazy_names
 
 __all__ = [
     "DatasetInfo",
@@ -19,9 +16,4 @@ __all__ = [
     "build_train",
     "dataset_info",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("deit_jax.data.pipeline"), name)
-    raise AttributeError(f"module 'deit_jax.data' has no attribute {name!r}")
+__getattr__ = lazy_names("deit_jax.data", dict.fromkeys(__all__, "pipeline"))

@@ -46,7 +46,6 @@ tf = import_tensorflow()
 # (about 3x for train_preprocess).
 _no_autograph = tf.autograph.experimental.do_not_convert
 
-_INTERPOLATIONS = ("bicubic", "bilinear", "random")
 _ERASE_MODES = ("pixel", "rand", "const")
 
 
@@ -282,33 +281,6 @@ def normalize(x: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.T
     return tf.cast(x, tf.float32) * scale + offset
 
 
-def _validate(config: ml_collections.ConfigDict) -> None:
-    needed = ("scale", "ratio", "interpolation", "hflip", "randaugment", "color_jitter")
-    needed += ("reprob", "remode", "mean", "std")
-    missing = [k for k in needed if k not in config]
-    if missing:
-        raise ValueError(
-            f"config.augment lacks {missing}; start from deit_jax.config.base_config()."
-        )
-    if config.interpolation not in _INTERPOLATIONS:
-        raise ValueError(
-            f"augment.interpolation {config.interpolation!r} is unknown; use one of "
-            f"{_INTERPOLATIONS}."
-        )
-    if config.remode not in _ERASE_MODES:
-        raise ValueError(f"augment.remode {config.remode!r} is unknown; use one of {_ERASE_MODES}.")
-    lo, hi = config.scale
-    if not 0 < lo <= hi:
-        raise ValueError(
-            f"augment.scale must be (min, max) with 0 < min <= max, got {config.scale}."
-        )
-    lo, hi = config.ratio
-    if not 0 < lo <= hi:
-        raise ValueError(
-            f"augment.ratio must be (min, max) with 0 < min <= max, got {config.ratio}."
-        )
-
-
 def _jitter_strength(value) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
         return (float(value),) * 3
@@ -337,14 +309,13 @@ def train_preprocess(
       image: (H, W, 3) uint8, or the encoded image as a scalar tf.string (faster for JPEGs).
       seed: int32 [2] stateless seed; equal seeds give equal outputs.
       size: output size, an int or (height, width).
-      config: `config.augment` (see deit_jax/config.py).
+      config: `config.augment` (see deit_jax/config/defaults.py).
 
     Returns:
       float32 (height, width, 3), normalised with config.mean / config.std.
     """
-    _validate(config)
     size_hw = height_width(size)
-    if config.get("three_augment", False):
+    if config.three_augment:
         return _three_augment_preprocess(image, seed, size_hw, config)
     policy = randaugment.parse_policy(config.randaugment) if config.randaugment else None
     crop_seed, interp_seed, flip_seed, aug_seed, erase_seed = tf.unstack(
@@ -389,7 +360,7 @@ def _three_augment_preprocess(
         tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 5)
     )
     op_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(aug_seed, 2))
-    if config.get("src", False):
+    if config.src:
         if image.dtype == tf.string:
             image = tf.io.decode_image(image, channels=3, expand_animations=False)
         x = simple_random_crop(image, crop_seed, size_hw)

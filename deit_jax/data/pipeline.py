@@ -45,9 +45,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deit_jax import eval_sets, prompts
 from deit_jax._compat import import_tensorflow
-from deit_jax.data import augment, hosts, mixup, sources
+from deit_jax.data import augment, eval_sets, hosts, labels, mixup, sources
 from deit_jax.errors import DataError
 
 tf = import_tensorflow()
@@ -86,8 +85,7 @@ def num_classes(config: ml_collections.ConfigDict, source: sources.Source) -> in
     """The data's class count; for label-free data, that of `config.teacher.class_names`."""
     if source.labelled:
         return source.num_classes
-    teacher = config.get("teacher")
-    names = prompts.parse_class_names(teacher.class_names) if teacher else None
+    names = labels.parse_class_names(config.teacher.class_names)
     if not names:
         raise DataError(
             f"{source.name!r} has no labels, so no classes: give the teacher's class names with "
@@ -441,7 +439,7 @@ def build_extra_evals(
     *,
     num_classes: int,
 ) -> list[tuple[str, EvalIterable]]:
-    """`(prefix, passes)` of each set in `config.data.extra_eval` (see deit_jax/eval_sets.py).
+    """`(prefix, passes)` of each set in `config.data.extra_eval` (see deit_jax/data/eval_sets.py).
 
     A set is read like the main eval split (same size, crop, normalisation) and must predict the
     same `num_classes` classes as the model.

@@ -1,7 +1,7 @@
 """RandAugment policy strings (timm's `rand-m9-mstd0.5-inc1`), parsed without TensorFlow.
 
 `parse_policy` is what `deit_jax.data.randaugment` applies and what the config check
-(`deit_jax.validation`) runs up front, so that a bad string is refused before any data is read.
+(`deit_jax.config.rules`) runs up front, so that a bad string is refused before any data is read.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
   remembered in `<data_dir>/deit_jax_folder_checks/` until the folder changes.
 - `images:/root`: label-free, every image anywhere under `root` (any layout, searched
   recursively, hidden folders skipped), as one split `train` in sorted path order; labels are
-  -1. Checked like a folder. Such data trains by distillation only (`deit_jax.prompts`).
+  -1. Checked like a folder. Such data trains by distillation only (`deit_jax.data.labels`).
 
 A `Source` reads one process's contiguous share of a split (`read`) as cheap records (a
 serialized tfds example, or a file path) with an `id`, and `load` turns a record into
@@ -44,6 +44,7 @@ from deit_jax._compat import import_tensorflow
 tf = import_tensorflow()
 import tensorflow_datasets as tfds  # noqa: E402  (after TensorFlow, see deit_jax/_compat.py)
 
+from deit_jax.data import labels  # noqa: E402
 from deit_jax.data.digits import Digits  # noqa: E402
 from deit_jax.errors import DataError, DataNotFoundError  # noqa: E402
 
@@ -59,13 +60,12 @@ class Source:
 
     name: str
     num_classes: int
-    # The label names in label order (None: the data set has none, e.g. label-free images).
+    # The label names in label order (None: the data set has none, e.g. label-free images);
+    # exported with the model.
     class_names: list[str] | None = None
     labelled: bool = True  # False: every label is -1 (`images:` data)
     # True when `read(shuffle_seed=...)` already gives a uniform permutation (no buffer needed).
     exact_shuffle: bool = False
-    # Class names in label order, where the data set has them (exported with the model).
-    class_names: list[str] | None = None
     # True when `load` also returns `real`: (num_classes,) bool, the image's set of reassessed
     # labels (ImageNet-ReaL; all False when it has none).
     real_labels: bool = False
@@ -249,18 +249,28 @@ class FolderSource(Source):
     """Images in `root/<split>/<class>/*.{jpg,jpeg,png}`, read in place."""
 
     exact_shuffle = True
+    PREFIX = "folder:"
+    MISSING = (
+        "Image folder {root} does not exist. A folder data set is laid out as "
+        "<root>/<split>/<class>/<image>.jpg|png (e.g. root/train/cat/1.jpg); set "
+        "config.data.name = 'folder:<root>'."
+    )
 
     def __init__(self, root: str, cache_dir: str):
         self.root = os.path.abspath(os.path.expanduser(root))
-        self.name = f"folder:{self.root}"
+        self.name = self.PREFIX + self.root
         if not os.path.isdir(self.root):
-            raise DataNotFoundError(
-                f"Image folder {self.root} does not exist. A folder data set is laid out as "
-                "<root>/<split>/<class>/<image>.jpg|png (e.g. root/train/cat/1.jpg); set "
-                "config.data.name = 'folder:<root>'."
-            )
+            raise DataNotFoundError(self.MISSING.format(root=self.root))
+        splits, self.class_names = self._layout()
+        self.num_classes = len(self.class_names or ())
+        self._cache_dir = cache_dir
+        self._splits = {s: None for s in splits}  # Listed and checked on first use.
+        self.num_corrupt: dict[str, int] = {}
+
+    def _layout(self) -> tuple[list[str], list[str] | None]:
+        """The split names and the class names (the class folders of every split, sorted)."""
         splits = sorted(d for d in os.listdir(self.root) if _isdir(self.root, d))
-        self.class_names = sorted(
+        class_names = sorted(
             {
                 c
                 for s in splits
@@ -268,15 +278,12 @@ class FolderSource(Source):
                 if _isdir(self.root, s, c)
             }
         )
-        if not self.class_names:
+        if not class_names:
             raise DataNotFoundError(
                 f"Image folder {self.root} has no <split>/<class>/ subfolders; expected "
                 "<root>/<split>/<class>/<image>.jpg|png."
             )
-        self.num_classes = len(self.class_names)
-        self._cache_dir = cache_dir
-        self._splits = {s: None for s in splits}  # Listed and checked on first use.
-        self.num_corrupt: dict[str, int] = {}
+        return splits, class_names
 
     def split_sizes(self) -> dict[str, int]:
         return {s: len(self._examples(s)[0]) for s in self._splits}
@@ -394,21 +401,15 @@ class ImagesSource(FolderSource):
     """Every image under `root` (any layout, recursive), without labels: one split, `train`."""
 
     SPLIT = "train"
+    PREFIX = labels.LABEL_FREE_PREFIX
+    MISSING = (
+        "Image folder {root} does not exist; set config.data.name = "
+        "'images:<root>' to a folder holding .jpg/.jpeg/.png images (any layout)."
+    )
+    labelled = False  # the class count is the teacher's (teacher.class_names)
 
-    def __init__(self, root: str, cache_dir: str):
-        self.root = os.path.abspath(os.path.expanduser(root))
-        self.name = f"images:{self.root}"
-        if not os.path.isdir(self.root):
-            raise DataNotFoundError(
-                f"Image folder {self.root} does not exist; set config.data.name = "
-                "'images:<root>' to a folder holding .jpg/.jpeg/.png images (any layout)."
-            )
-        self.class_names = None
-        self.labelled = False
-        self.num_classes = 0  # the class count is the teacher's (teacher.class_names)
-        self._cache_dir = cache_dir
-        self._splits = {self.SPLIT: None}
-        self.num_corrupt = {}
+    def _layout(self) -> tuple[list[str], list[str] | None]:
+        return [self.SPLIT], None
 
     def _listing(self, split: str) -> tuple[list[str], list[int]]:
         paths = []
@@ -434,8 +435,8 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
     name = data.name
     if name.startswith("folder:"):
         return FolderSource(name[len("folder:") :], data_dir or tfds.core.constants.DATA_DIR)
-    if name.startswith("images:"):
-        return ImagesSource(name[len("images:") :], data_dir or tfds.core.constants.DATA_DIR)
+    if labels.is_label_free(name):
+        return ImagesSource(labels.label_free_root(name), data_dir or tfds.core.constants.DATA_DIR)
     if name == "digits":
         with _quiet_tfds():  # A second's work: no banner, progress bars or folder warnings.
             return TfdsSource(_prepared(Digits(data_dir=data_dir)))

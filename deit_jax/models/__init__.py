@@ -1,5 +1,9 @@
-"""Models: DeiT and DeiT III variants, convnet teachers and CLIP behind one registry
-(`create_model`)."""
+"""Models: DeiT and DeiT III, convnet teachers and CLIP behind one registry (`create_model`).
+
+Each family's module registers its names when it is imported (`register_model(name, cls,
+**defaults)` at its end): `vit` (DeiT, DeiT III), `clip`, `resnet`, `regnet`, `small_cnn`.
+Importing this package imports them all, so every name is registered.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from deit_jax.models import clip as _clip
 from deit_jax.models.clip import CLIP
-from deit_jax.models.cnn import SmallCNN
 from deit_jax.models.registry import (
     create_model,
     input_size,
@@ -21,6 +23,7 @@ from deit_jax.models.registry import (
 )
 from deit_jax.models.regnet import RegNet
 from deit_jax.models.resnet import ResNet
+from deit_jax.models.small_cnn import SmallCNN
 from deit_jax.models.vit import Attention, Block, DeiT, DropPath, LayerScale, Mlp, PatchEmbed
 
 __all__ = [
@@ -44,46 +47,6 @@ __all__ = [
     "pooled_features",
     "register_model",
 ]
-
-
-def _register_deit() -> None:
-    widths = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
-    for size, (dim, heads) in widths.items():
-        for distilled in (False, True):
-            for img in (224, 384) if size == "base" else (224,):
-                name = f"deit_{size}{'_distilled' if distilled else ''}_patch16_{img}"
-                register_model(
-                    name, DeiT, embed_dim=dim, num_heads=heads, distilled=distilled, img_size=img
-                )
-
-
-def _register_deit3() -> None:
-    # DeiT III (timm's deit3_*): LayerScale (init 1e-6) and position embeddings for the patches.
-    shapes = {
-        "small": (16, 384, 12, 6, (224, 384)),
-        "medium": (16, 512, 12, 8, (224,)),
-        "base": (16, 768, 12, 12, (224, 384)),
-        "large": (16, 1024, 24, 16, (224, 384)),
-        "huge": (14, 1280, 32, 16, (224,)),
-    }
-    for size, (patch, dim, depth, heads, img_sizes) in shapes.items():
-        for img in img_sizes:
-            register_model(
-                f"deit3_{size}_patch{patch}_{img}",
-                DeiT,
-                patch_size=patch,
-                embed_dim=dim,
-                depth=depth,
-                num_heads=heads,
-                img_size=img,
-                init_values=1e-6,
-                no_embed_class=True,
-            )
-
-
-_register_deit()
-_register_deit3()
-_clip.register(register_model)
 
 
 def forward_with_intermediates(

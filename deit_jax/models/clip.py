@@ -1,7 +1,7 @@
 """CLIP (Radford et al., 2021): an image tower and a text tower that embed into one space.
 
 The architecture and parameter names follow open_clip's `CLIP` (3.3.0), which builds OpenAI's
-models: so `deit_jax.convert_clip` maps open_clip / OpenAI state dicts onto it by rule, and
+models: so `deit_jax.weights.clip` maps open_clip / OpenAI state dicts onto it by rule, and
 transformers' `CLIPModel` through a fixed table.
 
   image: bias-free patch conv `conv1`, `class_embedding` prepended, `positional_embedding`,
@@ -33,9 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deit_jax.models.vit import gelu
-
-Dtype = Any
+from deit_jax.models.layers import DenseParams, Dtype, gelu, l2_normalize, layer_norm
+from deit_jax.models.registry import register_model
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,41 +50,16 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name=name,
+    return layer_norm(name, 1e-5, dtype, param_dtype)
+
+
+def _linear(
+    in_features: int, out_features: int, axes: tuple[str, str], std: float, name: str, **kw: Any
+) -> DenseParams:
+    """open_clip's linear layers: normal(0, std) kernels (`CLIP.initialize_parameters`)."""
+    return DenseParams(
+        in_features, out_features, axes, nn.initializers.normal(std), **kw, name=name
     )
-
-
-class Linear(nn.Module):
-    """A kernel (in, out) and bias (out,), returned instead of applied (reshaped per head)."""
-
-    in_features: int
-    out_features: int
-    axes: tuple[str, str]
-    std: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param(
-            "kernel",
-            _normal(self.std, self.axes),
-            (self.in_features, self.out_features),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
-            (self.out_features,),
-            self.param_dtype,
-        )
-        return kernel.astype(self.dtype), bias.astype(self.dtype)
 
 
 class MultiheadAttention(nn.Module):
@@ -112,7 +86,7 @@ class MultiheadAttention(nn.Module):
         hd = d // h
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         in_std, out_std = self.init_std
-        qkv_kernel, qkv_bias = Linear(d, 3 * d, ("embed", "heads"), in_std, **kw, name="in_proj")()
+        qkv_kernel, qkv_bias = _linear(d, 3 * d, ("embed", "heads"), in_std, "in_proj", **kw)()
         scale = jnp.asarray([hd**-0.5, 1.0, 1.0], self.dtype)
         qkv_kernel = qkv_kernel.reshape(d, 3, h, hd) * scale[:, None, None]
         qkv_bias = qkv_bias.reshape(3, 1, h, 1, hd) * scale[:, None, None, None, None]
@@ -128,7 +102,7 @@ class MultiheadAttention(nn.Module):
             "bhqk,bhkd->bhqd", weights.astype(self.dtype), v, preferred_element_type=jnp.float32
         )
         out = (out / total).astype(self.dtype)
-        proj_kernel, proj_bias = Linear(d, d, ("heads", "embed"), out_std, **kw, name="out_proj")()
+        proj_kernel, proj_bias = _linear(d, d, ("heads", "embed"), out_std, "out_proj", **kw)()
         return jnp.einsum("bhnd,hde->bne", out, proj_kernel.reshape(h, hd, d)) + proj_bias
 
 
@@ -144,11 +118,11 @@ class Mlp(nn.Module):
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         fc_std, proj_std = self.init_std
-        kernel, bias = Linear(d, self.hidden_dim, ("embed", "mlp"), fc_std, **kw, name="c_fc")()
+        kernel, bias = _linear(d, self.hidden_dim, ("embed", "mlp"), fc_std, "c_fc", **kw)()
         y = x @ kernel + bias
         y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
         y = quick_gelu(y) if self.quick_gelu else gelu(y)
-        kernel, bias = Linear(self.hidden_dim, d, ("mlp", "embed"), proj_std, **kw, name="c_proj")()
+        kernel, bias = _linear(self.hidden_dim, d, ("mlp", "embed"), proj_std, "c_proj", **kw)()
         return y @ kernel + bias
 
 
@@ -295,7 +269,7 @@ class TextTransformer(nn.Module):
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ValueError(
                 f"Expected token ids of shape (batch, {self.context_length}), got "
-                f"{tuple(ids.shape)}; tokenize with deit_jax.teacher.clip.load_tokenizer."
+                f"{tuple(ids.shape)}; tokenize with deit_jax.teacher.clip.tokenizer.load_tokenizer."
             )
         d = self.width
         table = self.param(
@@ -388,8 +362,8 @@ class CLIP(nn.Module):
     def logits_per_image(self, images: jax.Array, ids: jax.Array) -> jax.Array:
         """(B_images, B_texts) `exp(logit_scale) * cos(image, text)`, as open_clip and
         transformers compute it (unclamped; the zero-shot teacher clamps the scale at 100)."""
-        image = _l2_normalize(self.encode_image(images).astype(jnp.float32))
-        text = _l2_normalize(self.encode_text(ids).astype(jnp.float32))
+        image = l2_normalize(self.encode_image(images).astype(jnp.float32))
+        text = l2_normalize(self.encode_text(ids).astype(jnp.float32))
         return jnp.exp(self.logit_scale) * image @ text.T
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -403,11 +377,7 @@ class CLIP(nn.Module):
         return embedding
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def register(register_model: Callable[..., None], cls: type[nn.Module] = CLIP) -> None:
+def _register() -> None:
     """open_clip 3.3.0's ViT-B-32, ViT-B-16, ViT-L-14 and ViT-L-14-336 configs.
 
     Heads are width / 64 (open_clip's `head_width`)."""
@@ -421,7 +391,7 @@ def register(register_model: Callable[..., None], cls: type[nn.Module] = CLIP) -
     for name, (embed, img, patch, vw, vl, tw, tl) in shapes.items():
         register_model(
             name,
-            cls,
+            CLIP,
             embed_dim=embed,
             img_size=img,
             patch_size=patch,
@@ -430,3 +400,6 @@ def register(register_model: Callable[..., None], cls: type[nn.Module] = CLIP) -
             text_width=tw,
             text_layers=tl,
         )
+
+
+_register()

@@ -10,7 +10,8 @@ the same numbers as `lax.conv_general_dilated(..., feature_group_count=groups)` 
 Unpadded 1x1 convolutions likewise run as matmuls on the CPU. Both forms pay most under XLA's
 CPU defaults, which hand convolutions to YNNPACK; deit_jax's own steps compile without YNNPACK
 (`deit_jax.jit`), where the split still makes the RegNetY-16GF forward ~20% faster than XLA's
-grouped conv and the matmuls run even with XLA's 1x1 convs (benchmarks/NOTES.md, attempts 19-20).
+grouped conv and the matmuls run even with XLA's 1x1 convs (the same RegNetY forward compiled
+each way in one process: benchmarks/NOTES.md, "The convnet teacher on CPU").
 
 `Conv` is `flax.linen.Conv` for the square, explicitly padded convolutions the convnets use,
 with the same parameters (`kernel` (kh, kw, in / groups, out), `bias` (out,)), so converted
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deit_jax.models.vit import Dtype, Initializer
+from deit_jax.models.layers import Dtype, Initializer
 
 Padding = Sequence[tuple[int, int]]
 _DIMS = ("NHWC", "HWIO", "NHWC")

@@ -8,8 +8,8 @@ Each stage `s{i}` has blocks `b{j}` (1-based, as timm): 1x1 conv -> 3x3 grouped 
 the first block of a stage) -> squeeze-excitation (`se/fc1`, `se/fc2`, reduced to 1/4 of the
 block's input width) -> 1x1 conv with zero-initialised BN, plus a 1x1 conv + BN shortcut
 (`downsample`) where the shape changes, then ReLU. Names mirror timm's modules (`stem/conv`,
-`s1/b1/conv1/bn`, `head/fc`), so `deit_jax.convert` maps timm state dicts by rule. Logical axis
-names and BatchNorm behaviour: see `deit_jax.models.cnn`.
+`s1/b1/conv1/bn`, `head/fc`), so `deit_jax.weights.timm_keys` maps timm state dicts by rule.
+Logical axis names and BatchNorm behaviour: see `deit_jax.models.blocks`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deit_jax.models.cnn import ConvNormAct, check_images, classifier, conv
+from deit_jax.models.blocks import ConvNormAct, check_images, classifier, conv
+from deit_jax.models.layers import Dtype
 from deit_jax.models.registry import register_model
-from deit_jax.models.vit import Dtype
 
 
 def regnet_stages(

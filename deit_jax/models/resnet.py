@@ -5,7 +5,7 @@
 linear classifier `fc`. Names mirror timm's state dict: the PyTorch block `layer2.0` is the Flax
 module `layer2_0`, its shortcut `downsample.0` (1x1 conv) / `downsample.1` (BN) are
 `downsample_0` / `downsample_1`. Logical axis names and BatchNorm behaviour: see
-`deit_jax.models.cnn`.
+`deit_jax.models.blocks`.
 
 Init as timm: kaiming normal (fan_out) convs, zero-initialised last BN of every residual branch,
 PyTorch's default init for `fc`.
@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deit_jax.models.cnn import BatchNorm, check_images, classifier, conv
+from deit_jax.models.blocks import BatchNorm, check_images, classifier, conv
+from deit_jax.models.layers import Dtype
 from deit_jax.models.registry import register_model
-from deit_jax.models.vit import Dtype
 
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 

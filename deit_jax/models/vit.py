@@ -1,9 +1,10 @@
 """DeiT: the vision transformer of Touvron et al. (2021), with the optional distillation token.
 
 Module and parameter names mirror timm's `VisionTransformer` / `VisionTransformerDistilled`
-(`patch_embed/proj`, `blocks_3/attn/qkv`, `head_dist`, ...), so `deit_jax.convert` maps PyTorch
-state dicts onto them by rule. Every parameter and the main activations carry logical axis names
-('batch', 'length', 'embed', 'heads', 'mlp', 'classes'); `deit_jax.sharding` maps them to a mesh.
+(`patch_embed/proj`, `blocks_3/attn/qkv`, `head_dist`, ...), so `deit_jax.weights.timm_keys` maps
+PyTorch state dicts onto them by rule. Every parameter and the main activations carry logical
+axis names ('batch', 'length', 'embed', 'heads', 'mlp', 'classes'); `deit_jax.sharding` maps
+them to a mesh. The DeiT and DeiT III names are registered at the end.
 
 Attention maps, final token features and the pooled pre-logit features are sown into the
 'intermediates' collection; use `deit_jax.models.forward_with_intermediates` or
@@ -12,38 +13,22 @@ Attention maps, final token features and the pooled pre-logit features are sown 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
-Initializer = Callable[..., jax.Array]
-
-
-def trunc_normal(std: float = 0.02) -> Initializer:
-    """timm's `trunc_normal_(std=std)`: normal(0, std) truncated to [-2, 2] (absolute bounds)."""
-
-    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
-        return jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype) * std
-
-    return init
-
-
-def torch_default_conv_init(fan_in: int) -> tuple[Initializer, Initializer]:
-    """PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)) for kernel and bias."""
-    bound = fan_in**-0.5
-
-    def uniform(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return uniform, uniform
-
-
-def _partitioned(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
-    return nn.with_logical_partitioning(init, axes)
+from deit_jax.models.layers import (
+    DenseParams,
+    Dtype,
+    gelu,
+    layer_norm,
+    partitioned,
+    torch_default_conv_init,
+    trunc_normal,
+)
+from deit_jax.models.registry import register_model
 
 
 def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
@@ -51,21 +36,14 @@ def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) 
         features,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=_partitioned(trunc_normal(0.02), axes),
-        bias_init=_partitioned(nn.initializers.zeros, (axes[1],)),
+        kernel_init=partitioned(trunc_normal(0.02), axes),
+        bias_init=partitioned(nn.initializers.zeros, (axes[1],)),
         name=name,
     )
 
 
 def _layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=1e-6,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-        name=name,
-    )
+    return layer_norm(name, 1e-6, dtype, param_dtype)
 
 
 class PatchProjection(nn.Module):
@@ -88,12 +66,12 @@ class PatchProjection(nn.Module):
         kernel_init, bias_init = torch_default_conv_init(p * p * c)
         kernel = self.param(
             "kernel",
-            _partitioned(kernel_init, (None, None, None, "embed")),
+            partitioned(kernel_init, (None, None, None, "embed")),
             (p, p, c, self.embed_dim),
             self.param_dtype,
         )
         bias = self.param(
-            "bias", _partitioned(bias_init, ("embed",)), (self.embed_dim,), self.param_dtype
+            "bias", partitioned(bias_init, ("embed",)), (self.embed_dim,), self.param_dtype
         )
         patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
@@ -128,45 +106,6 @@ class DropPath(nn.Module):
             self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
         )
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, written as PyTorch writes it: x * (1 + erf(x / sqrt(2))) / 2.
-
-    `jax.nn.gelu(approximate=False)` computes the same function through `erfc`, which XLA's CPU
-    backend evaluates about 2.5x slower than `erf` (benchmarks/NOTES.md).
-    """
-    return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
-
-
-class DenseParams(nn.Module):
-    """The kernel (in, out) and bias (out,) of an `nn.Dense`, returned instead of applied.
-
-    For layers whose kernel is reshaped per head before the matmul: the parameters keep the names,
-    shapes and layout of `nn.Dense`, so checkpoints convert as for any linear layer.
-    """
-
-    in_features: int
-    out_features: int
-    axes: tuple[str, str]
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param(
-            "kernel",
-            _partitioned(trunc_normal(0.02), self.axes),
-            (self.in_features, self.out_features),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            _partitioned(nn.initializers.zeros, (self.axes[1],)),
-            (self.out_features,),
-            self.param_dtype,
-        )
-        return kernel.astype(self.dtype), bias.astype(self.dtype)
 
 
 ATTENTION_KERNELS = ("xla", "cudnn")
@@ -279,7 +218,7 @@ class LayerScale(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         gamma = self.param(
             "gamma",
-            _partitioned(nn.initializers.constant(self.init_values), ("embed",)),
+            partitioned(nn.initializers.constant(self.init_values), ("embed",)),
             (x.shape[-1],),
             self.param_dtype,
         )
@@ -408,7 +347,7 @@ class DeiT(nn.Module):
             raise ValueError(
                 f"Expected NHWC images of shape (batch, {expected[0]}, {expected[1]}, "
                 f"{expected[2]}), got {tuple(images.shape)}. Pass img_size=... to create_model "
-                "for another resolution (convert.resize_pos_embed adapts pretrained weights)."
+                "for another resolution (deit_jax.weights.surgery adapts pretrained weights)."
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         deterministic = not train
@@ -416,7 +355,7 @@ class DeiT(nn.Module):
         d = self.embed_dim
 
         x = PatchEmbed(d, self.patch_size, **kw, name="patch_embed")(images)
-        token_init = _partitioned(trunc_normal(0.02), (None, None, "embed"))
+        token_init = partitioned(trunc_normal(0.02), (None, None, "embed"))
         tokens = [self.param("cls_token", token_init, (1, 1, d), self.param_dtype)]
         if self.distilled:
             tokens.append(self.param("dist_token", token_init, (1, 1, d), self.param_dtype))
@@ -468,3 +407,39 @@ class DeiT(nn.Module):
         if train:
             return cls_logits, dist_logits
         return (cls_logits + dist_logits) / 2
+
+
+def _register() -> None:
+    """timm's DeiT (`deit_*`) and DeiT III (`deit3_*`: LayerScale with init 1e-6, position
+    embeddings for the patches only) names and sizes."""
+    widths = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+    for size, (dim, heads) in widths.items():
+        for distilled in (False, True):
+            for img in (224, 384) if size == "base" else (224,):
+                name = f"deit_{size}{'_distilled' if distilled else ''}_patch16_{img}"
+                register_model(
+                    name, DeiT, embed_dim=dim, num_heads=heads, distilled=distilled, img_size=img
+                )
+    deit3 = {  # size: (patch, width, depth, heads, image sizes)
+        "small": (16, 384, 12, 6, (224, 384)),
+        "medium": (16, 512, 12, 8, (224,)),
+        "base": (16, 768, 12, 12, (224, 384)),
+        "large": (16, 1024, 24, 16, (224, 384)),
+        "huge": (14, 1280, 32, 16, (224,)),
+    }
+    for size, (patch, dim, depth, heads, img_sizes) in deit3.items():
+        for img in img_sizes:
+            register_model(
+                f"deit3_{size}_patch{patch}_{img}",
+                DeiT,
+                patch_size=patch,
+                embed_dim=dim,
+                depth=depth,
+                num_heads=heads,
+                img_size=img,
+                init_values=1e-6,
+                no_embed_class=True,
+            )
+
+
+_register()

@@ -1,6 +1,6 @@
 """Which frozen teacher a run gets: none, a registry model (`flax_teacher`) or CLIP's zero-shot
-classifier (`zero_shot`). Models from other frameworks (`torch_teacher`) run only in the cache
-writer (`cache`)."""
+classifier (`clip.zero_shot`). Models from other frameworks (`torch_teacher`) run only in the
+cache writer (`cache.write`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from deit_jax.teacher import flax_teacher, zero_shot
+from deit_jax.teacher import flax_teacher
+from deit_jax.teacher.clip import zero_shot
 
 
 def build_teacher(
@@ -19,23 +20,16 @@ def build_teacher(
 
     Without distillation there is none; a run that reads a teacher cache builds one only when
     `config.teacher.checkpoint` is also given (to report teacher accuracy and agreement).
-    A CLIP teacher (`framework="clip"`, deit_jax/teacher/zero_shot.py) keeps its zero-shot head
-    in `workdir`.
+    A CLIP teacher (`framework="clip"`, deit_jax/teacher/clip/zero_shot.py) keeps its zero-shot
+    head in `workdir`.
     """
     if config.distillation.kind == "none":
         return None, {}
     readable = config.teacher.checkpoint and config.teacher.framework in ("flax", "clip")
     if config.teacher.cache and not readable:
         return None, {}
-    if config.teacher.cache or config.teacher.framework == "clip":
-        return build_jax_teacher(config, num_classes, workdir)
-    if config.teacher.framework != "flax":
-        raise ValueError(
-            f"config.teacher.framework={config.teacher.framework!r} teachers run only in the "
-            "cache writer: write a cache with --config.mode=teacher_cache, then train with "
-            "--config.teacher.cache=DIR (or use a Flax registry teacher)."
-        )
-    return flax_teacher.build_flax_teacher(config, num_classes)
+    # A PyTorch teacher cannot run here; the config rules let it teach through a cache only.
+    return build_jax_teacher(config, num_classes, workdir)
 
 
 def build_jax_teacher(

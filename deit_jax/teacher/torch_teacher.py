@@ -10,34 +10,23 @@ EfficientNet or a CLIP image tower without a Flax port teaches a DeiT here.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 import numpy as np
 
-from deit_jax import _compat, convert
-from deit_jax.errors import CheckpointError, ConfigError, DependencyError, WeightsNotFoundError
+from deit_jax import _compat
+from deit_jax.errors import CheckpointError, ConfigError
+from deit_jax.teacher.forward import renormalization
+from deit_jax.weights.state_dict import read_state_dict
 
 
 class TorchTeacher:
     """A timm model built by name, with the weights of a local checkpoint file (strict)."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
-        t = config.teacher
-        if not t.checkpoint or not os.path.isfile(t.checkpoint):
-            raise WeightsNotFoundError(
-                f"config.teacher.checkpoint={t.checkpoint!r}: a PyTorch teacher needs a local "
-                "checkpoint file (.pth, .pt, .bin or .safetensors) holding the state dict of "
-                f"timm's {t.name!r} with {num_classes} classes; no weights are downloaded."
-            )
-        try:
-            torch = _compat.import_torch()
-            import timm
-        except ImportError as e:
-            raise DependencyError(
-                "config.teacher.framework='torch' needs PyTorch and timm: pip install "
-                "'deit_jax[torch]'."
-            ) from e
+        t = config.teacher  # a local checkpoint file, torch and timm installed: config.rules
+        torch = _compat.import_torch()
+        import timm
+
         self.torch = torch
         try:
             model = timm.create_model(t.name, pretrained=False, num_classes=num_classes)
@@ -45,7 +34,7 @@ class TorchTeacher:
             raise ConfigError(f"config.teacher.name={t.name!r} with framework 'torch': {e}") from e
         state_dict = {
             k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
-            for k, v in convert.read_state_dict(t.checkpoint).items()
+            for k, v in read_state_dict(t.checkpoint).items()
         }
         try:
             model.load_state_dict(state_dict, strict=True)
@@ -62,12 +51,13 @@ class TorchTeacher:
         self.interpolation = cfg.get("interpolation", "bicubic")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             self.interpolation = "bicubic"
-        stream_mean, stream_std = np.asarray(config.augment.mean), np.asarray(config.augment.std)
-        mean = np.asarray(cfg.get("mean", stream_mean))
-        std = np.asarray(cfg.get("std", stream_std))
+        stream_mean, stream_std = config.augment.mean, config.augment.std
+        scale, shift = renormalization(
+            stream_mean, stream_std, cfg.get("mean", stream_mean), cfg.get("std", stream_std)
+        )
         # One affine map from the stream's normalisation to the teacher's, per channel.
-        self.scale = torch.tensor(stream_std / std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.shift = torch.tensor((stream_mean - mean) / std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1)
+        self.shift = torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1)
 
     def log_probs(self, images: np.ndarray) -> np.ndarray:
         """(B, C) float32 log-probabilities for (B, H, W, 3) stream-normalised images."""

@@ -2,7 +2,8 @@
 
 Configs under `configs/` start from `base_config()` and change what their recipe needs. The
 returned ConfigDict is locked: an unknown key (a typo in a config file or a `--config.key=value`
-override) is an error that names the closest valid keys.
+override) is an error that names the closest valid keys. Each default is written here only;
+what a value may be is `deit_jax.config.rules`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What `python -m deit_jax.main` does with a config (`config.mode`).
+MODES = ("train", "eval", "teacher_cache", "quickstart")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -19,7 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The student's initialisation and dropout (None: `seed`). Varying it alone keeps the data
     # stream, so one teacher cache serves every such seed.
     c.init_seed = ml_collections.FieldReference(None, field_type=int)
-    c.mode = "train"  # train | eval | teacher_cache | quickstart (configs/quickstart.py)
+    # train | eval | teacher_cache (deit_jax/teacher/cache/) | quickstart (the experiment of
+    # configs/quickstart.py, deit_jax/experiments/quickstart.py)
+    c.mode = "train"
 
     # Student: a registered model name plus `create_model` overrides (configs may add more keys
     # under `with c.unlocked():`). `img_size` is `data.img_size`; `num_classes` the data's.
@@ -45,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     # torch: any timm model `name` with a local checkpoint file, run by PyTorch (cache writer only).
     # clip: a CLIP model (`name` clip_vit_b32, ...; `checkpoint` a deit_jax weights directory from
     # python -m deit_jax.convert, a transformers CLIP directory or an open_clip / OpenAI file) as a
-    # zero-shot classifier of `class_names` with `prompts` (deit_jax/teacher/zero_shot.py).
+    # zero-shot classifier of `class_names` with `prompts` (deit_jax/teacher/clip/zero_shot.py).
     c.teacher.framework = "flax"
     # The classes' names, for the CLIP teacher's prompts and a label-free data set's class count:
     # "" = the data set's own (tfds ClassLabel names, folder names; open_clip's curated names for
@@ -54,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     # The CLIP teacher's prompt templates: "openai" (the 80 of CLIP's ImageNet evaluation),
     # "simple" (open_clip's 7), or a file with one template per line, each containing "{}".
     c.teacher.prompts = "openai"
-    # Teacher-output cache (deit_jax/teacher/cache.py). `cache`: a cache directory written by
+    # Teacher-output cache (deit_jax/teacher/cache/). `cache`: a cache directory written by
     # `--config.mode=teacher_cache` with this config; training then reads the teacher's outputs
     # from it instead of running a teacher.
     c.teacher.cache = ""
@@ -78,8 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Soft KD's summed KL divided by batch x classes ("numel", the DeiT reference) or by the
     # batch ("batchmean", Hinton / timm's tasks).
     c.distillation.kl_reduction = "numel"
-    # Soft KD's KL times tau**2 (Hinton, the DeiT reference, timm); False: the plain KL, as the
-    # brief's F.kl_div(log_softmax(s / T), softmax(t / T), reduction="batchmean").
+    # Soft KD's KL times tau**2 (Hinton, the DeiT reference, timm); False: the plain KL, as a
+    # KL-only loop computes F.kl_div(log_softmax(s / T), softmax(t / T), reduction="batchmean").
     c.distillation.tau_squared = True
     # Feature KD's distance: "mse" (timm's FeatureDistillationTask) or "cosine" (1 - cosine
     # similarity, e.g. to a CLIP teacher's image embedding).
@@ -95,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     # More eval sets, each logged under its own prefix: comma-separated "name[:split]" entries,
-    # e.g. "imagenet2012_real, imagenet_v2:test" (deit_jax/eval_sets.py).
+    # e.g. "imagenet2012_real, imagenet_v2:test" (deit_jax/data/eval_sets.py).
     c.data.extra_eval = ""
     c.data.img_size = 224
     c.data.crop_pct = 0.875  # eval: resize to int(img_size / crop_pct), then centre crop

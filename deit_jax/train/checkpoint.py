@@ -1,13 +1,11 @@
-"""Orbax checkpoints: model variables (converted weights, exported models).
+"""Training checkpoints: the whole train state and the input pipeline's position, resumable.
 
-`save_variables` / `load_variables` store a Flax variables dict as an Orbax checkpoint directory
-with a `deit_jax.json` beside it naming the model and its overrides, so that training
-(`config.init_from`) and evaluation can rebuild the right model.
+Model weights for use elsewhere (a teacher, `init_from`, the export to timm) are not these: a
+finished run writes them as a deit_jax weights directory (`deit_jax.weights.directory`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,115 +17,15 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from deit_jax.errors import CheckpointError, UserError, WeightsNotFoundError
+from deit_jax.errors import CheckpointMismatchError, UserError
 
-__all__ = ["CheckpointMismatchError", "TrainCheckpointer", "load_variables", "save_variables"]
+__all__ = ["TrainCheckpointer", "UnreadableCheckpointsError"]
 
-
-class CheckpointMismatchError(CheckpointError):
-    """Stored arrays that do not fit the model or config that loads them (all problems listed at
-    once): an Orbax training checkpoint here, a PyTorch state dict in `deit_jax.convert`."""
-
-
-def state_dict_mismatch(
-    model_name: str,
-    overrides: Any,
-    missing: list[str],
-    unexpected: list[str],
-    mismatched: list[str],
-    hint: str,
-) -> CheckpointMismatchError | None:
-    """The error listing every way a PyTorch state dict misses `model_name`, or None if it fits."""
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(
-            f"unexpected in the checkpoint ({len(unexpected)}): {', '.join(sorted(unexpected))}"
-        )
-    if mismatched:
-        problems.append(f"wrong shapes ({len(mismatched)}): {'; '.join(mismatched)}")
-    if not problems:
-        return None
-    return CheckpointMismatchError(
-        f"The checkpoint does not fit model {model_name!r} (overrides {dict(overrides)}):\n  "
-        + "\n  ".join(problems)
-        + f"\n{hint}"
-    )
+log = logging.getLogger(__name__)
 
 
 class UnreadableCheckpointsError(UserError, RuntimeError):
     """Every checkpoint of a run's directory is unreadable (each skipped with a warning)."""
-
-
-log = logging.getLogger(__name__)
-
-METADATA_FILE = "deit_jax.json"
-_ITEM = "variables"
-
-
-def save_variables(
-    directory: str | os.PathLike,
-    variables: Any,
-    *,
-    model_name: str,
-    model_overrides: dict[str, Any] | None = None,
-    extra_metadata: dict[str, Any] | None = None,
-) -> None:
-    """Writes `variables` to `directory` (which must not exist yet).
-
-    `extra_metadata` (JSON values) joins the model name and overrides in deit_jax.json: a
-    finished run records its data, preprocessing and recipe there (read by deit_jax.export).
-    """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory):
-        raise FileExistsError(f"{directory!r} already exists; choose a new output directory.")
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, _ITEM), variables)
-        checkpointer.wait_until_finished()
-    metadata = {
-        **(extra_metadata or {}),
-        "model_name": model_name,
-        "model_overrides": model_overrides or {},
-    }
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
-
-
-def load_variables(directory: str | os.PathLike, target: Any = None) -> tuple[Any, dict[str, Any]]:
-    """Reads variables saved by `save_variables`; returns `(variables, metadata)`.
-
-    `target`, a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings), restores straight
-    into those shapes and placements; without it, the arrays are numpy arrays in host memory,
-    whatever devices and processes wrote them (weights exported by a multi-host run name devices
-    that another run does not have; `jax.device_put` them where they are needed).
-    """
-    directory = os.path.abspath(os.fspath(directory))
-    meta_path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isfile(meta_path):
-        raise WeightsNotFoundError(
-            f"{directory!r} is not a deit_jax weights directory (no {METADATA_FILE}). Create one "
-            "with `python -m deit_jax.convert --checkpoint FILE --model NAME --output DIR`."
-        )
-    with open(meta_path) as f:
-        metadata = json.load(f)
-    path = os.path.join(directory, _ITEM)
-    if target is None:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            stored = checkpointer.metadata(path).item_metadata.tree
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-            variables = checkpointer.restore(
-                path, args=ocp.args.PyTreeRestore(restore_args=as_numpy)
-            )
-        return variables, metadata
-    with ocp.StandardCheckpointer() as checkpointer:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        variables = checkpointer.restore(path, abstract)
-    return variables, metadata
-
-
-# --------------------------------------------------------------------------------------------------
-# Training checkpoints: the full train state, the data-iterator position and eval metrics.
 
 
 class TrainCheckpointer:
@@ -380,20 +278,3 @@ def _check_same_arrays(step: int, directory: str, stored: Any, abstract_state: A
             f"config than this run's:\n  {shown}{more}\nUse a new --workdir for a new model/config "
             "(or rerun with the config that wrote it)."
         )
-
-
-def weights_hash(path: str) -> str:
-    """SHA-256 over a weights file, or over every file of a weights directory (sorted)."""
-    digest = hashlib.sha256()
-    files = [path]
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-        )
-    for name in files:
-        if os.path.isdir(path):
-            digest.update(os.path.relpath(name, path).encode())
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()

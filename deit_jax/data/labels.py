@@ -1,7 +1,9 @@
-"""What a zero-shot CLIP teacher's prompts are made of: class names and templates.
+"""What the classes are called: a data set's class names, names given in the config, and the
+prompt templates a zero-shot CLIP teacher puts them in.
 
-Pure Python (no TensorFlow, no PyTorch), so that the config check (`deit_jax.validation`) uses
-the same parsers as the run. The teacher itself is in `deit_jax/teacher/zero_shot.py`.
+Pure Python (no TensorFlow, no PyTorch), so that the config rules (`deit_jax.config.rules`)
+check `teacher.class_names`, `teacher.prompts` and label-free data names with the same parsers
+the run uses. The zero-shot teacher itself is `deit_jax.teacher.clip`.
 
 - `teacher.class_names`: "" (the data set's own names, see `dataset_class_names`), "a,b,c" (a
   comma list) or the path of a file with one name per line.
@@ -23,6 +25,8 @@ import os
 import re
 from types import SimpleNamespace
 
+from deit_jax.errors import DependencyError
+
 LABEL_FREE_PREFIX = "images:"
 PROMPT_SETS = ("openai", "simple")
 # Data sets whose class names are bare indices that are also what the class is (a digit).
@@ -33,6 +37,11 @@ _WNID = re.compile(r"n\d{8}")
 def is_label_free(data_name: str) -> bool:
     """True for `images:/root` data: images without labels (distillation only)."""
     return isinstance(data_name, str) and data_name.startswith(LABEL_FREE_PREFIX)
+
+
+def label_free_root(data_name: str) -> str:
+    """The folder of label-free data `images:/root`: `/root`, with `~` expanded."""
+    return os.path.expanduser(data_name.removeprefix(LABEL_FREE_PREFIX))
 
 
 def _lines(path: str) -> list[str]:
@@ -69,8 +78,6 @@ def parse_class_names(value: str) -> list[str] | None:
 @functools.cache
 def open_clip_metadata() -> SimpleNamespace:
     """open_clip's `zero_shot_metadata` (templates, curated ImageNet names), read from its file."""
-    from deit_jax.errors import DependencyError
-
     spec = importlib.util.find_spec("open_clip")
     path = spec and os.path.join(spec.submodule_search_locations[0], "zero_shot_metadata.py")
     if not path or not os.path.isfile(path):
@@ -111,8 +118,8 @@ def check_templates(value: str) -> None:
 
 
 def templates(value: str) -> list[str]:
-    """The templates `teacher.prompts` names, as strings in which `{}` stands for the class."""
-    check_templates(value)
+    """The templates `teacher.prompts` names (`check_templates` accepts it), as strings in which
+    `{}` stands for the class."""
     if value in PROMPT_SETS:
         return list(getattr(open_clip_metadata(), value))
     return _lines(value)

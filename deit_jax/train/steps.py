@@ -1,13 +1,14 @@
 """Pure train and eval steps: the student, the frozen teacher and the distillation loss.
 
 `make_train_step` returns `train_step(state, teacher_variables, batch) -> (state, metrics)`,
-meant to be wrapped in one `jax.jit` over the mesh (see `deit_jax.train`). The teacher runs in
+meant to be wrapped in one `jax.jit` over the mesh (see `deit_jax.train.loop`). The teacher runs in
 eval mode under `stop_gradient` on the same (mixed) images as the student, optionally resized
 to its own input size; it is an argument, not part of the state, so it is neither optimised
 nor checkpointed with the student. With `config.teacher.cache` no teacher runs: the batch
 brings the teacher's cached top-k outputs (`teacher_logp`, `teacher_index`). Feature
 distillation (`kind="feature"`) compares pooled pre-logit features instead of logits, the
-student's through the projection whose parameters are `state.params["projection"]`.
+student's through the projection whose parameters are `state.params["projection"]`. The train
+state itself is `deit_jax.train.state.TrainState`.
 """
 
 from __future__ import annotations
@@ -15,67 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from deit_jax import feature_distillation, losses, optim, prompts
-from deit_jax.feature_distillation import Projection
-from deit_jax.models import input_size, pooled_features
-from deit_jax.teacher import cache, teacher_features, teacher_logits
+from deit_jax import losses
+from deit_jax.data.labels import is_label_free
+from deit_jax.models import pooled_features
+from deit_jax.teacher.cache.targets import cached_teacher_logits
+from deit_jax.teacher.feature import Projection, project, student_params
+from deit_jax.teacher.forward import teacher_features, teacher_logits
+from deit_jax.train import optim
+from deit_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    model_state: Any  # mutable collections other than params, e.g. {"batch_stats": ...}
-    opt_state: Any
-    ema_params: Any  # {} when EMA is off
-    rng: jax.Array  # raw uint32[2] key: checkpointable as a plain array
-    nan_step: jax.Array  # first step whose loss or gradients were not finite, -1 if none
-
-
-def init_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    rng: jax.Array,
-    *,
-    ema: bool,
-    projection: Projection | None = None,
-) -> TrainState:
-    """A fresh state; params keep their logical-partitioning boxes (for the mesh shardings).
-
-    With a feature-distillation `projection`, `params` gains its subtree `"projection"`.
-    """
-    init_rng, state_rng = jax.random.split(rng)
-    h, w = input_size(model)
-    images = jnp.zeros((1, h, w, getattr(model, "in_chans", 3)), jnp.float32)
-    variables = model.init({"params": init_rng, "dropout": init_rng}, images, train=False)
-    variables = dict(variables)
-    variables.pop("intermediates", None)
-    params = variables.pop("params")
-    if projection is not None:
-        # A key of its own: the student's init (and so every other run) stays as it was.
-        params = {
-            **params,
-            feature_distillation.PROJECTION: projection.init_params(jax.random.fold_in(rng, 1)),
-        }
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state=variables,
-        opt_state=tx.init(params),
-        ema_params=params if ema else {},
-        rng=state_rng,
-        nan_step=jnp.full((), -1, jnp.int32),
-    )
 
 
 def _student_outputs(outputs: Any, distilled: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -102,7 +59,7 @@ def make_train_step(
     accum = int(config.optim.grad_accum_steps)
     # With a teacher cache the batches carry the teacher's top-k outputs (deit_jax.teacher.cache).
     cached = bool(config.teacher.cache)
-    labelled = not prompts.is_label_free(config.data.name)  # label-free: labels are -1
+    labelled = not is_label_free(config.data.name)  # label-free: labels are -1
 
     def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
         rng, dropout_rng = jax.random.split(state.rng)
@@ -111,19 +68,19 @@ def make_train_step(
         if kind == "feature":
             t_features = teacher_features(teacher, teacher_variables, images)
         elif kind != "none" and cached:
-            t_logits = cache.cached_teacher_logits(batch, targets.shape[-1], kind)
+            t_logits = cached_teacher_logits(batch, targets.shape[-1], kind)
         elif kind != "none":
             t_logits = teacher_logits(teacher, teacher_variables, images)
 
         def loss_fn(params):
-            variables = {"params": feature_distillation.student_params(params), **state.model_state}
+            variables = {"params": student_params(params), **state.model_state}
             apply_kwargs = dict(train=True, rngs={"dropout": dropout_rng})
             s_features = None
             if kind == "feature":
                 outputs, s_features, new_model_state = pooled_features(
                     model, variables, images, mutable=list(state.model_state), **apply_kwargs
                 )
-                s_features = feature_distillation.project(projection, params, s_features)
+                s_features = project(projection, params, s_features)
             else:
                 outputs, new_model_state = model.apply(
                     variables, images, mutable=list(state.model_state), **apply_kwargs
@@ -141,8 +98,8 @@ def make_train_step(
                 student_features=s_features,
                 teacher_features=t_features,
                 base_criterion=config.loss,
-                feature_loss=config.distillation.get("feature_loss", "mse"),
-                tau_squared=config.distillation.get("tau_squared", True),
+                feature_loss=config.distillation.feature_loss,
+                tau_squared=config.distillation.tau_squared,
             )
             return total, (parts, new_model_state, cls_logits)
 
@@ -220,7 +177,7 @@ def make_eval_step(
     )
 
     def predict(params, model_state, images) -> dict[str, jax.Array]:
-        variables = {"params": feature_distillation.student_params(params), **model_state}
+        variables = {"params": student_params(params), **model_state}
         if distilled:
             cls_logits, dist_logits = both_heads.apply(variables, images, train=True)
             return {"": (cls_logits + dist_logits) / 2, "cls_": cls_logits, "dist_": dist_logits}

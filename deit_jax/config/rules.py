@@ -10,13 +10,18 @@ other keys names them in `after` and is skipped when one of them already failed.
 does not have are skipped (configs written for older or newer versions, partial test configs).
 Adding a key's check is one line here.
 
+This table is the one place where a config value is checked: the modules that use a value take
+it as the rules left it (no second check, no second default), and the names a rule accepts come
+from the module that implements them where it is import-light (`deit_jax.losses`, the model
+registry, the eval-set and class-name parsers of `deit_jax.data`).
+
 Import-light on purpose (no TensorFlow, no model building; the model registry only for patch
 sizes), so that `python -m deit_jax.main` refuses a bad config within about a second.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -24,97 +29,31 @@ from typing import Any
 
 import ml_collections
 
-from deit_jax import eval_sets, prompts
+from deit_jax import losses
+from deit_jax.config import predicates
+from deit_jax.config.defaults import MODES, base_config
+from deit_jax.config.predicates import (
+    MISSING,
+    Context,
+    Rule,
+    bounds,
+    error_of,
+    image_size,
+    in_range,
+    int_at_least,
+    is_int,
+    is_num,
+    one_of,
+    parses,
+    three,
+)
+from deit_jax.data import eval_sets, labels
 from deit_jax.data.randaugment_policy import parse_policy
 from deit_jax.errors import ConfigError
 from deit_jax.models.registry import list_models, model_options
 from deit_jax.models.vit import REMAT_POLICIES
 
-_MISSING = object()
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """What rules may look at besides the value: the config and the hardware it runs on."""
-
-    config: ml_collections.ConfigDict
-    num_devices: int
-    num_processes: int
-
-    def get(self, key: str) -> Any:
-        """The value at a dotted key, or `_MISSING`."""
-        node: Any = self.config
-        for part in key.split("."):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                return _MISSING
-            node = node[part]
-        return node
-
-    @property
-    def distilling(self) -> bool:
-        return self.get("distillation.kind") not in ("none", _MISSING)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """`key`'s value must satisfy `ok(value, context)`; else `allowed` (a str, or a function of
-    the context) says what is allowed and what to do."""
-
-    key: str
-    ok: Callable[[Any, Context], bool]
-    allowed: str | Callable[[Context], str]
-    after: tuple[str, ...] = ()
-
-
 # --------------------------------------------------------------------------- predicates
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_at_least(low: int) -> Callable[[Any, Context], bool]:
-    return lambda v, c: _is_int(v) and v >= low
-
-
-def _in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
-    """A predicate for a number in the interval [lo, hi], each end open or closed."""
-
-    def ok(v: Any, c: Context) -> bool:
-        if not _is_num(v):
-            return False
-        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-
-    return ok
-
-
-def _one_of(*choices: Any) -> Callable[[Any, Context], bool]:
-    return lambda v, c: v in choices
-
-
-def _bounds(v: Any, c: Context) -> bool:
-    """A (min, max) pair with 0 < min <= max."""
-    return (
-        isinstance(v, Sequence) and len(v) == 2 and all(_is_num(x) for x in v) and 0 < v[0] <= v[1]
-    )
-
-
-def _three(positive: bool) -> Callable[[Any, Context], bool]:
-    def ok(v: Any, c: Context) -> bool:
-        if not (isinstance(v, Sequence) and len(v) == 3 and all(_is_num(x) for x in v)):
-            return False
-        return all(x > 0 for x in v) if positive else True
-
-    return ok
-
-
-def _image_size(v: Any, c: Context) -> bool:
-    sizes = v if isinstance(v, Sequence) and not isinstance(v, str) else [v]
-    return len(sizes) in (1, 2) and all(_is_int(s) and s > 0 for s in sizes)
 
 
 def _patch_size(c: Context) -> int | None:
@@ -132,7 +71,7 @@ def _fits_patches(v: Any, c: Context) -> bool:
 
 def _patch_message(c: Context) -> str:
     patch, size = _patch_size(c), c.get("data.img_size")
-    size = size if _is_int(size) else max(size)
+    size = size if is_int(size) else max(size)
     below, above = size // patch * patch, (size // patch + 1) * patch
     return (
         f"must be a multiple of the patch size {patch} of {c.get('model_name')!r} (or the "
@@ -177,19 +116,18 @@ def _pair_batches(v: Any, c: Context) -> bool:
 
 
 def _mesh_fsdp(v: Any, c: Context) -> bool:
-    return _is_int(v) and v >= 1 and c.num_devices % v == 0
+    return is_int(v) and v >= 1 and c.num_devices % v == 0
 
 
 def _mesh_data(v: Any, c: Context) -> bool:
-    return v == -1 or (_is_int(v) and v >= 1 and v * c.get("mesh.fsdp") == c.num_devices)
+    return v == -1 or (is_int(v) and v >= 1 and v * c.get("mesh.fsdp") == c.num_devices)
 
 
 def _teacher_given(v: Any, c: Context) -> bool:
-    # The quickstart trains its own teacher and fills this in for its distillation stage; a run
-    # that reads a teacher cache needs no teacher; the cache writer always does.
+    # A run that reads a teacher cache needs no teacher; the cache writer always does.
     if c.get("mode") == "teacher_cache":
         return bool(v)
-    return not c.distilling or c.get("mode") == "quickstart" or bool(v) or _reads_cache(c)
+    return not c.distilling or c.teacher_from_run or bool(v) or _reads_cache(c)
 
 
 def _reads_cache(c: Context) -> bool:
@@ -208,19 +146,34 @@ def _cache_dir(v: Any, c: Context) -> bool:
     return not v or "://" in v or c.get("mode") == "teacher_cache" or os.path.isdir(v)
 
 
-def _epoch_range(v: Any, c: Context) -> bool:
-    if v == "":
-        return True
-    start, sep, end = v.partition(":") if isinstance(v, str) else ("", "", "")
-    return (
-        bool(sep)
-        and all(p == "" or p.isdigit() for p in (start, end))
-        and (not start or not end or int(start) < int(end))
-    )
+def epoch_range(spec: str) -> tuple[int | None, int | None]:
+    """`teacher.cache_epochs` "START:END" as (start, end), None where a side is empty; "" is
+    (None, None): every epoch. Raises ValueError for anything else."""
+    if spec == "":
+        return None, None
+    start, sep, end = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not all(p == "" or p.isdigit() for p in (start, end)):
+        raise ValueError(spec)
+    bounds = (int(start) if start else None, int(end) if end else None)
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise ValueError(spec)
+    return bounds
 
 
 def _teacher_exists(v: Any, c: Context) -> bool:
-    return not c.distilling or not v or os.path.exists(os.path.expanduser(v))
+    needed = c.distilling or c.get("mode") == "teacher_cache"
+    return not needed or not v or os.path.exists(os.path.expanduser(v))
+
+
+def _writes_torch_cache(c: Context) -> bool:
+    # A PyTorch teacher runs in the cache writer only; runs that read its cache need neither it
+    # nor PyTorch.
+    return c.get("teacher.framework") == "torch" and c.get("mode") == "teacher_cache"
+
+
+def _torch_installed(v: Any, c: Context) -> bool:
+    modules = ("torch", "timm")
+    return not _writes_torch_cache(c) or all(importlib.util.find_spec(m) for m in modules)
 
 
 def _model_keys(v: Any, c: Context) -> bool:
@@ -255,27 +208,6 @@ def _extra_eval_problem(v: Any, c: Context) -> str | None:
     return None
 
 
-def _error_of(parse: Callable[[Any], Any], key: str) -> Callable[[Context], str]:
-    """The `allowed` text of a rule whose check is a parser: the parser's own message."""
-
-    def message(c: Context) -> str:
-        try:
-            parse(c.get(key))
-        except (TypeError, ValueError) as e:
-            return str(e).rstrip(".")
-        return "is not valid"
-
-    return message
-
-
-def _parses(parse: Callable[[Any], Any]) -> Callable[[Any, Context], bool]:
-    def ok(v: Any, c: Context) -> bool:
-        parse(v)  # a TypeError / ValueError fails the rule (see `problems`)
-        return True
-
-    return ok
-
-
 def _randaugment(v: Any) -> None:
     if not isinstance(v, str):
         raise TypeError(
@@ -285,8 +217,21 @@ def _randaugment(v: Any) -> None:
         parse_policy(v)
 
 
+def _complete(section: str) -> Callable[[Any, Context], bool]:
+    """A section the pipeline or the optimiser takes whole: it must have every default key."""
+    return lambda v, c: not set(base_config()[section]) - set(v)
+
+
+def _missing_keys(section: str) -> Callable[[Context], str]:
+    def message(c: Context) -> str:
+        missing = sorted(set(base_config()[section]) - set(c.get(section)))
+        return f"lacks {', '.join(missing)}; start from deit_jax.config.base_config()"
+
+    return message
+
+
 def _label_free(c: Context) -> bool:
-    return prompts.is_label_free(c.get("data.name"))
+    return labels.is_label_free(c.get("data.name"))
 
 
 def _label_free_split(v: Any, c: Context) -> bool:
@@ -305,17 +250,22 @@ _WEIGHTS = (
 RULES: tuple[Rule, ...] = (
     Rule(
         "mode",
-        _one_of("train", "eval", "teacher_cache", "quickstart"),
+        one_of(*MODES),
         "must be 'train', 'eval', 'teacher_cache' or 'quickstart'",
     ),
-    Rule("loss", _one_of("ce", "bce"), "must be 'ce' (soft-target cross-entropy) or 'bce'"),
-    Rule("seed", lambda v, c: _is_int(v), "must be an integer"),
-    Rule("init_seed", lambda v, c: v is None or _is_int(v), "must be an integer, or None: seed"),
-    Rule("dtype", _one_of("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
+    Rule(
+        "mode",
+        lambda v, c: v != "quickstart" or c.get("quickstart") is not MISSING,
+        "needs a config with a `quickstart` section: use --config=configs/quickstart.py",
+    ),
+    Rule("loss", one_of(*losses.BASE_LOSSES), "must be 'ce' (soft-target cross-entropy) or 'bce'"),
+    Rule("seed", lambda v, c: is_int(v), "must be an integer"),
+    Rule("init_seed", lambda v, c: v is None or is_int(v), "must be an integer, or None: seed"),
+    Rule("dtype", one_of("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
     # Batches and the devices that share them.
-    Rule("batch_size", _int_at_least(1), "must be a positive integer (the global batch)"),
+    Rule("batch_size", int_at_least(1), "must be a positive integer (the global batch)"),
     Rule("batch_size", _devices_divide, _devices_message("batch_size")),
-    Rule("eval_batch_size", _int_at_least(1), "must be a positive integer (the global batch)"),
+    Rule("eval_batch_size", int_at_least(1), "must be a positive integer (the global batch)"),
     Rule("eval_batch_size", _devices_divide, _devices_message("eval_batch_size")),
     Rule("mesh.fsdp", _mesh_fsdp, lambda c: f"must divide the {c.num_devices} devices (1: off)"),
     Rule(
@@ -328,20 +278,24 @@ RULES: tuple[Rule, ...] = (
         after=("mesh.fsdp",),
     ),
     # Schedule, logging, checkpoints.
-    Rule("num_epochs", _in(0, math.inf, lo_open=True), "must be > 0 (may be fractional)"),
-    Rule("eval_every_epochs", _in(0, math.inf, lo_open=True), "must be > 0 (may be fractional)"),
-    Rule("log_every_steps", _int_at_least(1), "must be an integer >= 1"),
-    Rule("checkpoint_every_steps", _int_at_least(1), "must be an integer >= 1"),
-    Rule("keep_checkpoints", _int_at_least(1), "must be an integer >= 1 (checkpoints kept)"),
-    Rule("progress_bar", _one_of(True, False), "must be True or False"),
+    Rule("num_epochs", in_range(0, math.inf, lo_open=True), "must be > 0 (may be fractional)"),
+    Rule(
+        "eval_every_epochs", in_range(0, math.inf, lo_open=True), "must be > 0 (may be fractional)"
+    ),
+    Rule("log_every_steps", int_at_least(1), "must be an integer >= 1"),
+    Rule("checkpoint_every_steps", int_at_least(1), "must be an integer >= 1"),
+    Rule("keep_checkpoints", int_at_least(1), "must be an integer >= 1 (checkpoints kept)"),
+    Rule("progress_bar", one_of(True, False), "must be True or False"),
     # The student.
     Rule("model_name", _registered, "must be a registered model (deit_jax.list_models())"),
     Rule("model", _model_keys, _model_keys_message, after=("model_name",)),
-    Rule("model.drop_path_rate", _in(0, 1, hi_open=True), "must be in [0, 1) (0.1 for DeiT-S)"),
-    Rule("model.drop_rate", _in(0, 1, hi_open=True), "must be in [0, 1)"),
+    Rule(
+        "model.drop_path_rate", in_range(0, 1, hi_open=True), "must be in [0, 1) (0.1 for DeiT-S)"
+    ),
+    Rule("model.drop_rate", in_range(0, 1, hi_open=True), "must be in [0, 1)"),
     Rule(
         "model.num_classes",
-        lambda v, c: v is None or (_is_int(v) and v >= 1),
+        lambda v, c: v is None or (is_int(v) and v >= 1),
         "must be a positive integer, or None for the data set's class count",
     ),
     Rule(
@@ -359,18 +313,20 @@ RULES: tuple[Rule, ...] = (
     # Distillation and the teacher.
     Rule(
         "distillation.kind",
-        _one_of("none", "soft", "hard", "feature"),
+        one_of(*losses.DISTILLATION_KINDS),
         "must be 'none', 'soft', 'hard' (logit KD, any student) or 'feature'",
     ),
     Rule(
         "distillation.kl_reduction",
-        _one_of("numel", "batchmean"),
+        one_of(*losses.KL_REDUCTIONS),
         "must be 'numel' (summed KL / (batch x classes), the DeiT reference) or 'batchmean' "
         "(summed KL / batch, Hinton and timm's tasks)",
     ),
-    Rule("distillation.alpha", _in(0, 1), "must be in [0, 1] (the distillation loss's weight)"),
-    Rule("distillation.tau", _in(0, math.inf, lo_open=True), "must be > 0 (the temperature)"),
-    Rule("distillation.tau_squared", _one_of(True, False), "must be True or False"),
+    Rule(
+        "distillation.alpha", in_range(0, 1), "must be in [0, 1] (the distillation loss's weight)"
+    ),
+    Rule("distillation.tau", in_range(0, math.inf, lo_open=True), "must be > 0 (the temperature)"),
+    Rule("distillation.tau_squared", one_of(True, False), "must be True or False"),
     Rule(
         "distillation.kind",
         lambda v, c: not _label_free(c) or v != "none",
@@ -387,19 +343,25 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "distillation.feature_loss",
-        _one_of("mse", "cosine"),
+        one_of(*losses.FEATURE_LOSSES),
         "must be 'mse' (timm's FeatureDistillationTask) or 'cosine' (1 - cosine similarity)",
     ),
     Rule(
         "teacher.framework",
-        _one_of("flax", "torch", "clip"),
+        one_of("flax", "torch", "clip"),
         "must be 'flax' (a registry model), 'torch' (a timm model, for the cache writer) or "
         "'clip' (a CLIP model as a zero-shot classifier)",
     ),
     Rule(
         "teacher.framework",
+        _torch_installed,
+        "needs PyTorch and timm, which are not installed: pip install 'deit_jax[torch]'",
+        after=("mode",),
+    ),
+    Rule(
+        "teacher.framework",
         lambda v, c: (
-            v != "torch" or not c.distilling or c.get("mode") != "train" or _reads_cache(c)
+            v != "torch" or not c.distilling or c.get("mode") == "teacher_cache" or _reads_cache(c)
         ),
         "PyTorch teachers run in the cache writer only: write a cache with "
         "--config.mode=teacher_cache, then train with --config.teacher.cache=DIR",
@@ -421,8 +383,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "teacher.class_names",
-        _parses(prompts.parse_class_names),
-        _error_of(prompts.parse_class_names, "teacher.class_names"),
+        parses(labels.parse_class_names),
+        error_of(labels.parse_class_names, "teacher.class_names"),
     ),
     Rule(
         "teacher.class_names",
@@ -433,8 +395,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "teacher.prompts",
-        _parses(prompts.check_templates),
-        _error_of(prompts.check_templates, "teacher.prompts"),
+        parses(labels.check_templates),
+        error_of(labels.check_templates, "teacher.prompts"),
     ),
     Rule(
         "teacher.checkpoint",
@@ -448,31 +410,38 @@ RULES: tuple[Rule, ...] = (
         "teacher.checkpoint",
         _teacher_exists,
         f"does not exist; give {_WEIGHTS}, or use --config.distillation.kind=none",
-        after=("distillation.kind",),
+        after=("distillation.kind", "mode"),
+    ),
+    Rule(
+        "teacher.checkpoint",
+        lambda v, c: not _writes_torch_cache(c) or os.path.isfile(os.path.expanduser(v)),
+        "a PyTorch teacher (teacher.framework='torch') needs a local checkpoint file (.pth, .pt, "
+        ".bin or .safetensors) holding the state dict of timm's model; no weights are downloaded",
+        after=("teacher.framework", "distillation.kind", "mode"),
     ),
     Rule("teacher.cache", _cache_dir, "must be '' or a teacher cache directory that exists"),
     Rule(
         "teacher.cache",
         lambda v, c: (
             not v
-            or c.get("mode") in ("teacher_cache", "quickstart")
+            or c.get("mode") == "teacher_cache"
             or c.get("distillation.kind") in ("soft", "hard")
         ),
         "holds teacher outputs for soft or hard distillation: set --config.distillation.kind, "
         "or remove the cache",
         after=("distillation.kind", "mode"),
     ),
-    Rule("teacher.cache_topk", _int_at_least(1), "must be an integer >= 1 (hard needs 1)"),
-    Rule("teacher.cache_dtype", _one_of("float16", "float32"), "must be 'float16' or 'float32'"),
-    Rule("teacher.cache_chunk_steps", _int_at_least(1), "must be an integer >= 1"),
+    Rule("teacher.cache_topk", int_at_least(1), "must be an integer >= 1 (hard needs 1)"),
+    Rule("teacher.cache_dtype", one_of("float16", "float32"), "must be 'float16' or 'float32'"),
+    Rule("teacher.cache_chunk_steps", int_at_least(1), "must be an integer >= 1"),
     Rule(
         "teacher.cache_epochs",
-        _epoch_range,
+        parses(epoch_range),
         "must be '' (all epochs) or 'START:END' (END exclusive, e.g. '0:100')",
     ),
     Rule(
         "teacher.img_size",
-        lambda v, c: v is None or (_is_int(v) and v > 0),
+        lambda v, c: v is None or (is_int(v) and v > 0),
         "must be a positive integer, or None for the student's image size",
     ),
     # Data.
@@ -484,7 +453,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "data.name",
-        lambda v, c: not prompts.is_label_free(v) or os.path.isdir(os.path.expanduser(v[7:])),
+        lambda v, c: not labels.is_label_free(v) or os.path.isdir(labels.label_free_root(v)),
         "names a folder that does not exist; give images:<root>, a folder of images (any layout)",
     ),
     Rule("data.manual_dir", _existing_path, "must be '' or an existing directory"),
@@ -506,14 +475,16 @@ RULES: tuple[Rule, ...] = (
         )
         for key in ("data.train_split", "data.eval_split")
     ),
-    Rule("data.img_size", _image_size, "must be a positive integer (or a (height, width) pair)"),
+    Rule("data.img_size", image_size, "must be a positive integer (or a (height, width) pair)"),
     Rule("data.img_size", _fits_patches, _patch_message, after=("model_name", "model")),
-    Rule("data.crop_pct", _in(0, 1, lo_open=True), "must be in (0, 1] (0.875 for DeiT at 224)"),
-    Rule("data.repeated_aug", _int_at_least(1), "must be an integer >= 1 (1: off, DeiT: 3)"),
-    Rule("data.shuffle_buffer", _int_at_least(1), "must be an integer >= 1"),
-    Rule("data.cache", _one_of(True, False), "must be True or False"),
-    Rule("data.prefetch", _int_at_least(0), "must be an integer >= 0 (batches ahead)"),
-    Rule("data.num_shares", _int_at_least(0), "must be an integer >= 0 (0: one per process)"),
+    Rule(
+        "data.crop_pct", in_range(0, 1, lo_open=True), "must be in (0, 1] (0.875 for DeiT at 224)"
+    ),
+    Rule("data.repeated_aug", int_at_least(1), "must be an integer >= 1 (1: off, DeiT: 3)"),
+    Rule("data.shuffle_buffer", int_at_least(1), "must be an integer >= 1"),
+    Rule("data.cache", one_of(True, False), "must be True or False"),
+    Rule("data.prefetch", int_at_least(0), "must be an integer >= 0 (batches ahead)"),
+    Rule("data.num_shares", int_at_least(0), "must be an integer >= 0 (0: one per process)"),
     Rule(
         "data.num_shares",
         _num_shares,
@@ -524,89 +495,92 @@ RULES: tuple[Rule, ...] = (
         after=("batch_size",),
     ),
     # Augmentation.
-    Rule("augment.scale", _bounds, "must be (min, max) with 0 < min <= max, e.g. (0.08, 1.0)"),
-    Rule("augment.ratio", _bounds, "must be (min, max) with 0 < min <= max, e.g. (0.75, 1.33)"),
+    Rule("augment", _complete("augment"), _missing_keys("augment")),
+    Rule("augment.scale", bounds, "must be (min, max) with 0 < min <= max, e.g. (0.08, 1.0)"),
+    Rule("augment.ratio", bounds, "must be (min, max) with 0 < min <= max, e.g. (0.75, 1.33)"),
     Rule(
         "augment.interpolation",
-        _one_of("bicubic", "bilinear", "random"),
+        one_of("bicubic", "bilinear", "random"),
         "must be 'bicubic', 'bilinear' or 'random'",
     ),
-    Rule("augment.hflip", _in(0, 1), "must be a probability in [0, 1]"),
+    Rule("augment.hflip", in_range(0, 1), "must be a probability in [0, 1]"),
     Rule(
-        "augment.randaugment", _parses(_randaugment), _error_of(_randaugment, "augment.randaugment")
+        "augment.randaugment", parses(_randaugment), error_of(_randaugment, "augment.randaugment")
     ),
     Rule(
         "augment.color_jitter",
-        lambda v, c: (_is_num(v) and v >= 0) or (_three(False)(v, c) and min(v) >= 0),
+        lambda v, c: (is_num(v) and v >= 0) or (three(False)(v, c) and min(v) >= 0),
         "must be a strength >= 0 (0: off) or (brightness, contrast, saturation) strengths >= 0",
     ),
-    Rule("augment.reprob", _in(0, 1), "must be a probability in [0, 1] (0: no random erasing)"),
-    Rule("augment.three_augment", _one_of(True, False), "must be True or False"),
-    Rule("augment.src", _one_of(True, False), "must be True or False"),
-    Rule("augment.remode", _one_of("pixel", "rand", "const"), "must be 'pixel', 'rand' or 'const'"),
-    Rule("augment.mean", _three(False), "must be three numbers (per channel, in [0, 1] units)"),
-    Rule("augment.std", _three(True), "must be three positive numbers (per channel)"),
+    Rule(
+        "augment.reprob", in_range(0, 1), "must be a probability in [0, 1] (0: no random erasing)"
+    ),
+    Rule("augment.three_augment", one_of(True, False), "must be True or False"),
+    Rule("augment.src", one_of(True, False), "must be True or False"),
+    Rule("augment.remode", one_of("pixel", "rand", "const"), "must be 'pixel', 'rand' or 'const'"),
+    Rule("augment.mean", three(False), "must be three numbers (per channel, in [0, 1] units)"),
+    Rule("augment.std", three(True), "must be three positive numbers (per channel)"),
     # Mixup, cutmix, label smoothing.
-    Rule("mixup.mixup_alpha", _in(0, math.inf), "must be >= 0 (0: no mixup)"),
-    Rule("mixup.cutmix_alpha", _in(0, math.inf), "must be >= 0 (0: no cutmix)"),
-    Rule("mixup.prob", _in(0, 1), "must be a probability in [0, 1]"),
-    Rule("mixup.switch_prob", _in(0, 1), "must be a probability in [0, 1]"),
-    Rule("mixup.mode", _one_of("batch", "pair", "elem"), "must be 'batch', 'pair' or 'elem'"),
+    Rule("mixup", _complete("mixup"), _missing_keys("mixup")),
+    Rule("mixup.mixup_alpha", in_range(0, math.inf), "must be >= 0 (0: no mixup)"),
+    Rule("mixup.cutmix_alpha", in_range(0, math.inf), "must be >= 0 (0: no cutmix)"),
+    Rule("mixup.prob", in_range(0, 1), "must be a probability in [0, 1]"),
+    Rule("mixup.switch_prob", in_range(0, 1), "must be a probability in [0, 1]"),
+    Rule("mixup.mode", one_of("batch", "pair", "elem"), "must be 'batch', 'pair' or 'elem'"),
     Rule(
         "mixup.mode",
         _pair_batches,
         "'pair' needs an even batch per data share; use an even batch_size / num_shares",
         after=("batch_size", "data.num_shares"),
     ),
-    Rule("mixup.label_smoothing", _in(0, 1, hi_open=True), "must be in [0, 1) (DeiT: 0.1)"),
+    Rule("mixup.label_smoothing", in_range(0, 1, hi_open=True), "must be in [0, 1) (DeiT: 0.1)"),
     # The optimiser.
-    Rule("optim.name", _one_of("adamw", "lamb"), "must be 'adamw' or 'lamb'"),
-    Rule("optim.unscale_lr", _one_of(True, False), "must be True or False"),
-    Rule("optim.lr", _in(0, math.inf), "must be >= 0 (for a batch of optim.lr_batch_base)"),
-    Rule("optim.lr_batch_base", _in(0, math.inf, lo_open=True), "must be > 0"),
-    Rule("optim.weight_decay", _in(0, math.inf), "must be >= 0"),
-    Rule("optim.b1", _in(0, 1, hi_open=True), "must be in [0, 1) (AdamW's beta1, 0.9)"),
-    Rule("optim.b2", _in(0, 1, hi_open=True), "must be in [0, 1) (AdamW's beta2, 0.999)"),
-    Rule("optim.eps", _in(0, math.inf), "must be >= 0"),
-    Rule("optim.warmup_epochs", _in(0, math.inf), "must be >= 0 (may be fractional)"),
-    Rule("optim.warmup_lr", _in(0, math.inf), "must be >= 0"),
-    Rule("optim.min_lr", _in(0, math.inf), "must be >= 0"),
-    Rule("optim.clip_grad_norm", _in(0, math.inf), "must be >= 0 (0: no clipping)"),
-    Rule("optim.grad_accum_steps", _int_at_least(1), "must be an integer >= 1 (1: off)"),
-    Rule("optim.ema_decay", _in(0, 1, hi_open=True), "must be in [0, 1) (0: no EMA)"),
+    Rule("optim", _complete("optim"), _missing_keys("optim")),
+    Rule("optim.name", one_of("adamw", "lamb"), "must be 'adamw' or 'lamb'"),
+    Rule("optim.unscale_lr", one_of(True, False), "must be True or False"),
+    Rule("optim.lr", in_range(0, math.inf), "must be >= 0 (for a batch of optim.lr_batch_base)"),
+    Rule("optim.lr_batch_base", in_range(0, math.inf, lo_open=True), "must be > 0"),
+    Rule("optim.weight_decay", in_range(0, math.inf), "must be >= 0"),
+    Rule("optim.b1", in_range(0, 1, hi_open=True), "must be in [0, 1) (AdamW's beta1, 0.9)"),
+    Rule("optim.b2", in_range(0, 1, hi_open=True), "must be in [0, 1) (AdamW's beta2, 0.999)"),
+    Rule("optim.eps", in_range(0, math.inf), "must be >= 0"),
+    Rule("optim.warmup_epochs", in_range(0, math.inf), "must be >= 0 (may be fractional)"),
+    Rule("optim.warmup_lr", in_range(0, math.inf), "must be >= 0"),
+    Rule("optim.min_lr", in_range(0, math.inf), "must be >= 0"),
+    Rule("optim.clip_grad_norm", in_range(0, math.inf), "must be >= 0 (0: no clipping)"),
+    Rule("optim.grad_accum_steps", int_at_least(1), "must be an integer >= 1 (1: off)"),
+    Rule("optim.ema_decay", in_range(0, 1, hi_open=True), "must be in [0, 1) (0: no EMA)"),
 )
 
 
-def _shown(value: Any) -> str:
-    if isinstance(value, ml_collections.ConfigDict):
-        return str(value.to_dict())
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 def problems(
-    config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int,
+    num_processes: int = 1,
+    teacher_from_run: bool = False,
 ) -> list[str]:
-    """Every problem of `config`, one `config.<key>=<value>: <what is allowed>` line each."""
-    c = Context(config, num_devices, num_processes)
-    failed: dict[str, str] = {}
-    for rule in RULES:
-        value = c.get(rule.key)
-        if value is _MISSING or rule.key in failed or any(k in failed for k in rule.after):
-            continue
-        try:
-            ok = rule.ok(value, c)
-        except (TypeError, ValueError, ZeroDivisionError):
-            ok = False  # A value of the wrong type for the rule's arithmetic.
-        if not ok:
-            allowed = rule.allowed(c) if callable(rule.allowed) else rule.allowed
-            failed[rule.key] = f"config.{rule.key}={_shown(value)}: {allowed}."
-    return list(failed.values())
+    """Every problem of `config`, one `config.<key>=<value>: <what is allowed>` line each.
+
+    `teacher_from_run`: the command trains the teacher before the stages that distil from it
+    (see `Context`)."""
+    context = Context(config, num_devices, num_processes, teacher_from_run)
+    return predicates.problems(RULES, context)
 
 
 def check_config(
-    config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int,
+    num_processes: int = 1,
+    teacher_from_run: bool = False,
 ) -> None:
     """Raises `ConfigError` listing every problem of `config` (see the module docstring)."""
-    found = problems(config, num_devices=num_devices, num_processes=num_processes)
+    found = problems(
+        config,
+        num_devices=num_devices,
+        num_processes=num_processes,
+        teacher_from_run=teacher_from_run,
+    )
     if found:
         raise ConfigError(found)

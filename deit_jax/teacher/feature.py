@@ -5,7 +5,7 @@ student's features to the teacher's width before the MSE. Its parameters train w
 by the same optimiser, as the extra subtree `params["projection"]` of the train state: present
 only for `distillation.kind="feature"` with differing widths, so every other run's checkpoint
 layout is unchanged. `student_params` strips it before the student's forward, and the exported
-inference weights (`deit_jax.train._export`) leave it out.
+inference weights (`deit_jax.train.run_weights`) leave it out.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from deit_jax.models import feature_width
-from deit_jax.models.vit import Dtype, torch_default_conv_init
+from deit_jax.models.layers import Dtype, torch_default_conv_init
 
 PROJECTION = "projection"
 

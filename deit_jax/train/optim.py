@@ -23,64 +23,23 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from deit_jax.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 # Parameters the reference model lists in `no_weight_decay()`; besides these, every parameter
 # with at most one dimension (biases, LayerNorm scales) is excluded from weight decay.
 NO_WEIGHT_DECAY = frozenset({"pos_embed", "cls_token", "dist_token"})
-OPTIMIZERS = ("adamw", "lamb")
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _validate(
-    config: ml_collections.ConfigDict,
-    global_batch_size: int,
-    steps_per_epoch: float,
-    num_epochs: float,
-) -> None:
-    name = config.get("name", "adamw")
-    _check(
-        name in OPTIMIZERS,
-        f"config.optim.name {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}.",
-    )
-    _check(config.lr >= 0, f"config.optim.lr must be >= 0, got {config.lr}.")
-    _check(
-        config.lr_batch_base > 0,
-        f"config.optim.lr_batch_base must be > 0, got {config.lr_batch_base}.",
-    )
-    _check(config.warmup_lr >= 0, f"config.optim.warmup_lr must be >= 0, got {config.warmup_lr}.")
-    _check(config.min_lr >= 0, f"config.optim.min_lr must be >= 0, got {config.min_lr}.")
-    _check(
-        config.warmup_epochs >= 0,
-        f"config.optim.warmup_epochs must be >= 0, got {config.warmup_epochs}.",
-    )
-    _check(
-        config.weight_decay >= 0,
-        f"config.optim.weight_decay must be >= 0, got {config.weight_decay}.",
-    )
-    _check(
-        0 <= config.b1 < 1 and 0 <= config.b2 < 1,
-        f"config.optim.b1 and b2 must be in [0, 1), got {config.b1} and {config.b2}.",
-    )
-    _check(config.eps >= 0, f"config.optim.eps must be >= 0, got {config.eps}.")
-    _check(
-        config.clip_grad_norm >= 0,
-        f"config.optim.clip_grad_norm must be >= 0 (0 disables), got {config.clip_grad_norm}.",
-    )
-    k = config.grad_accum_steps
-    _check(
-        isinstance(k, int) and k >= 1,
-        f"config.optim.grad_accum_steps must be an integer >= 1 (1 disables), got {k!r}.",
-    )
-    _check(global_batch_size > 0, f"global_batch_size must be > 0, got {global_batch_size}.")
-    _check(steps_per_epoch > 0, f"steps_per_epoch must be > 0, got {steps_per_epoch}.")
-    _check(num_epochs > 0, f"num_epochs must be > 0, got {num_epochs}.")
+def _check_sizes(global_batch_size: int, steps_per_epoch: float, num_epochs: float) -> None:
+    """The sizes a schedule is built for, derived from the data (the config's own values are
+    checked by `deit_jax.config.rules`)."""
+    for name, value in (
+        ("global_batch_size", global_batch_size),
+        ("steps_per_epoch", steps_per_epoch),
+        ("num_epochs", num_epochs),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}.")
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict, global_batch_size: int) -> float:
@@ -89,7 +48,7 @@ def peak_learning_rate(config: ml_collections.ConfigDict, global_batch_size: int
     warmup_lr and min_lr are not scaled, as in the reference. With `unscale_lr` (the reference's
     `--unscale-lr`, used by DeiT III) the peak rate is `lr` itself.
     """
-    if config.get("unscale_lr", False):
+    if config.unscale_lr:
         return float(config.lr)
     effective_batch = global_batch_size * config.grad_accum_steps
     return config.lr * effective_batch / config.lr_batch_base
@@ -123,7 +82,7 @@ def learning_rate_schedule(
 
     `global_batch_size` and `steps_per_epoch` count data batches, as in `create_optimizer`.
     """
-    _validate(config, global_batch_size, steps_per_epoch, num_epochs)
+    _check_sizes(global_batch_size, steps_per_epoch, num_epochs)
     peak = peak_learning_rate(config, global_batch_size)
     if peak < config.min_lr:
         log.warning(
@@ -179,7 +138,7 @@ def create_optimizer(
     steps_per_epoch: float,
     num_epochs: float,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (or `lamb`, `config.name`) with the reference schedule and weight-decay mask.
+    """AdamW (or LAMB, `config.name="lamb"`) with the reference schedule and weight-decay mask.
 
     Returns `(tx, schedule)`.
 
@@ -195,7 +154,7 @@ def create_optimizer(
         steps_per_epoch=steps_per_epoch,
         num_epochs=num_epochs,
     )
-    if config.get("name", "adamw") == "lamb":
+    if config.name == "lamb":
         tx = lamb(schedule, config)
     else:
         tx = optax.adamw(
@@ -245,7 +204,8 @@ def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
     of `ema_params`; decay 0 returns `params` (no EMA).
     """
     if isinstance(decay, (int, float)):
-        _check(0 <= decay < 1, f"EMA decay must be in [0, 1) (0 disables), got {decay}.")
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1) (0 disables), got {decay}.")
         if decay == 0:
             return params
     return jax.tree.map(

@@ -1,12 +1,13 @@
-"""Convnet building blocks shared by the teachers, and `cnn_small`, a teacher for tiny images.
+"""Convnet building blocks shared by every convnet (ResNet, RegNetY, `cnn_small`).
 
 The blocks reproduce PyTorch semantics so that converted timm weights give the same logits:
 explicit symmetric padding `((stride - 1) + (kernel - 1)) // 2` (timm's `get_padding`, never
 'SAME'), and `BatchNorm` with PyTorch's running statistics (momentum 0.1, eps 1e-5, unbiased
 running variance).
 
-Module names follow timm's (`ConvNormAct` holds `conv` and `bn`), so `deit_jax.convert` maps
-state dicts by rule; a Flax name `features_2` stands for the PyTorch list index `features.2`.
+Module names follow timm's (`ConvNormAct` holds `conv` and `bn`), so
+`deit_jax.weights.timm_keys` maps state dicts by rule; a Flax name `features_2` stands for the
+PyTorch list index `features.2`.
 
 Logical axis names on parameters (unknown names are replicated by the sharding rules):
   conv kernels   (None, None, 'conv_in', 'conv_out')   conv biases, BN scale/bias ('conv_out',)
@@ -26,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from deit_jax.models.conv import Conv
-from deit_jax.models.registry import register_model
-from deit_jax.models.vit import Dtype, Initializer, torch_default_conv_init
+from deit_jax.models.layers import Dtype, Initializer, torch_default_conv_init
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
 
@@ -189,41 +189,3 @@ def check_images(images: jax.Array, in_chans: int, model: str) -> None:
             f"{tuple(images.shape)}. Transpose NCHW inputs with x.transpose(0, 2, 3, 1); for "
             "grayscale images repeat the channel (or create the model with in_chans=1)."
         )
-
-
-class SmallCNN(nn.Module):
-    """A few conv-BN-ReLU layers, global average pooling and a linear classifier.
-
-    Made for low-resolution data such as scikit-learn's 8x8 digits made RGB, at 8x8 to 32x32:
-    12M multiply-adds per 32x32 image, so it trains on a CPU in seconds. AdamW (lr 3e-3, cosine
-    decay, batch 64) reaches about 99% test accuracy on digits in 5 epochs at 8x8 and at 32x32.
-    Layer i is `features_i` (a `ConvNormAct`: 3x3 conv, `widths[i]` channels, stride
-    `strides[i]`); the classifier is `fc`, as in timm's ResNet.
-    """
-
-    num_classes: int = 10
-    img_size: int | tuple[int, int] = 32
-    in_chans: int = 3
-    widths: tuple[int, ...] = (32, 64, 128, 128)
-    # Downsampling early keeps it cheap; three stride-2 layers leave 4x4 features at 32x32 (too
-    # little downsampling and the global average pool loses where strokes are).
-    strides: tuple[int, ...] = (2, 1, 2, 2)
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        check_images(images, self.in_chans, type(self).__name__)
-        if len(self.widths) != len(self.strides):
-            raise ValueError(f"widths {self.widths} and strides {self.strides} differ in length.")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = images.astype(self.dtype)
-        for i, (width, stride) in enumerate(zip(self.widths, self.strides, strict=True)):
-            x = ConvNormAct(width, 3, stride, **kw, name=f"features_{i}")(x, train=train)
-        x = x.mean(axis=(1, 2))
-        if not self.is_initializing():  # init returns only the weights
-            self.sow("intermediates", "pre_logits", x)  # timm's forward_head(pre_logits=True)
-        return classifier(self.num_classes, x.shape[-1], **kw)(x)
-
-
-register_model("cnn_small", SmallCNN)

@@ -15,7 +15,7 @@ ImageNet-ReaL (tfds `imagenet2012_real`) additionally reports `real_top1` / `rea
 prediction counts as correct when it is in the image's set of reassessed labels, and images
 without any are left out (timm's `RealLabelsImagenet` rule).
 
-Import-light (no TensorFlow): `deit_jax.validation` uses `problem` to refuse a missing or empty
+Import-light (no TensorFlow): `deit_jax.config.rules` uses `problem` to refuse a missing or empty
 set before anything is built, by reading the `dataset_info.json` tfds writes.
 """
 

@@ -1,6 +1,6 @@
 """The quickstart experiment (`mode=quickstart`): does distillation from a convnet help a DeiT?
 
-For each seed, four runs of the ordinary training loop (`deit_jax.train`), each in its own
+For each seed, four runs of the ordinary training loop (`deit_jax.train.loop`), each in its own
 subdirectory of the workdir, so an interrupted quickstart resumes where it stopped (the DeiT
 paper's distillation ablation: no distillation, usual distillation, distillation token):
 
@@ -29,9 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from deit_jax import train
-from deit_jax.errors import ConfigError
-from deit_jax.metrics import read_jsonl
+from deit_jax.train.loop import train_and_evaluate
+from deit_jax.train.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +99,6 @@ def curves(workdir: str, seeds: list[int]) -> dict[str, list[list[tuple[float, f
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every seed's four stages and writes results.{md,json,png}; returns the results."""
-    if "quickstart" not in config:
-        raise ConfigError(
-            "mode=quickstart needs a config with a `quickstart` section; use "
-            "--config=configs/quickstart.py."
-        )
     workdir = os.path.abspath(workdir)
     if not jax.config.jax_compilation_cache_dir:
         # Every seed compiles the same train and eval steps: compile them once.
@@ -123,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             run_dir = os.path.join(workdir, f"seed{seed}", name)
             log.info("Quickstart seed %d (%d/%d): %s in %s", seed, i + 1, len(seeds), name, run_dir)
             start = time.perf_counter()
-            per_seed[seed][name] = train.train_and_evaluate(stage_config, run_dir)
+            per_seed[seed][name] = train_and_evaluate(stage_config, run_dir)
             minutes[name] = minutes.get(name, 0.0) + (time.perf_counter() - start) / 60
 
     results = summarize(config, per_seed, minutes)

@@ -1,0 +1,218 @@
+"""The cache writer (`--config.mode=teacher_cache`): the teacher over every batch of the run's
+stream, its top-k stored chunk by chunk (the layout: `deit_jax.teacher.cache`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from deit_jax import data, sharding
+from deit_jax.config import rules
+from deit_jax.jit import jit
+from deit_jax.teacher import build, forward, torch_teacher
+from deit_jax.teacher.cache import store
+from deit_jax.teacher.cache.store import CacheError, CacheStore, Layout
+
+log = logging.getLogger(__name__)
+
+
+def _epoch_range(spec: str, layout: Layout) -> range:
+    """The epochs `config.teacher.cache_epochs` names (its syntax checked by the config rules),
+    within the run's."""
+    start, end = rules.epoch_range(spec)
+    start, end = start or 0, layout.num_epochs if end is None else end
+    if not 0 <= start < end <= layout.num_epochs:
+        raise CacheError(
+            f"config.teacher.cache_epochs={spec!r}: need 0 <= START < END <= {layout.num_epochs} "
+            "(the run's epochs)."
+        )
+    return range(start, end)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in row order."""
+    shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def _flax_teacher_fn(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    mesh: jax.sharding.Mesh,
+    topk: int,
+    workdir: str,
+) -> Callable[[dict[str, jax.Array]], tuple[np.ndarray, np.ndarray]]:
+    # A CLIP teacher's zero-shot head is kept with the cache (`workdir`).
+    teacher, variables = build.build_jax_teacher(config, num_classes, workdir)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+
+    @jit
+    def top(variables, images):
+        logits = forward.teacher_logits(teacher, variables, images)
+        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+
+    def run(batch):
+        values, indices = top(variables, batch["image"])
+        return _local_rows(values), _local_rows(indices)
+
+    return run
+
+
+def _teacher_fn(config, num_classes, mesh, topk, workdir):
+    if config.teacher.framework == "torch":
+        teacher = torch_teacher.TorchTeacher(config, num_classes)
+        return lambda batch: teacher.topk_log_probs(_local_rows(batch["image"]), topk)
+    return _flax_teacher_fn(config, num_classes, mesh, topk, workdir)
+
+
+def _runs(units: list[tuple[int, int]], layout: Layout) -> Iterator[list[tuple[int, int]]]:
+    """Splits (epoch, chunk) units into runs of consecutive batches of the stream."""
+    run: list[tuple[int, int]] = []
+    for unit in units:
+        if run:
+            epoch, chunk = run[-1]
+            follows = (
+                (epoch, chunk + 1) if chunk + 1 < layout.chunks_in_epoch(epoch) else (epoch + 1, 0)
+            )
+            if unit != follows:
+                yield run
+                run = []
+        run.append(unit)
+    if run:
+        yield run
+
+
+def write_cache(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, Any]:
+    """Runs the teacher over the run's batches and stores its top-k; returns a summary.
+
+    Chunks that are already written are skipped, so rerunning after a crash (or on several
+    machines with `config.teacher.cache_epochs` ranges) completes the cache.
+    """
+    config = copy.deepcopy(config)
+    config.mode = "teacher_cache"  # what is checked: this is the writer, whatever the file says
+    rules.check_config(
+        config,
+        num_devices=len(devices) if devices else jax.device_count(),
+        num_processes=jax.process_count(),
+    )
+    mesh = sharding.create_mesh(config.mesh, devices)
+    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    layout = store.layout_for(config, train_data)
+    epochs = _epoch_range(config.teacher.cache_epochs, layout)
+    teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
+    manifest = store.manifest(config, train_data, layout)
+
+    cache = CacheStore(workdir)
+    stored = cache.read_manifest()
+    if stored is not None:
+        problems = store.differences(
+            {**stored["stream"], **stored["teacher"]}, {**manifest["stream"], **manifest["teacher"]}
+        )
+        problems += store.differences(
+            {f"layout.{k}": v for k, v in stored["layout"].items()},
+            {f"layout.{k}": v for k, v in manifest["layout"].items()},
+        )
+        if problems:
+            raise CacheError(
+                f"The teacher cache in {workdir!r} was written with another config:\n  "
+                + "\n  ".join(problems)
+                + "\nUse the same config to complete it, or another --workdir for a new cache."
+            )
+    elif jax.process_index() == 0:
+        cache.write_manifest(manifest)
+    if jax.process_index() == 0:
+        cache.open_arrays(layout)
+    multihost_utils.sync_global_devices("deit_jax teacher cache: arrays created")
+    arrays = cache.open_arrays()
+
+    shares = list(train_data.data_shares)
+    done = cache.written_chunks()
+    units = [
+        (e, c)
+        for e in epochs
+        for c in range(layout.chunks_in_epoch(e))
+        if any((e, c, s) not in done for s in shares)
+    ]
+    todo_steps = sum(len(layout.chunk_steps_of(e, c)) for e, c in units)
+    skipped = sum(layout.chunks_in_epoch(e) for e in epochs) - len(units)
+    log.info(
+        "Teacher cache %s: %s %s over epochs %d-%d, %d steps of %d images to write (%d chunks "
+        "already written), top-%d %s, shares %s of %d.",
+        workdir, config.teacher.framework, config.teacher.name, epochs.start, epochs.stop - 1,
+        todo_steps, layout.batch_size, skipped, layout.topk, layout.values_dtype, shares,
+        layout.num_shares,
+    )  # fmt: skip
+    progress = tqdm(
+        total=todo_steps * layout.batch_size,
+        unit="img",
+        unit_scale=True,
+        desc=f"teacher cache {config.teacher.name}",
+        disable=not config.progress_bar or jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    start = time.perf_counter()
+    pending: list[Any] = []
+    try:
+        for run in _runs(units, layout):
+            epoch, chunk = run[0]
+            train_data.set_state(
+                {**train_data.get_state(), "epoch": epoch, "step": chunk * layout.chunk_steps}
+            )
+            for epoch, chunk in run:
+                steps = layout.chunk_steps_of(epoch, chunk)
+                outputs = [teacher(next(train_data)) for _ in steps]
+                progress.update(len(steps) * layout.batch_size)
+                for future in pending:
+                    future.result()
+                pending = _write_chunk(arrays, layout, epoch, steps, shares, outputs)
+        for future in pending:
+            future.result()
+    finally:
+        progress.close()
+        train_data.close()
+    multihost_utils.sync_global_devices("deit_jax teacher cache: written")
+    seconds = time.perf_counter() - start
+    summary = {
+        "steps_written": todo_steps,
+        "images_per_sec": todo_steps * layout.batch_size / seconds if todo_steps else 0.0,
+        "seconds": seconds,
+        "bytes_per_example": layout.topk
+        * (np.dtype(layout.values_dtype).itemsize + np.dtype(layout.indices_dtype).itemsize),
+    }
+    log.info(
+        "Teacher cache %s: wrote %d steps in %.1f s (%.0f images/s).",
+        workdir, todo_steps, seconds, summary["images_per_sec"],
+    )  # fmt: skip
+    return summary
+
+
+def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
+    """Starts the writes of one chunk per data share of this process; returns their futures."""
+    values = np.stack([v for v, _ in outputs]).astype(layout.values_dtype)
+    indices = np.stack([i for _, i in outputs]).astype(layout.indices_dtype)
+    rows = layout.share_batch
+    futures = []
+    for position, share in enumerate(shares):
+        local = slice(position * rows, (position + 1) * rows)
+        target = (epoch, slice(steps.start, steps.stop), slice(share * rows, (share + 1) * rows))
+        # Which process writes which chunk (tests check that each writes only its own shares').
+        log.debug(
+            "Teacher cache: process %d writes chunk %s",
+            jax.process_index(),
+            store.chunk_key(epoch, steps.start // layout.chunk_steps, share),
+        )
+        futures.append(arrays["values"][target].write(values[:, local]).commit)
+        futures.append(arrays["indices"][target].write(indices[:, local]).commit)
+    return futures

@@ -1,0 +1,248 @@
+"""The training loop: mesh, models, data, one jitted train step, periodic eval and checkpoints.
+
+`train_and_evaluate(config, workdir)` resumes from the latest good checkpoint in `workdir`
+(params, optimiser state, EMA, step, RNG and data-iterator position), so starting the same
+command again after a crash or a preemption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+from tqdm import tqdm
+
+from deit_jax import data, sharding
+from deit_jax.errors import Preempted, UserError
+from deit_jax.jit import jit
+from deit_jax.teacher.build import build_teacher
+from deit_jax.teacher.cache.read import CacheReader
+from deit_jax.train import optim, steps
+from deit_jax.train.checkpoint import TrainCheckpointer
+from deit_jax.train.evaluation import best_metric, eval_extra, eval_loop, eval_step_for, format_eval
+from deit_jax.train.metrics import MetricsWriter
+from deit_jax.train.run_weights import save_run_weights
+from deit_jax.train.state import (
+    TrainState,
+    build_student,
+    check_config,
+    merge_pretrained,
+    projection_for,
+    state_and_shardings,
+)
+from deit_jax.weights.load import load_weights
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+def _bce_without_smoothing(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """With `loss="bce"`, a copy of `config` without label smoothing (DeiT III's recipe).
+
+    The BCE binarises the mixed targets (`targets > 0`); smoothed targets are positive
+    everywhere, so smoothing would make every class a positive. The reference recipe sets it to
+    0; this ignores any other value, with a warning.
+    """
+    if config.loss != "bce" or not config.mixup.label_smoothing:
+        return config
+    log.warning(
+        "loss=bce ignores mixup.label_smoothing=%s (binarised targets): training with 0.",
+        config.mixup.label_smoothing,
+    )
+    config = copy.deepcopy(config)
+    config.mixup.label_smoothing = 0.0
+    return config
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, float]:
+    """Trains (resuming if `workdir` holds checkpoints); returns the final eval metrics.
+
+    On SIGTERM it saves a checkpoint and raises `Preempted`.
+
+    `devices` (default: all) are the devices the mesh is built over.
+    """
+    check_config(config, devices)
+    config = _bce_without_smoothing(config)
+    workdir = os.path.abspath(workdir)
+    info = data.dataset_info(config)
+    mesh = sharding.create_mesh(config.mesh, devices)
+    model = build_student(config, info.num_classes)
+    teacher, teacher_variables = build_teacher(config, info.num_classes, workdir)
+    teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
+    projection = projection_for(config, model, teacher)
+
+    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    # Before anything is built or compiled: a cache written for another stream is refused now.
+    reader = CacheReader(config, train_data) if config.teacher.cache else None
+    eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
+    extra_evals = data.build_extra_evals(
+        config, mesh, sharding.DATA_AXES, num_classes=info.num_classes
+    )
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+    eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+    tx, schedule = optim.create_optimizer(
+        config.optim,
+        global_batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=config.num_epochs,
+    )
+
+    best = best_metric(info, teacher)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
+        init, abstract, state_shardings = state_and_shardings(config, model, tx, mesh, projection)
+        checkpointer = TrainCheckpointer(
+            os.path.join(workdir, "checkpoints"),
+            save_every_steps=config.checkpoint_every_steps,
+            keep=config.keep_checkpoints,
+            best_metric=best,
+        )
+        restored = checkpointer.restore(abstract)
+        if restored is not None:
+            start_step, state, data_state = restored
+            train_data.set_state(data_state)
+            log.info("Resumed from step %d in %s", start_step, checkpointer.directory)
+        else:
+            start_step, state = 0, init()
+            if config.init_from:
+                pretrained, _ = load_weights(config.init_from, config.model_name)
+                params = merge_pretrained(state.params, pretrained["params"], model)
+                state = state.replace(
+                    params=jax.device_put(params, state_shardings.params),
+                    ema_params=jax.device_put(params, state_shardings.params)
+                    if state.ema_params
+                    else {},
+                )
+                log.info("Initialised from %s", config.init_from)
+
+        if config.teacher.cache:
+            reader.check_coverage(start_step, total_steps)
+            train_data.extras = reader
+            log.info("Teacher outputs from the cache %s", config.teacher.cache)
+            if teacher is None:
+                log.info(
+                    "Evaluation skips teacher accuracy and agreement: no teacher checkpoint "
+                    "(set --config.teacher.checkpoint as well to report them)."
+                )
+        train_step = jit(
+            steps.make_train_step(model, tx, schedule, config, teacher, projection),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        eval_step = eval_step_for(config, model, teacher, info)
+        writer = MetricsWriter(workdir)
+        log.info(
+            "Training %s (%s params) on %s: %d steps of %d images, %d devices %s",
+            config.model_name,
+            f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
+            config.data.name,
+            total_steps,
+            config.batch_size,
+            mesh.size,
+            dict(mesh.shape),
+        )
+
+        stop = {"signal": None}
+        previous_handler = signal.signal(
+            signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)
+        )
+        eval_metrics: dict[str, float] = {}
+        progress = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=f"train {config.model_name}",
+            disable=not config.progress_bar or jax.process_index() != 0,
+            dynamic_ncols=True,
+        )
+        tick, tick_step = time.perf_counter(), start_step
+        try:
+            for step in range(start_step + 1, total_steps + 1):
+                state, metrics = train_step(state, teacher_variables, next(train_data))
+                progress.update()
+                last = step == total_steps
+                if step % config.log_every_steps == 0 or last:
+                    metrics = jax.device_get(metrics)
+                    _check_finite(state, step)
+                    now = time.perf_counter()
+                    metrics["images_per_sec"] = (
+                        (step - tick_step) * config.batch_size / (now - tick)
+                    )
+                    metrics["epoch"] = step / steps_per_epoch
+                    tick, tick_step = now, step
+                    writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
+                    progress.set_postfix(
+                        loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}"
+                    )
+                evaluated = step % eval_every == 0 or last
+                if evaluated:
+                    eval_metrics = eval_loop(
+                        eval_step,
+                        eval_data,
+                        (state.params, state.model_state, state.ema_params, teacher_variables),
+                    )
+                    writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    extra = eval_extra(
+                        extra_evals,
+                        eval_step,
+                        (state.params, state.model_state, state.ema_params, teacher_variables),
+                    )
+                    for prefix, values in extra.items():
+                        writer.write(step, {f"{prefix}/{k}": v for k, v in values.items()})
+                    if jax.process_index() == 0:  # tqdm.write prints even when disabled
+                        progress.write(format_eval(step, eval_metrics))
+                        for prefix, values in extra.items():
+                            progress.write(format_eval(step, values).replace("eval", prefix, 1))
+                if evaluated or checkpointer.should_save(step) or stop["signal"]:
+                    _check_finite(state, step)
+                    checkpointer.save(
+                        step,
+                        state,
+                        data_state=train_data.get_state(),
+                        metrics={best: eval_metrics[best]} if evaluated and best else None,
+                        force=True,
+                    )
+                if stop["signal"]:
+                    log.warning("SIGTERM: saved step %d, exiting; rerun to resume.", step)
+                    break
+        finally:
+            progress.close()
+            checkpointer.wait_until_finished()
+            checkpointer.close()
+            writer.close()
+            train_data.close()
+            signal.signal(signal.SIGTERM, previous_handler)
+
+        if stop["signal"]:
+            # Raised, not returned, so that callers running several stages (the quickstart)
+            # stop here too instead of starting the next one.
+            raise Preempted(f"SIGTERM: checkpoint saved in {checkpointer.directory}")
+        save_run_weights(workdir, config, state, info)
+        if not eval_metrics and start_step >= total_steps:
+            eval_metrics = eval_loop(
+                eval_step,
+                eval_data,
+                (state.params, state.model_state, state.ema_params, teacher_variables),
+            )
+        return eval_metrics
+
+
+def _check_finite(state: TrainState, step: int) -> None:
+    nan_step = int(jax.device_get(state.nan_step))
+    if nan_step >= 0:
+        raise NonFiniteLossError(
+            f"Non-finite loss or gradients at step {nan_step + 1} (detected by step {step}); "
+            "that update was not applied and no checkpoint was written after it. Lower the "
+            "learning rate (--config.optim.lr), enable clipping (--config.optim.clip_grad_norm=1) "
+            "or use float32, then rerun: training resumes from the last good checkpoint."
+        )
