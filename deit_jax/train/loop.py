@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -189,13 +190,13 @@ def train_and_evaluate(
                     eval_metrics = eval_loop(
                         eval_step,
                         eval_data,
-                        (state.params, state.model_state, state.ema_params, teacher_variables),
+                        _eval_args(state, teacher_variables),
                     )
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                     extra = eval_extra(
                         extra_evals,
                         eval_step,
-                        (state.params, state.model_state, state.ema_params, teacher_variables),
+                        _eval_args(state, teacher_variables),
                     )
                     for prefix, values in extra.items():
                         writer.write(step, {f"{prefix}/{k}": v for k, v in values.items()})
@@ -232,9 +233,14 @@ def train_and_evaluate(
             eval_metrics = eval_loop(
                 eval_step,
                 eval_data,
-                (state.params, state.model_state, state.ema_params, teacher_variables),
+                _eval_args(state, teacher_variables),
             )
         return eval_metrics
+
+
+def _eval_args(state: TrainState, teacher_variables: Any) -> tuple[Any, ...]:
+    """What the eval step takes besides the batch: the student's weights, EMA and the teacher's."""
+    return state.params, state.model_state, state.ema_params, teacher_variables
 
 
 def _check_finite(state: TrainState, step: int) -> None:
