@@ -14,14 +14,14 @@ by hard distillation from the teacher (`deit_tiny_distilled_patch16_224`, same o
 Writes results.md, results.json and results.png to the workdir and prints the table; rerunning
 resumes.
 
-Hardware and time: 12 min 1 s on 2 idle CPU cores (2026-12-02, `/usr/bin/time`, peak RSS
-2.1 GB; 7 min 46 s on 2026-12-01, when the machine also ran timm's reference ~20% faster).
-Evaluating every 12 epochs instead of 6 changes no result and saves about 0.4 s per test pass (45
-passes). Expected test top-1, mean +- std over seeds 0-2 (deit_jax.jit's CPU kernels): teacher
-97.50 +- 0.48, student without distillation 75.09 +- 0.58, usual distillation 81.48 +- 2.78,
-distilled student (average of heads) 80.83 +- 1.69: a 5.74-point gain for the token, every seed
-gaining 4.2-7.5 points, against a seed spread (max - min) of 3.06; usual distillation gains 6.39.
-The README's quickstart section has the recipes tried.
+Hardware and time: 5 min 23 s on 2 idle cores of an Intel Xeon with AVX-512-FP16 (2026-12-05,
+`/usr/bin/time`, peak RSS 2.1 GB); 12 min 1 s on an AVX2 Xeon (2026-12-02). Expected test top-1
+on that AVX-512 host, mean +- std over seeds 0-2: teacher 97.50 +- 0.48, student without
+distillation 74.17 +- 1.27, usual distillation 81.67 +- 2.27, distilled student (average of
+heads) 82.04 +- 2.16: a 7.87-point gain for the token, every seed gaining 5.8-11.7 points, against
+a seed spread (max - min) of 4.17; usual distillation gains 7.50. Other CPUs print other values
+(the AVX2 host: a 5.74-point gain over a 3.06 spread); every seed gains on each
+(docs/quickstart.md, with the recipes tried).
 One stage alone: `--config.mode=train` trains the distilled student (given
 `--config.teacher.checkpoint`), add `--config.distillation.kind=none
 --config.model_name=deit_tiny_patch16_224` for the baseline, or only the model name for usual

@@ -7,7 +7,9 @@ The names below are imported on first use, so that `python -m deit_jax.main` sta
 installs its SIGTERM handler) before JAX and Flax load.
 """
 
-from deit_jax._compat import lazy_names
+from deit_jax._compat import lazy_names, quiet_tensorflow
+
+quiet_tensorflow()  # before any submodule imports TensorFlow
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "forward_with_intermediates", "list_models"]

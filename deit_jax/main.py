@@ -25,11 +25,6 @@ import os
 import signal
 import sys
 
-# Before anything imports TensorFlow: its C++ start-up messages are not for deit_jax's users.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-# On AVX-512 CPUs TensorFlow turns its oneDNN custom operations on by itself and says so past
-# TF_CPP_MIN_LOG_LEVEL; the input pipeline's image ops give the same numbers without them.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 _STARTUP = {"workdir": None, "defaults": {}}
 
 

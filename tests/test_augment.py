@@ -107,12 +107,18 @@ def test_resize_matches_pil_resized_crop(photo):
         assert_close_resize(np.abs(ours - np.asarray(theirs)))
 
 
-def test_eval_matches_timm(photo):
-    timm_eval = create_transform(224, crop_pct=0.875, interpolation="bicubic")
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_eval_matches_timm(photo, interpolation):
+    timm_eval = create_transform(224, crop_pct=0.875, interpolation=interpolation)
     # Tall, wide (odd margins: the centre crop rounds half to even) and upscaled inputs.
     for image in [photo, photo.resize((452, 300)), photo.resize((150, 131))]:
         ours = augment.eval_preprocess(
-            tf.constant(np.asarray(image)), size=224, crop_pct=0.875, mean=MEAN, std=STD
+            tf.constant(np.asarray(image)),
+            size=224,
+            crop_pct=0.875,
+            mean=MEAN,
+            std=STD,
+            interpolation=interpolation,
         ).numpy()
         theirs = timm_eval(image).permute(1, 2, 0).numpy()
         assert ours.shape == theirs.shape == (224, 224, 3)

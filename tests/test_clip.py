@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _optional import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+open_clip = require("open_clip")
+transformers = require("transformers")
 
 from deit_jax import convert  # noqa: E402
 from deit_jax.models import (  # noqa: E402

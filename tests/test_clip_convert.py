@@ -15,11 +15,12 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+from _optional import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+open_clip = require("open_clip")
+transformers = require("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
 from deit_jax import convert  # noqa: E402

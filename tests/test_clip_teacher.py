@@ -31,6 +31,7 @@ from deit_jax.teacher.clip import zero_shot
 from deit_jax.train.metrics import read_jsonl
 
 STEPS = 8
+SAFETENSORS = "open_clip_small.safetensors"
 TEMPLATES = ("a photo of the number {}.", "a blurry drawing of a {}.")
 PLAIN = {"model_name": "deit_tiny_patch16_224"}  # tiny_config's sizes, no distillation token
 
@@ -58,11 +59,10 @@ def clip_weights(tmp_path_factory):
     with torch.no_grad():  # scale 100 (CLIP's clamp), not ln(1/0.07): a less uniform teacher
         model.logit_scale.fill_(float(np.log(100.0)))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(root / "open_clip_small.safetensors"))
+    save_file(state, str(root / SAFETENSORS))
     out = str(root / "clip_small")
     convert.main(
-        ["--checkpoint", str(root / "open_clip_small.safetensors"), "--model", "clip_vit_b32"]
-        + ["--output", out]
+        ["--checkpoint", str(root / SAFETENSORS), "--model", "clip_vit_b32"] + ["--output", out]
     )
     return out
 
@@ -321,6 +321,79 @@ def test_feature_distillation_against_clips_image_embedding(
     distill = [r["train/loss_distillation"] for r in records if "train/loss" in r]
     assert len(distill) == 2 and all(0.0 < d <= 2.0 for d in distill)  # 1 - cos in [0, 2]
     assert "kl" in metrics and "teacher_top1" in metrics  # the teacher still predicts classes
+
+
+def _open_clip_model(clip_weights):
+    """The fixture's open_clip model, rebuilt and loaded from the file the user converted."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import load_file
+
+    model = open_clip.CLIP(
+        embed_dim=48,
+        vision_cfg=CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=24, head_width=64),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
+    )
+    model.load_state_dict(load_file(str(Path(clip_weights).parent / SAFETENSORS)))
+    return model.eval()
+
+
+@pytest.mark.parametrize("size", [24, 16], ids=["clip_size", "resized"])
+def test_the_feature_target_is_open_clips_encode_image(
+    size, data_dir, clip_weights, prompt_file, tmp_path
+):
+    """The target of feature distillation from a CLIP teacher is open_clip's `encode_image` of
+    the stream's images as CLIP takes them: re-normalised to CLIP's mean and std (checked against
+    NumPy at CLIP's 24 px) and, from the stream's 16 px, resized by the teacher. Tolerance: 1e-5
+    relative L2 (float32), tests/test_clip.py's parity bound."""
+    import torch
+
+    from deit_jax.models.clip import CLIP_MEAN, CLIP_STD
+    from deit_jax.teacher.forward import teacher_features
+
+    config = clip_config(
+        data_dir, clip_weights, prompt_file,
+        **PLAIN, **{"distillation.kind": "feature", "data.img_size": size},
+    )  # fmt: skip
+    teacher, variables = build_teacher(config, 10, str(tmp_path))
+    images = np.random.default_rng(size).normal(size=(4, size, size, 3)).astype(np.float32)
+    target = np.asarray(teacher_features(teacher, variables, images))
+
+    clip_input = np.asarray(teacher.apply(variables, images, method=teacher.clip_images))
+    assert clip_input.shape == (4, 24, 24, 3)
+    if size == 24:
+        pixels = images * np.asarray(config.augment.std) + np.asarray(config.augment.mean)
+        expected = (pixels - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
+        np.testing.assert_allclose(clip_input, expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        nchw = torch.from_numpy(clip_input.copy()).permute(0, 3, 1, 2)
+        theirs = _open_clip_model(clip_weights).encode_image(nchw).numpy()
+    assert target.shape == theirs.shape == (4, 48)
+    assert np.linalg.norm(target - theirs) <= 1e-5 * np.linalg.norm(theirs)
+
+
+def test_logit_scale_above_100_is_clamped_to_100(data_dir, clip_weights, prompt_file, tmp_path):
+    """`min(exp(logit_scale), 100) * normalise(embedding) @ W`, as open_clip's zero-shot eval:
+    a scale above 100 (as trained CLIP models can hold) gives exactly the logits at 100, one
+    below it scales them. The fixture's scale is ln 100."""
+    from deit_jax.models import pooled_features
+
+    config = clip_config(data_dir, clip_weights, prompt_file, **PLAIN)
+    teacher, variables = build_teacher(config, 10, str(tmp_path))
+    images = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    _, embedding, _ = pooled_features(teacher, variables, images)
+    embedding = np.asarray(embedding, np.float64)
+    head = np.asarray(variables["params"]["zero_shot_head"], np.float64)
+    unit = embedding / np.linalg.norm(embedding, axis=-1, keepdims=True) @ head
+
+    def logits_at(scale):
+        params = {**variables["params"]}
+        params["clip"] = {**params["clip"], "logit_scale": np.float32(np.log(scale))}
+        return np.asarray(teacher.apply({"params": params}, images), np.float64)
+
+    np.testing.assert_allclose(logits_at(1000.0), 100.0 * unit, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits_at(1000.0), logits_at(100.0))
+    np.testing.assert_allclose(logits_at(50.0), 50.0 * unit, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- label-free

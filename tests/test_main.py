@@ -127,8 +127,10 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, data_dir):
 
 def test_a_plain_cpu_run_prints_only_deit_jax_lines(tmp_path):
     """No JAX backend probing (TPU, CUDA), TensorFlow start-up lines or tfds preparation output,
-    also when the data set is prepared during the run: every line is deit_jax's own."""
-    plain = env(JAX_PLATFORMS=None, TF_CPP_MIN_LOG_LEVEL=None)
+    also when the data set is prepared during the run: every line is deit_jax's own. The
+    environment has none of the variables deit_jax sets (tests import deit_jax, which sets them in
+    this process): on a CPU with AVX-512 TensorFlow would print its oneDNN lines."""
+    plain = env(JAX_PLATFORMS=None, TF_CPP_MIN_LOG_LEVEL=None, TF_ENABLE_ONEDNN_OPTS=None)
     flags = ["--config.num_epochs=0.05"]  # 2 steps
     result = subprocess.run(
         command(tmp_path / "w", *flags, data_dir=str(tmp_path / "tfds")),
@@ -192,3 +194,13 @@ def test_sigterm_during_start_up_exits_cleanly(tmp_path):
         assert out.strip().splitlines()[-1].startswith("stopped: SIGTERM during start-up"), out
         assert "nothing was saved yet" in out and "Traceback" not in out, (phase, out)
         assert not (workdir / "checkpoints").exists(), phase
+
+
+def test_importing_the_input_pipeline_as_a_library_prints_nothing():
+    """TensorFlow's start-up lines are turned off where deit_jax imports it, not only in main:
+    a user's script that imports the input pipeline prints no line either."""
+    plain = env(JAX_PLATFORMS=None, TF_CPP_MIN_LOG_LEVEL=None, TF_ENABLE_ONEDNN_OPTS=None)
+    script = "import deit_jax.data.pipeline, tensorflow as tf; print(tf.reduce_sum([1, 2]).numpy())"
+    result = run([sys.executable, "-c", script], env=plain)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("3\n", "")

@@ -241,19 +241,94 @@ def test_epoch_ranges_written_apart_make_the_same_cache(data_dir, teacher_dir, t
 # --------------------------------------------------------------------------- errors
 
 
-def test_a_different_stream_is_refused_naming_every_key(
-    data_dir, teacher_dir, hard_cache, tmp_path
+# Each stream key of the manifest, changed alone (or with the keys it implies), and the keys a
+# reader must name. Every key of the written manifest must appear here: a key added to the
+# fingerprint needs its test, and one dropped from it fails its own.
+STREAM_CHANGES = {
+    "data.name": ({"data.name": "folder"}, ("data.name", "data.num_train", "data.num_classes")),
+    "data.train_split": (
+        {"data.train_split": "train[:50%]"},
+        ("data.train_split", "data.num_train"),
+    ),
+    "data.img_size": ({"data.img_size": 24}, ("data.img_size",)),
+    "data.repeated_aug": ({"data.repeated_aug": 2}, ("data.repeated_aug",)),
+    "data.num_shares": ({"data.num_shares": 2}, ("data.num_shares",)),
+    "data.shuffle_buffer": ({"data.shuffle_buffer": 512}, ("data.shuffle_buffer",)),
+    "data.cache": ({"data.cache": True}, ("data.cache",)),
+    "batch_size": ({"batch_size": 16}, ("batch_size",)),
+    "seed": ({"seed": 3}, ("seed",)),
+    "augment.color_jitter": ({"augment.color_jitter": 0.4}, ("augment.color_jitter",)),
+    "augment.hflip": ({"augment.hflip": 0.0}, ("augment.hflip",)),
+    "augment.interpolation": ({"augment.interpolation": "bilinear"}, ("augment.interpolation",)),
+    "augment.mean": ({"augment.mean": (0.5, 0.5, 0.5)}, ("augment.mean",)),
+    "augment.std": ({"augment.std": (0.5, 0.5, 0.5)}, ("augment.std",)),
+    "augment.randaugment": (
+        {"augment.randaugment": "rand-m9-mstd0.5-inc1"},
+        ("augment.randaugment",),
+    ),
+    "augment.ratio": ({"augment.ratio": (0.5, 2.0)}, ("augment.ratio",)),
+    "augment.remode": ({"augment.remode": "const"}, ("augment.remode",)),
+    "augment.reprob": ({"augment.reprob": 0.25}, ("augment.reprob",)),
+    "augment.scale": ({"augment.scale": (0.08, 1.0)}, ("augment.scale",)),
+    "augment.src": ({"augment.src": True}, ("augment.src",)),
+    "augment.three_augment": ({"augment.three_augment": True}, ("augment.three_augment",)),
+    "mixup.mixup_alpha": ({"mixup.mixup_alpha": 0.2}, ("mixup.mixup_alpha",)),
+    "mixup.cutmix_alpha": ({"mixup.cutmix_alpha": 0.5}, ("mixup.cutmix_alpha",)),
+    "mixup.mode": ({"mixup.mode": "pair"}, ("mixup.mode",)),
+    "mixup.prob": ({"mixup.prob": 0.5}, ("mixup.prob",)),
+    "mixup.switch_prob": ({"mixup.switch_prob": 0.3}, ("mixup.switch_prob",)),
+}
+DERIVED = {"data.num_train", "data.num_classes"}  # follow the data: changed with data.name
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory):
+    """Another data set for `data.name`: 9 class folders of 8 digits each (72 images), as the
+    splits `train` and `test`."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("folder")
+    for split in ("train", "test"):
+        for label in range(9):
+            (root / split / str(label)).mkdir(parents=True)
+            images = digits.images[digits.target == label][:8]
+            for i, image in enumerate(images):
+                pixels = np.round(image * 255 / 16).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / str(label) / f"{i}.png")
+    return f"folder:{root}"
+
+
+def _json(value):
+    return json.loads(json.dumps(value, default=list))
+
+
+def test_every_stream_key_of_the_manifest_has_a_refusal_test(hard_cache):
+    with open(os.path.join(hard_cache, "manifest.json")) as f:
+        stream = json.load(f)["stream"]
+    assert set(stream) == set(STREAM_CHANGES) | DERIVED
+
+
+@pytest.mark.parametrize("key", sorted(STREAM_CHANGES))
+def test_a_cache_of_another_stream_is_refused_naming_the_key_and_both_values(
+    key, data_dir, teacher_dir, hard_cache, folder_data, tmp_path
 ):
-    config = distill_config(
-        data_dir, teacher_dir, seed=3, **{"augment.hflip": 0.0, "teacher.cache": hard_cache}
-    )
-    with pytest.raises(cache.CacheError) as e:
-        train.train_and_evaluate(config, str(tmp_path))
-    message = str(e.value)
-    assert "config.seed: cache 0, this run 3" in message
-    assert "config.augment.hflip: cache 0.5, this run 0.0" in message
-    assert "reprob" not in message
-    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+    changes, named = STREAM_CHANGES[key]
+    if changes.get("data.name") == "folder":
+        changes = {"data.name": folder_data}
+    config = distill_config(data_dir, teacher_dir, **changes, **{"teacher.cache": hard_cache})
+    with open(os.path.join(hard_cache, "manifest.json")) as f:
+        stored = json.load(f)["stream"]
+    with pytest.raises(cache.CacheError, match="was written for another training stream") as e:
+        train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    lines = str(e.value).splitlines()
+    differing = [line.strip().split(":")[0] for line in lines if line.startswith("  config.")]
+    assert differing == [f"config.{k}" for k in sorted(named)]
+    if key in changes:  # the value this run gave, as the manifest stores it (tuples as lists)
+        expected = f"  config.{key}: cache {stored[key]!r}, this run {_json(changes[key])!r}"
+        assert expected in lines
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was built
 
 
 def test_a_cache_too_short_for_the_run_names_the_missing_steps(
@@ -278,10 +353,67 @@ def test_a_cache_with_too_few_classes_for_soft_distillation_is_refused(
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_rewriting_with_another_config_is_refused(data_dir, teacher_dir, hard_cache):
-    config = distill_config(data_dir, teacher_dir, **{"teacher.cache_topk": 3})
-    with pytest.raises(cache.CacheError, match="teacher.cache_topk: cache 10, this run 3"):
-        cache.write_cache(config, hard_cache)
+# Each teacher key of the manifest, changed alone, and the keys the writer must name when it is
+# asked to complete the cache with that config (the layout follows top-k and dtype).
+TEACHER_CHANGES = {
+    "teacher.name": ({"teacher.name": "regnety_002"}, ("teacher.name",)),
+    # A framework needs a model of its kind: CLIP's head adds its prompts to the fingerprint.
+    "teacher.framework": (
+        {"teacher.framework": "clip", "teacher.name": "clip_vit_b32"},
+        ("teacher.framework", "teacher.name", "teacher.prompts"),
+    ),
+    "teacher.img_size": ({"teacher.img_size": 24}, ("teacher.img_size",)),
+    "teacher.checkpoint": ({"teacher.checkpoint": "copy"}, ("teacher.checkpoint",)),
+    "teacher.weights_sha256": ({}, ("teacher.weights_sha256",)),  # other weights, same path
+    "teacher.cache_topk": ({"teacher.cache_topk": 3}, ("layout.topk", "teacher.cache_topk")),
+    "teacher.cache_dtype": (
+        {"teacher.cache_dtype": "float32"},
+        ("layout.values_dtype", "teacher.cache_dtype"),
+    ),
+    "dtype": ({"dtype": "bfloat16"}, ("dtype",)),
+}
+
+
+def test_every_teacher_key_of_the_manifest_has_a_refusal_test(hard_cache):
+    with open(os.path.join(hard_cache, "manifest.json")) as f:
+        assert set(json.load(f)["teacher"]) == set(TEACHER_CHANGES)
+
+
+@pytest.mark.parametrize("key", sorted(TEACHER_CHANGES))
+def test_completing_a_cache_with_another_teacher_is_refused_naming_the_key(
+    key, data_dir, teacher_dir, hard_cache, tmp_path
+):
+    changes, named = TEACHER_CHANGES[key]
+    path, weights = hard_cache, teacher_dir
+    if key in ("teacher.checkpoint", "teacher.weights_sha256"):
+        import shutil
+
+        weights = str(tmp_path / "teacher")
+        shutil.copytree(teacher_dir, weights)
+    if key == "teacher.checkpoint":
+        changes = {"teacher.checkpoint": weights}
+    if key == "teacher.weights_sha256":  # a cache of the copy, whose weights then change
+        path = str(tmp_path / "cache")
+        cache.write_cache(distill_config(data_dir, weights), path, devices=jax.devices()[:1])
+        variables, metadata = load_variables(weights)
+        variables["params"]["fc"]["bias"] = variables["params"]["fc"]["bias"] + 1.0
+        shutil.rmtree(weights)
+        save_variables(weights, variables, model_name="cnn_small", **_saved(metadata))
+    with open(os.path.join(path, "manifest.json")) as f:
+        stored = json.load(f)["teacher"]
+    config = distill_config(data_dir, weights, **changes)
+    with pytest.raises(cache.CacheError, match="was written with another config") as e:
+        cache.write_cache(config, path, devices=jax.devices()[:1])
+    lines = str(e.value).splitlines()
+    differing = [line.strip().split(":")[0] for line in lines if line.startswith("  config.")]
+    assert differing == [f"config.{k}" for k in sorted(named)]
+    if key in changes:
+        expected = f"  config.{key}: cache {stored[key]!r}, this run {changes[key]!r}"
+        assert expected in lines
+
+
+def _saved(metadata):
+    return {"model_overrides": metadata["model_overrides"]}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

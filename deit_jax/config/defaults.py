@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.extra_eval = ""
     c.data.img_size = 224
     c.data.crop_pct = 0.875  # eval: resize to int(img_size / crop_pct), then centre crop
+    c.data.eval_interpolation = "bicubic"  # eval resize: bicubic (DeiT, timm) | bilinear
     c.data.repeated_aug = 3  # repeated augmentation factor (1 = off)
     c.data.shuffle_buffer = 16_384
     c.data.cache = False

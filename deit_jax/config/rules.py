@@ -480,6 +480,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "data.crop_pct", in_range(0, 1, lo_open=True), "must be in (0, 1] (0.875 for DeiT at 224)"
     ),
+    Rule(
+        "data.eval_interpolation",
+        one_of("bicubic", "bilinear"),
+        "must be 'bicubic' (DeiT's, timm's) or 'bilinear'",
+    ),
     Rule("data.repeated_aug", int_at_least(1), "must be an integer >= 1 (1: off, DeiT: 3)"),
     Rule("data.shuffle_buffer", int_at_least(1), "must be an integer >= 1"),
     Rule("data.cache", one_of(True, False), "must be True or False"),

@@ -4,7 +4,8 @@ They reproduce timm's `create_transform` as the official DeiT code calls it:
 
   train: RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment (or colour jitter when
          RandAugment is off) -> ToTensor + Normalize -> RandomErasing (per-pixel noise).
-  eval:  resize the shorter side to int(size / crop_pct) (bicubic) -> centre crop -> Normalize.
+  eval:  resize the shorter side to int(size / crop_pct) (bicubic, or `data.eval_interpolation`)
+         -> centre crop -> Normalize.
 
 With `three_augment` (DeiT III, the official `new_data_aug_generator`): RandomResizedCrop, or
 with `src` Resize + RandomCrop(padding 4, reflect) -> flip -> one of greyscale, solarisation and
@@ -381,14 +382,17 @@ def eval_preprocess(
     crop_pct: float,
     mean: Sequence[float],
     std: Sequence[float],
+    interpolation: str = "bicubic",
 ) -> tf.Tensor:
-    """timm's eval transform: bicubic resize to size / crop_pct, centre crop, normalise.
+    """timm's eval transform: resize to size / crop_pct, centre crop, normalise.
 
     Args:
       image: (H, W, 3) uint8, or the encoded image as a scalar tf.string.
       size: output size, an int or (height, width).
       crop_pct: the centre crop's share of the resized image (0.875 for DeiT at 224).
       mean, std: per-channel normalisation, in [0, 1] units.
+      interpolation: the resize's filter, "bicubic" (DeiT's, timm's default) or "bilinear"
+        (antialiased, as PIL).
 
     Returns:
       float32 (height, width, 3).
@@ -414,7 +418,7 @@ def eval_preprocess(
         ratio = tf.minimum(h_f / target_h, w_f / target_w)
         new_h = tf.cast(tf.round(h_f / ratio), tf.int32)
         new_w = tf.cast(tf.round(w_f / ratio), tf.int32)
-    x = resize(image, tf.stack([new_h, new_w]), "bicubic")
+    x = resize(image, tf.stack([new_h, new_w]), interpolation)
     # torchvision CenterCrop: offset round((n - crop) / 2), Python's round-half-to-even.
     top, left = _half_even(new_h - out_h), _half_even(new_w - out_w)
     x = x[top : top + out_h, left : left + out_w]

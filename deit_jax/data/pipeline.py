@@ -407,7 +407,12 @@ class EvalIterable(_Feeder):
         def preprocess(record):
             ex = self.source.load(record)
             image = augment.eval_preprocess(
-                ex["image"], size=size, crop_pct=data.crop_pct, mean=aug.mean, std=aug.std
+                ex["image"],
+                size=size,
+                crop_pct=data.crop_pct,
+                mean=aug.mean,
+                std=aug.std,
+                interpolation=data.eval_interpolation,
             )
             out = {"image": image, "label": ex["label"], "id": record["id"], "mask": True}
             if self.source.real_labels:

@@ -78,14 +78,13 @@ def train_and_evaluate(
     workdir = os.path.abspath(workdir)
     info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
+    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    # Before a model is built or a weight read: a cache of another stream is refused now.
+    reader = CacheReader(config, train_data) if config.teacher.cache else None
     model = build_student(config, info.num_classes)
     teacher, teacher_variables = build_teacher(config, info.num_classes, workdir)
     teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
     projection = projection_for(config, model, teacher)
-
-    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
-    # Before anything is built or compiled: a cache written for another stream is refused now.
-    reader = CacheReader(config, train_data) if config.teacher.cache else None
     eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
     extra_evals = data.build_extra_evals(
         config, mesh, sharding.DATA_AXES, num_classes=info.num_classes

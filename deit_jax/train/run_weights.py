@@ -34,7 +34,7 @@ def run_metadata(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> d
             "extra_eval": d.extra_eval,
             "img_size": size,
             "crop_pct": d.crop_pct,
-            "interpolation": "bicubic",  # the eval transform's (augment.eval_preprocess)
+            "interpolation": d.eval_interpolation,  # the eval transform's
             "mean": list(config.augment.mean),
             "std": list(config.augment.std),
             "class_names": list(info.class_names) if info.class_names else None,

@@ -11,12 +11,6 @@ from deit_jax.teacher.cache.store import CacheError, CacheStore, Layout
 from deit_jax.teacher.cache.targets import required_topk
 from deit_jax.teacher.clip import zero_shot
 
-_ZERO_SHOT_KEYS = (
-    "teacher.class_names_sha256",
-    "teacher.num_class_names",
-    "teacher.templates_sha256",
-)
-
 
 class CacheReader:
     """`reader(epoch, step)` -> this process's rows of that batch's cached teacher outputs.
@@ -55,11 +49,11 @@ class CacheReader:
         self.teacher = manifest["teacher"]
         if config.teacher.framework == "clip" and "teacher.templates_sha256" in self.teacher:
             problems = store.differences(
-                {k: v for k, v in self.teacher.items() if k in _ZERO_SHOT_KEYS},
+                {k: v for k, v in self.teacher.items() if k in store.ZERO_SHOT_KEYS},
                 {
                     k: v
                     for k, v in zero_shot.zero_shot_fingerprint(config).items()
-                    if k in _ZERO_SHOT_KEYS
+                    if k in store.ZERO_SHOT_KEYS
                 },
             )
             if problems:

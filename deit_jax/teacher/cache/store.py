@@ -114,6 +114,14 @@ def stream_fingerprint(
     return _jsonable(fingerprint)
 
 
+# The teacher fingerprint's record of a CLIP teacher's zero-shot head.
+ZERO_SHOT_KEYS = (
+    "teacher.class_names_sha256",
+    "teacher.num_class_names",
+    "teacher.templates_sha256",
+)
+
+
 def teacher_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t = config.teacher
     head = {}

@@ -111,26 +111,15 @@ def write_cache(
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
     layout = store.layout_for(config, train_data)
     epochs = _epoch_range(config.teacher.cache_epochs, layout)
-    teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
     manifest = store.manifest(config, train_data, layout)
-
     cache = CacheStore(workdir)
     stored = cache.read_manifest()
-    if stored is not None:
-        problems = store.differences(
-            {**stored["stream"], **stored["teacher"]}, {**manifest["stream"], **manifest["teacher"]}
-        )
-        problems += store.differences(
-            {f"layout.{k}": v for k, v in stored["layout"].items()},
-            {f"layout.{k}": v for k, v in manifest["layout"].items()},
-        )
-        if problems:
-            raise CacheError(
-                f"The teacher cache in {workdir!r} was written with another config:\n  "
-                + "\n  ".join(problems)
-                + "\nUse the same config to complete it, or another --workdir for a new cache."
-            )
-    elif jax.process_index() == 0:
+    # Before the teacher is built: another config is refused at once. A CLIP teacher's class
+    # names and prompts are compared by its head, saved in the cache, which names what changed.
+    _refuse_another_config(workdir, stored, manifest, skip=store.ZERO_SHOT_KEYS)
+    teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
+    _refuse_another_config(workdir, stored, manifest)
+    if stored is None and jax.process_index() == 0:
         cache.write_manifest(manifest)
     if jax.process_index() == 0:
         cache.open_arrays(layout)
@@ -196,6 +185,34 @@ def write_cache(
         workdir, todo_steps, seconds, summary["images_per_sec"],
     )  # fmt: skip
     return summary
+
+
+def _refuse_another_config(
+    workdir: str,
+    stored: dict[str, Any] | None,
+    manifest: dict[str, Any],
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Completing a cache with a config other than the one it was started with is refused,
+    naming every differing stream, teacher and layout key with both values."""
+    if stored is None:
+        return
+    flat = lambda m: {  # noqa: E731
+        **m["stream"],
+        **m["teacher"],
+        **{f"layout.{k}": v for k, v in m["layout"].items()},
+    }
+    old, new = flat(stored), flat(manifest)
+    problems = store.differences(
+        {k: v for k, v in old.items() if k not in skip},
+        {k: v for k, v in new.items() if k not in skip},
+    )
+    if problems:
+        raise CacheError(
+            f"The teacher cache in {workdir!r} was written with another config:\n  "
+            + "\n  ".join(problems)
+            + "\nUse the same config to complete it, or another --workdir for a new cache."
+        )
 
 
 def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
