@@ -154,10 +154,12 @@ def test_missing_or_empty_extra_eval_sets_are_refused_naming_them(prepared, tmp_
         rules.check_config(config, num_devices=1)
 
     check("imagenet2012_real, imagenet_v2/matched-frequency:test")  # both prepared: accepted
-    with pytest.raises(
-        ConfigError, match=r"extra eval set 'imagenet_a' does not exist.*tfds build"
-    ):
-        check("imagenet2012_real,imagenet_a")
+    for name in ("imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_v2/topimages"):
+        with pytest.raises(ConfigError) as e:
+            check(f"imagenet2012_real,{name}")
+        (line,) = e.value.problems
+        assert f"extra eval set {name!r} does not exist" in line
+        assert f"`tfds build {name} --data_dir={prepared['data_dir']}`" in line
     with pytest.raises(ConfigError, match=r"'imagenet2012_real:train' has no split 'train'"):
         check("imagenet2012_real:train")
     empty = tmp_path / "empty"

@@ -11,6 +11,11 @@ comma-separated string of `name[:split]` entries, e.g.
 `_<split>` when a split is given), in metrics.jsonl and TensorBoard; the best checkpoint is still
 chosen by the main eval split (`eval/top1`).
 
+The sets papers report, by their tfds names: `imagenet2012_real`, `imagenet_v2/matched-frequency`
+(and `/threshold-0.7`, `/topimages`), `imagenet_a`, `imagenet_r` and `imagenet_sketch`. A split
+whose labels use only some of the model's classes (ImageNet-A and -R: 200 of 1,000) is scored on
+those classes only (deit_jax/data/class_subsets.py).
+
 ImageNet-ReaL (tfds `imagenet2012_real`) additionally reports `real_top1` / `real_top5`: a
 prediction counts as correct when it is in the image's set of reassessed labels, and images
 without any are left out (timm's `RealLabelsImagenet` rule).
@@ -132,10 +137,14 @@ def problem(eval_set: EvalSet, data_dir: str, main_eval_split: str) -> str | Non
     sizes = split_sizes(eval_set.name, data_dir)
     where = data_dir or os.environ.get("TFDS_DATA_DIR", _DEFAULT_TFDS_DIR)
     if sizes is None:
+        manual = (
+            " --manual_dir=<dir with ILSVRC2012_img_val.tar>"
+            if eval_set.name.startswith("imagenet2012")
+            else ""
+        )
         return (
             f"extra eval set {str(eval_set)!r} does not exist (not prepared in {where}); prepare "
-            f"it with `tfds build {eval_set.name} --data_dir={where}` (ImageNet-ReaL also needs "
-            "--manual_dir=<dir with ILSVRC2012_img_val.tar>) or remove it"
+            f"it once with `tfds build {eval_set.name} --data_dir={where}{manual}` or remove it"
         )
     split = resolve_split(eval_set, list(sizes), main_eval_split)
     base = split.split("[", 1)[0].strip()

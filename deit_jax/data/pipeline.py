@@ -46,7 +46,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deit_jax._compat import import_tensorflow
-from deit_jax.data import augment, eval_sets, hosts, labels, mixup, sources
+from deit_jax.data import augment, class_subsets, eval_sets, hosts, labels, mixup, sources
 from deit_jax.errors import DataError
 
 tf = import_tensorflow()
@@ -60,7 +60,7 @@ class DatasetInfo:
     """What the model and the schedule need to know of the data (split sizes over all hosts)."""
 
     num_classes: int
-    num_train: int
+    num_train: int | None  # None in `mode=eval`: nothing trains, the split need not exist
     num_eval: int
     image_shape: tuple[int, int, int]
     class_names: tuple[str, ...] | None = None  # the data set's own label names, if any
@@ -68,12 +68,14 @@ class DatasetInfo:
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-    """Classes, split sizes and model input shape of `config.data`."""
+    """Classes, split sizes and model input shape of `config.data`; in `mode=eval` the training
+    split is not looked at (a data set may hold only the splits it is evaluated on)."""
     source = _source(config.data)
     size = augment.height_width(config.data.img_size)
+    training = config.get("mode", "train") != "eval"
     return DatasetInfo(
         num_classes=num_classes(config, source),
-        num_train=source.num_examples(config.data.train_split),
+        num_train=source.num_examples(config.data.train_split) if training else None,
         num_eval=source.num_examples(config.data.eval_split),
         image_shape=(*size, 3),
         class_names=None if source.class_names is None else tuple(source.class_names),
@@ -370,6 +372,8 @@ class EvalIterable(_Feeder):
 
     image: float32 (B, H, W, 3) (resize, centre crop, normalise); label: int32 (B,);
     mask: bool (B,), False on padding. `steps` batches per pass on every process.
+    `scored_classes`: the classes to score when the split's labels use only some of the
+    model's (deit_jax/data/class_subsets.py), else None.
     """
 
     def __init__(self, config, mesh, data_axes, *, with_ids: bool = False):
@@ -379,6 +383,10 @@ class EvalIterable(_Feeder):
         largest_share = math.ceil(self.num_examples / self.num_shares)
         self.steps = max(1, math.ceil(largest_share / self.local_batch))
         self.with_ids = with_ids
+        # A split that holds only some of the classes is scored on those (ImageNet-A, -R).
+        self.scored_classes = class_subsets.scored_classes(
+            self.source, split, self.num_classes, sources.data_dir_of(config.data)
+        )
         self._dataset = self._build()
 
     def __len__(self) -> int:

@@ -103,6 +103,16 @@ class Source:
         """`{"image": encoded image (tf.string), "label": int32}` of a record from `read`."""
         raise NotImplementedError
 
+    def labels(self, split: str) -> np.ndarray:
+        """Every label of `split` (int32), by a pass over its records (images not decoded)."""
+
+        @tf.autograph.experimental.do_not_convert
+        def label(record):
+            return self.load(record)["label"]
+
+        ds = self.read(split).map(label, num_parallel_calls=tf.data.AUTOTUNE)
+        return np.concatenate([np.zeros(0, np.int32), *ds.batch(8192).as_numpy_iterator()])
+
     def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
         raise NotImplementedError
 
@@ -379,6 +389,10 @@ class FolderSource(Source):
             log.warning("Could not remember the image check in %s: %s", cache, e)
         return bad
 
+    def labels(self, split: str) -> np.ndarray:
+        name, start, stop = self._resolve(split)
+        return self._examples(name)[1][start:stop]
+
     def _read(self, split: str, start: int, stop: int, seed: SeedArg) -> tf.data.Dataset:
         paths, labels = self._examples(split)
         with tf.init_scope():  # Built eagerly: inside a tf.data function the list of paths
@@ -427,6 +441,12 @@ class ImagesSource(FolderSource):
             )
         paths.sort()
         return paths, [-1] * len(paths)
+
+
+def data_dir_of(data: ml_collections.ConfigDict) -> str:
+    """Where tfds data sets (and deit_jax's notes on any data set) live: `config.data.data_dir`,
+    else tfds's default."""
+    return data.data_dir or tfds.core.constants.DATA_DIR
 
 
 def get_source(data: ml_collections.ConfigDict) -> Source:

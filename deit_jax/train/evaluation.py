@@ -4,8 +4,10 @@ passes over the eval sets, and the `--config.mode=eval` job.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,6 +19,7 @@ from deit_jax.jit import jit
 from deit_jax.teacher.build import build_teacher
 from deit_jax.train import optim, steps
 from deit_jax.train.checkpoint import TrainCheckpointer
+from deit_jax.train.results import write_run_results
 from deit_jax.train.state import (
     build_student,
     check_config,
@@ -36,11 +39,14 @@ def _eval_teacher(teacher: nn.Module | None, num_classes: int) -> nn.Module | No
     return teacher
 
 
-def eval_step_for(config, model, teacher, info: data.DatasetInfo):
-    """The jitted eval step: with a teacher also the teacher-student KL at the run's tau and
-    reduction; only KL and agreement for label-free data."""
-    return jit(
-        steps.make_eval_step(
+class EvalSteps:
+    """The run's jitted eval steps, one per set of scored classes (`eval_steps(classes)`): with
+    a teacher also the teacher-student KL at the run's tau and reduction; only KL and agreement
+    for label-free data. A set that holds only some classes gets its own (compiled once)."""
+
+    def __init__(self, config, model, teacher, info: data.DatasetInfo):
+        self._make = functools.partial(
+            steps.make_eval_step,
             model,
             _eval_teacher(teacher, info.num_classes),
             tau=config.distillation.tau,
@@ -48,7 +54,12 @@ def eval_step_for(config, model, teacher, info: data.DatasetInfo):
             tau_squared=config.distillation.tau_squared,
             labelled=info.labelled,
         )
-    )
+        self._steps: dict[tuple[int, ...] | None, Any] = {}
+
+    def __call__(self, scored_classes: tuple[int, ...] | None = None):
+        if scored_classes not in self._steps:
+            self._steps[scored_classes] = jit(self._make(scored_classes=scored_classes))
+        return self._steps[scored_classes]
 
 
 def best_metric(info: data.DatasetInfo, teacher: nn.Module | None) -> str | None:
@@ -58,7 +69,9 @@ def best_metric(info: data.DatasetInfo, teacher: nn.Module | None) -> str | None
     return "agreement" if _eval_teacher(teacher, info.num_classes) is not None else None
 
 
-def eval_loop(eval_step, eval_data, args) -> dict[str, float]:
+def eval_loop(eval_steps: EvalSteps, eval_data, args) -> dict[str, float]:
+    """One pass over `eval_data`: its metrics (sums over the examples, divided by the count)."""
+    eval_step = eval_steps(getattr(eval_data, "scored_classes", None))
     totals: dict[str, float] = {}
     for batch in eval_data:
         sums = jax.device_get(eval_step(*args, batch))
@@ -71,12 +84,18 @@ def eval_loop(eval_step, eval_data, args) -> dict[str, float]:
         k: v / ((real or float("nan")) if k.startswith("real_") else count)
         for k, v in totals.items()
     }
-    return out | {"count": count} | ({} if real is None else {"real_count": real})
+    scored = getattr(eval_data, "scored_classes", None)
+    return (
+        out
+        | {"count": count}
+        | ({} if real is None else {"real_count": real})
+        | ({} if scored is None else {"scored_classes": float(len(scored))})
+    )
 
 
-def eval_extra(extra_evals, eval_step, args) -> dict[str, dict[str, float]]:
+def eval_extra(extra_evals, eval_steps: EvalSteps, args) -> dict[str, dict[str, float]]:
     """Metrics of each extra eval set (`config.data.extra_eval`), by prefix."""
-    return {prefix: eval_loop(eval_step, passes, args) for prefix, passes in extra_evals}
+    return {prefix: eval_loop(eval_steps, passes, args) for prefix, passes in extra_evals}
 
 
 def format_eval(step: int, metrics: dict[str, float]) -> str:
@@ -126,14 +145,18 @@ def evaluate(
                 f"Nothing to evaluate: no checkpoint in {workdir!r}/checkpoints and no "
                 "--config.init_from weights."
             )
-        eval_step = eval_step_for(config, model, teacher, info)
+        eval_steps = EvalSteps(config, model, teacher, info)
         teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
         args = (params, model_state, ema, teacher_variables)
-        metrics = eval_loop(eval_step, eval_data, args)
-        extra = eval_extra(
-            data.build_extra_evals(config, mesh, sharding.DATA_AXES, num_classes=info.num_classes),
-            eval_step,
-            args,
+        metrics = eval_loop(eval_steps, eval_data, args)
+        extra_evals = data.build_extra_evals(
+            config, mesh, sharding.DATA_AXES, num_classes=info.num_classes
+        )
+        extra = eval_extra(extra_evals, eval_steps, args)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        write_run_results(
+            workdir, config, params, info.num_classes, (eval_data, metrics), extra_evals, extra
         )
     print(format_eval(-1, metrics).replace("step -1", "evaluation"))
     for prefix, values in extra.items():

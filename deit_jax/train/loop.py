@@ -26,8 +26,9 @@ from deit_jax.teacher.build import build_teacher
 from deit_jax.teacher.cache.read import CacheReader
 from deit_jax.train import optim, steps
 from deit_jax.train.checkpoint import TrainCheckpointer
-from deit_jax.train.evaluation import best_metric, eval_extra, eval_loop, eval_step_for, format_eval
+from deit_jax.train.evaluation import EvalSteps, best_metric, eval_extra, eval_loop, format_eval
 from deit_jax.train.metrics import MetricsWriter
+from deit_jax.train.results import write_run_results
 from deit_jax.train.run_weights import save_run_weights
 from deit_jax.train.state import (
     TrainState,
@@ -140,7 +141,7 @@ def train_and_evaluate(
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
-        eval_step = eval_step_for(config, model, teacher, info)
+        eval_steps = EvalSteps(config, model, teacher, info)
         writer = MetricsWriter(workdir)
         log.info(
             "Training %s (%s params) on %s: %d steps of %d images, %d devices %s",
@@ -158,6 +159,7 @@ def train_and_evaluate(
             signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)
         )
         eval_metrics: dict[str, float] = {}
+        extra: dict[str, dict[str, float]] = {}
         progress = tqdm(
             total=total_steps,
             initial=start_step,
@@ -187,14 +189,14 @@ def train_and_evaluate(
                 evaluated = step % eval_every == 0 or last
                 if evaluated:
                     eval_metrics = eval_loop(
-                        eval_step,
+                        eval_steps,
                         eval_data,
                         _eval_args(state, teacher_variables),
                     )
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                     extra = eval_extra(
                         extra_evals,
-                        eval_step,
+                        eval_steps,
                         _eval_args(state, teacher_variables),
                     )
                     for prefix, values in extra.items():
@@ -229,11 +231,13 @@ def train_and_evaluate(
             raise Preempted(f"SIGTERM: checkpoint saved in {checkpointer.directory}")
         save_run_weights(workdir, config, state, info)
         if not eval_metrics and start_step >= total_steps:
-            eval_metrics = eval_loop(
-                eval_step,
-                eval_data,
-                _eval_args(state, teacher_variables),
-            )
+            eval_metrics = eval_loop(eval_steps, eval_data, _eval_args(state, teacher_variables))
+            extra = eval_extra(extra_evals, eval_steps, _eval_args(state, teacher_variables))
+        if jax.process_index() == 0:
+            write_run_results(
+                workdir, config, state.params, info.num_classes,
+                (eval_data, eval_metrics), extra_evals, extra,
+            )  # fmt: skip
         return eval_metrics
 
 

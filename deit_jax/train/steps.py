@@ -13,13 +13,14 @@ state itself is `deit_jax.train.state.TrainState`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from deit_jax import losses
@@ -156,6 +157,7 @@ def make_eval_step(
     kl_reduction: str = "numel",
     tau_squared: bool = True,
     labelled: bool = True,
+    scored_classes: Sequence[int] | None = None,
 ) -> Callable[[Any, Any, Any, Batch], Metrics]:
     """`eval_step(params, model_state, ema_params, teacher_variables, batch) -> sums`.
 
@@ -169,6 +171,9 @@ def make_eval_step(
     of the head that distillation trains (the distillation head of a distilled student), per
     example, so that its mean is the training term's value on the eval set. Without labels
     (`labelled=False`, label-free data) only `kl`, `agreement` and `count`.
+    `scored_classes`: score only these classes (an eval set that holds some of the model's,
+    deit_jax/data/class_subsets.py): every other logit of the student, its heads, EMA and the
+    teacher is set to -1e30 first, so top-k, loss, agreement and KL are over these classes.
     """
     distilled = bool(getattr(model, "distilled", False))
     # Both heads, deterministically: train-mode output format with every drop rate at zero.
@@ -183,6 +188,14 @@ def make_eval_step(
             return {"": (cls_logits + dist_logits) / 2, "cls_": cls_logits, "dist_": dist_logits}
         return {"": model.apply(variables, images, train=False)}
 
+    def scored(logits: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.float32)
+        if scored_classes is None:
+            return logits
+        keep = np.zeros(logits.shape[-1], bool)
+        keep[np.asarray(scored_classes)] = True
+        return jnp.where(keep, logits, -1e30)  # finite: exp gives 0, and 0 * log stays 0
+
     def eval_step(params, model_state, ema_params, teacher_variables, batch: Batch) -> Metrics:
         mask = batch["mask"].astype(jnp.float32)
         labels = batch["label"]
@@ -192,14 +205,14 @@ def make_eval_step(
             for k, hits in losses.topk_correct(logits.astype(jnp.float32), labels).items():
                 sums[prefix + k] = (hits * mask).sum()
 
-        outputs = predict(params, model_state, batch["image"])
+        outputs = {k: scored(v) for k, v in predict(params, model_state, batch["image"]).items()}
         if labelled:
             for prefix, logits in outputs.items():
                 add(prefix, logits)
             logp = jax.nn.log_softmax(outputs[""].astype(jnp.float32))
             sums["loss"] = (-jnp.take_along_axis(logp, labels[:, None], -1)[:, 0] * mask).sum()
             if ema_params:
-                add("ema_", predict(ema_params, model_state, batch["image"])[""])
+                add("ema_", scored(predict(ema_params, model_state, batch["image"])[""]))
         if "real" in batch:
             real = batch["real"].astype(bool)
             has = real.any(-1).astype(jnp.float32) * mask
@@ -209,7 +222,7 @@ def make_eval_step(
             sums["real_top1"] = (hits[:, 0] * has).sum()
             sums["real_top5"] = (hits.any(-1) * has).sum()
         if teacher is not None:
-            t_logits = teacher_logits(teacher, teacher_variables, batch["image"])
+            t_logits = scored(teacher_logits(teacher, teacher_variables, batch["image"]))
             if labelled:
                 add("teacher_", t_logits)
             agree = jnp.argmax(t_logits, -1) == jnp.argmax(outputs[""], -1)
