@@ -53,7 +53,7 @@ def get_config():
     return tiny_config()
 
 
-def save_random_teacher(path: str, img_size: int = 16) -> str:
+def save_random_teacher(path: str, img_size: int = 16, seed: int = 7) -> str:
     """A randomly initialised `cnn_small` for digits as a deit_jax weights directory: a teacher
     for tests that need only a fixed function of the image (hard labels), not a good one."""
     import flax.linen as nn
@@ -66,6 +66,6 @@ def save_random_teacher(path: str, img_size: int = 16) -> str:
     overrides = {"num_classes": 10, "img_size": img_size}
     model = create_model("cnn_small", **overrides)
     images = jnp.zeros((1, img_size, img_size, 3))
-    variables = nn.meta.unbox(model.init(jax.random.key(7), images))
+    variables = nn.meta.unbox(model.init(jax.random.key(seed), images))
     save_variables(path, variables, model_name="cnn_small", model_overrides=overrides)
     return path

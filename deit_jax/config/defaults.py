@@ -61,8 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.prompts = "openai"
     # Teacher-output cache (deit_jax/teacher/cache/). `cache`: a cache directory written by
     # `--config.mode=teacher_cache` with this config; training then reads the teacher's outputs
-    # from it instead of running a teacher.
+    # from it instead of running a teacher. Several, "A,B,C" (caches of one stream, each written
+    # once), are an ensemble mixed at read time with `cache_weights` ("0.5,0.3,0.2"; "" = equal):
+    # the target is the weighted mean of the members' probabilities (deit_jax/teacher/cache/mix.py).
     c.teacher.cache = ""
+    c.teacher.cache_weights = ""
     c.teacher.cache_topk = 10  # top-k log-probabilities kept per example (hard needs 1)
     c.teacher.cache_dtype = "float16"  # float16 | float32 (exact soft targets)
     c.teacher.cache_epochs = ""  # "START:END": write only these epochs ("" = all)

@@ -140,10 +140,47 @@ def _teacher_registered(v: Any, c: Context) -> bool:
     return not needed or c.get("teacher.framework") == "torch" or _registered(v, c)
 
 
+def cache_paths(value: str) -> list[str]:
+    """`teacher.cache` as its directories: none, one, or several "A,B,C" (an ensemble)."""
+    return [p.strip() for p in value.split(",")] if value else []
+
+
+def cache_weights(value: str, count: int) -> list[float]:
+    """`teacher.cache_weights` for `count` caches, normalised to sum 1 ("" = equal weights).
+    Raises ValueError naming what is wrong."""
+    if value == "":
+        return [1.0 / count] * count
+    try:
+        weights = [float(w) for w in str(value).split(",")]
+    except ValueError:
+        raise ValueError("must be comma-separated numbers, e.g. '0.5,0.3,0.2'") from None
+    if len(weights) != count:
+        raise ValueError(f"gives {len(weights)} weights for the {count} caches of teacher.cache")
+    if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError("must be non-negative and not all 0")
+    return [w / sum(weights) for w in weights]
+
+
 def _cache_dir(v: Any, c: Context) -> bool:
     if not isinstance(v, str):
         return False
-    return not v or "://" in v or c.get("mode") == "teacher_cache" or os.path.isdir(v)
+    if not v or c.get("mode") == "teacher_cache":
+        return True
+    return all(p and ("://" in p or os.path.isdir(p)) for p in cache_paths(v))
+
+
+def _cache_weights_problem(v: Any, c: Context) -> str | None:
+    caches = c.get("teacher.cache")
+    count = len(cache_paths(caches)) if isinstance(caches, str) else 0
+    if v == "":
+        return None
+    if count < 2:
+        return "weighs the members of an ensemble: give teacher.cache several caches, 'A,B'"
+    try:
+        cache_weights(v, count)
+    except ValueError as e:
+        return f"{e} ('' weighs every cache equally)"
+    return None
 
 
 def epoch_range(spec: str) -> tuple[int | None, int | None]:
@@ -419,7 +456,17 @@ RULES: tuple[Rule, ...] = (
         ".bin or .safetensors) holding the state dict of timm's model; no weights are downloaded",
         after=("teacher.framework", "distillation.kind", "mode"),
     ),
-    Rule("teacher.cache", _cache_dir, "must be '' or a teacher cache directory that exists"),
+    Rule(
+        "teacher.cache",
+        _cache_dir,
+        "must be '', a teacher cache directory that exists, or several, comma-separated",
+    ),
+    Rule(
+        "teacher.cache_weights",
+        lambda v, c: _cache_weights_problem(v, c) is None,
+        lambda c: _cache_weights_problem(c.get("teacher.cache_weights"), c),
+        after=("teacher.cache",),
+    ),
     Rule(
         "teacher.cache",
         lambda v, c: (

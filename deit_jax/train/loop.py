@@ -23,7 +23,7 @@ from deit_jax import data, sharding
 from deit_jax.errors import Preempted, UserError
 from deit_jax.jit import jit
 from deit_jax.teacher.build import build_teacher
-from deit_jax.teacher.cache.read import CacheReader
+from deit_jax.teacher.cache.mix import open_reader
 from deit_jax.train import optim, steps
 from deit_jax.train.checkpoint import TrainCheckpointer
 from deit_jax.train.evaluation import EvalSteps, best_metric, eval_extra, eval_loop, format_eval
@@ -81,7 +81,7 @@ def train_and_evaluate(
     mesh = sharding.create_mesh(config.mesh, devices)
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
     # Before a model is built or a weight read: a cache of another stream is refused now.
-    reader = CacheReader(config, train_data) if config.teacher.cache else None
+    reader = open_reader(config, train_data)
     model = build_student(config, info.num_classes)
     teacher, teacher_variables = build_teacher(config, info.num_classes, workdir)
     teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
@@ -127,10 +127,10 @@ def train_and_evaluate(
                 )
                 log.info("Initialised from %s", config.init_from)
 
-        if config.teacher.cache:
+        if reader is not None:
             reader.check_coverage(start_step, total_steps)
             train_data.extras = reader
-            log.info("Teacher outputs from the cache %s", config.teacher.cache)
+            log.info("Teacher outputs from the cache %s", reader)
             if teacher is None:
                 log.info(
                     "Evaluation skips teacher accuracy and agreement: no teacher checkpoint "

@@ -75,6 +75,9 @@ class CacheReader:
         self.arrays = self.store.open_arrays()
         self._chunks: dict[int, tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
 
+    def __str__(self) -> str:
+        return self.path
+
     def check_coverage(self, start_step: int, total_steps: int) -> None:
         """Refuses a cache that lacks any batch of this process from `start_step` on."""
         layout, done = self.layout, self.store.written_chunks()

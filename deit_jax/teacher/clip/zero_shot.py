@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from deit_jax import data
+from deit_jax.config.rules import cache_paths
 from deit_jax.data import labels
 from deit_jax.errors import ConfigError
 from deit_jax.models import create_model
@@ -133,8 +134,8 @@ def build_clip_teacher(
         )
     templates = labels.templates(t.prompts)
     directories = [workdir] if workdir else []
-    if t.cache and config.mode != "teacher_cache":
-        directories.append(t.cache)
+    if config.mode != "teacher_cache":
+        directories += cache_paths(t.cache)
     head = zero_shot_head_for(config, clip, variables, names, templates, directories)
     size = config.data.img_size
     teacher = ZeroShotCLIP(

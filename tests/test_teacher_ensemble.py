@@ -1,0 +1,186 @@
+"""A teacher ensemble read from several caches of one stream and mixed at read time
+(`--config.teacher.cache=A,B --config.teacher.cache_weights=...`, deit_jax/teacher/cache/mix.py).
+
+Two random `cnn_small` teachers (other init seeds) each write a float32 cache of all 10 classes
+over the tiny config's stream (tests/_train_config.py: 8 steps of 32 digits at 16x16), once.
+References are NumPy's, from the arrays each cache stores. Tolerances: mixed probabilities to
+1e-6 absolute (float64 on the host, float32 out); a run whose weights single out one member
+follows that member's own cached run, losses to a relative 1e-5 and parameters to 1e-4 absolute
+(the same loss, its target rounded differently), as tests/test_teacher_cache.py's tolerances.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from _train_config import save_random_teacher, tiny_config
+
+from deit_jax import data, sharding, train
+from deit_jax.errors import ConfigError
+from deit_jax.teacher import cache
+from deit_jax.teacher.cache import mix
+from deit_jax.train.metrics import read_jsonl
+from deit_jax.weights.directory import load_variables, save_variables
+
+TAU = 2.0
+
+
+def ensemble_config(data_dir, teacher="", **changes):
+    base = {
+        "distillation.kind": "soft",
+        "distillation.tau": TAU,
+        "teacher.name": "cnn_small",
+        "teacher.checkpoint": teacher,
+        "teacher.cache_topk": 10,
+        "teacher.cache_dtype": "float32",
+        "teacher.cache_chunk_steps": 3,
+    }
+    return tiny_config(data_dir, **{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def peaked_teacher(root, seed):
+    """A random `cnn_small` whose classifier is scaled by 30: a random network's outputs are
+    near-uniform, and a distillation term of near-uniform teachers tells members apart poorly."""
+    random = save_random_teacher(str(root / "random"), seed=seed)
+    variables, metadata = load_variables(random)
+    fc = variables["params"]["fc"]
+    fc["kernel"], fc["bias"] = 30 * fc["kernel"], 30 * fc["bias"]
+    path = str(root / "weights")
+    save_variables(
+        path, variables, model_name="cnn_small", **{"model_overrides": metadata["model_overrides"]}
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def caches(data_dir, tmp_path_factory):
+    """Each member's cache, written once by the ordinary writer."""
+    root = tmp_path_factory.mktemp("ensemble")
+    paths = []
+    for name, seed in (("a", 7), ("b", 11)):
+        teacher = peaked_teacher(root / f"teacher_{name}", seed)
+        path = str(root / f"cache_{name}")
+        cache.write_cache(ensemble_config(data_dir, teacher), path, devices=jax.devices()[:1])
+        paths.append(path)
+    return paths
+
+
+def reader_for(config):
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    return mix.open_reader(config, train_data)
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def member_log_probs(path, epoch, step):
+    """(B, 10) log-probabilities a member's cache stores for one batch (all 10 classes)."""
+    stored = cache.CacheStore(path).read_all()
+    values, indices = stored["values"][epoch, step], stored["indices"][epoch, step]
+    full = np.zeros(values.shape)
+    np.put_along_axis(full, indices.astype(np.int64), values.astype(np.float64), -1)
+    return full
+
+
+def dense(target):
+    full = np.zeros(target["teacher_logp"].shape)
+    np.put_along_axis(full, target["teacher_index"].astype(np.int64), target["teacher_logp"], -1)
+    return full
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_the_mixed_target_is_the_weighted_mean_of_the_members_probabilities(data_dir, caches, kind):
+    config = ensemble_config(
+        data_dir,
+        **{"distillation.kind": kind, "teacher.cache": ",".join(caches)},
+        **{"teacher.cache_weights": "0.7,0.3"},
+    )
+    reader = reader_for(config)
+    assert isinstance(reader, mix.MixedCacheReader)
+    for epoch, step in ((0, 0), (0, 4), (0, 7)):
+        target = reader(epoch, step)
+        a, b = (member_log_probs(p, epoch, step) for p in caches)
+        if kind == "soft":  # the loss takes softmax(target / T): the mixture at T
+            expected = 0.7 * softmax(a / TAU) + 0.3 * softmax(b / TAU)
+            np.testing.assert_allclose(softmax(dense(target) / TAU), expected, atol=1e-6)
+        else:  # the step's hard label is the first index: the mixture's argmax at T = 1
+            expected = 0.7 * softmax(a) + 0.3 * softmax(b)
+            np.testing.assert_array_equal(target["teacher_index"][:, 0], expected.argmax(-1))
+            # The members disagree on some rows, so the mix is neither member's label alone.
+            assert (a.argmax(-1) != b.argmax(-1)).any()
+
+
+def train_losses(workdir, key="train/loss"):
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return np.array([r[key] for r in records if key in r])
+
+
+def test_weights_that_single_out_one_member_train_as_that_members_cache(data_dir, caches, tmp_path):
+    runs = {}
+    for name, changes in {
+        "alone": {"teacher.cache": caches[0]},
+        "weighted": {"teacher.cache": ",".join(caches), "teacher.cache_weights": "1,0"},
+        "mixed": {"teacher.cache": ",".join(caches), "teacher.cache_weights": "1,1"},
+    }.items():
+        workdir = str(tmp_path / name)
+        train.train_and_evaluate(
+            ensemble_config(data_dir, **changes), workdir, devices=jax.devices()[:1]
+        )
+        runs[name] = (train_losses(workdir), load_variables(os.path.join(workdir, "weights"))[0])
+        runs[name] += (train_losses(workdir, "train/loss_distillation"),)
+    (alone, alone_params, alone_kd), (weighted, weighted_params, _), (_, _, mixed_kd) = (
+        runs.values()
+    )
+    assert len(alone) == 8
+    np.testing.assert_allclose(weighted, alone, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(weighted_params), jax.tree.leaves(alone_params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4, rtol=0)
+    print("distillation term, member a alone:", alone_kd, "equal mix:", mixed_kd)
+    assert (np.abs(mixed_kd - alone_kd) > 1e-2 * alone_kd).all()  # the mix is another target
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ("0.5,-0.5", "must be non-negative and not all 0"),
+        ("0,0", "must be non-negative and not all 0"),
+        ("0.5,0.3,0.2", "gives 3 weights for the 2 caches of teacher.cache"),
+        ("a,b", "must be comma-separated numbers"),
+    ],
+)
+def test_bad_weights_are_refused_in_one_line(data_dir, caches, weights, message, tmp_path):
+    config = ensemble_config(
+        data_dir, **{"teacher.cache": ",".join(caches), "teacher.cache_weights": weights}
+    )
+    with pytest.raises(ConfigError) as e:
+        train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    (line,) = e.value.problems
+    assert line.startswith(f"config.teacher.cache_weights={weights!r}: ") and message in line
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_weights_without_an_ensemble_are_refused(data_dir, caches):
+    config = ensemble_config(data_dir, **{"teacher.cache": caches[0], "teacher.cache_weights": "1"})
+    with pytest.raises(ConfigError, match="give teacher.cache several caches"):
+        train.train_and_evaluate(config, "/nonexistent", devices=jax.devices()[:1])
+
+
+def test_a_member_of_another_stream_is_refused_naming_it_and_the_key(data_dir, caches, tmp_path):
+    teacher = peaked_teacher(tmp_path, seed=5)
+    other = str(tmp_path / "other_seed")
+    cache.write_cache(ensemble_config(data_dir, teacher, seed=1), other, devices=jax.devices()[:1])
+    config = ensemble_config(data_dir, **{"teacher.cache": f"{caches[0]},{other}"})
+    with pytest.raises(cache.CacheError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    message = str(e.value)
+    assert message.startswith(f"Member {other!r} of teacher.cache=")
+    assert "config.seed: cache 1, this run 0" in message
