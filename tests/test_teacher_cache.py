@@ -398,7 +398,8 @@ def test_completing_a_cache_with_another_teacher_is_refused_naming_the_key(
         variables, metadata = load_variables(weights)
         variables["params"]["fc"]["bias"] = variables["params"]["fc"]["bias"] + 1.0
         shutil.rmtree(weights)
-        save_variables(weights, variables, model_name="cnn_small", **_saved(metadata))
+        overrides = metadata["model_overrides"]
+        save_variables(weights, variables, model_name="cnn_small", model_overrides=overrides)
     with open(os.path.join(path, "manifest.json")) as f:
         stored = json.load(f)["teacher"]
     config = distill_config(data_dir, weights, **changes)
@@ -410,10 +411,6 @@ def test_completing_a_cache_with_another_teacher_is_refused_naming_the_key(
     if key in changes:
         expected = f"  config.{key}: cache {stored[key]!r}, this run {changes[key]!r}"
         assert expected in lines
-
-
-def _saved(metadata):
-    return {"model_overrides": metadata["model_overrides"]}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

@@ -53,7 +53,7 @@ def peaked_teacher(root, seed):
     fc["kernel"], fc["bias"] = 30 * fc["kernel"], 30 * fc["bias"]
     path = str(root / "weights")
     save_variables(
-        path, variables, model_name="cnn_small", **{"model_overrides": metadata["model_overrides"]}
+        path, variables, model_name="cnn_small", model_overrides=metadata["model_overrides"]
     )
     return path
 

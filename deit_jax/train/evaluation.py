@@ -71,7 +71,8 @@ def best_metric(info: data.DatasetInfo, teacher: nn.Module | None) -> str | None
 
 def eval_loop(eval_steps: EvalSteps, eval_data, args) -> dict[str, float]:
     """One pass over `eval_data`: its metrics (sums over the examples, divided by the count)."""
-    eval_step = eval_steps(getattr(eval_data, "scored_classes", None))
+    scored = getattr(eval_data, "scored_classes", None)
+    eval_step = eval_steps(scored)
     totals: dict[str, float] = {}
     for batch in eval_data:
         sums = jax.device_get(eval_step(*args, batch))
@@ -84,7 +85,6 @@ def eval_loop(eval_steps: EvalSteps, eval_data, args) -> dict[str, float]:
         k: v / ((real or float("nan")) if k.startswith("real_") else count)
         for k, v in totals.items()
     }
-    scored = getattr(eval_data, "scored_classes", None)
     return (
         out
         | {"count": count}
