@@ -86,6 +86,8 @@ def clip_config(data_dir, weights, prompt_file, **changes):
         "teacher.cache_topk": 10,
         "teacher.cache_dtype": "float32",
         "teacher.cache_chunk_steps": 3,
+        "teacher.cache_embeddings": True,  # the writer's: logits and image embedding, one pass
+        "teacher.cache_embedding_dtype": "float32",
     }
     return tiny_config(data_dir, **{**base, **changes})
 
@@ -304,23 +306,55 @@ def test_changed_prompts_or_class_names_are_refused_by_name(
         train.train_and_evaluate(reading, str(tmp_path / "reader"), devices=jax.devices()[:1])
 
 
-def test_feature_distillation_against_clips_image_embedding(
-    data_dir, clip_weights, prompt_file, tmp_path
+def test_feature_distillation_against_clips_image_embedding_live_and_cached(
+    data_dir, clip_weights, prompt_file, clip_cache, tmp_path
 ):
     # A 32-wide student, CLIP's 48-wide embedding: through the learned projection, cosine.
-    config = clip_config(
-        data_dir,
-        clip_weights,
-        prompt_file,
-        **PLAIN,
-        **{"distillation.kind": "feature", "distillation.feature_loss": "cosine"},
-        num_epochs=2 / 44,
-    )
-    metrics = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
-    records = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-    distill = [r["train/loss_distillation"] for r in records if "train/loss" in r]
-    assert len(distill) == 2 and all(0.0 < d <= 2.0 for d in distill)  # 1 - cos in [0, 2]
+    changes = {"distillation.kind": "feature", "distillation.feature_loss": "cosine"}
+    config = clip_config(data_dir, clip_weights, prompt_file, **PLAIN, **changes, num_epochs=3 / 44)
+    metrics = train.train_and_evaluate(config, str(tmp_path / "live"), devices=jax.devices()[:1])
+    distill = [
+        r["train/loss_distillation"]
+        for r in read_jsonl(os.path.join(tmp_path / "live", "metrics.jsonl"))
+        if "train/loss" in r
+    ]
+    assert len(distill) == 3 and all(0.0 < d <= 2.0 for d in distill)  # 1 - cos in [0, 2]
     assert "kl" in metrics and "teacher_top1" in metrics  # the teacher still predicts classes
+    # From the cache's embeddings, without the teacher: the same losses.
+    cached = clip_config(
+        data_dir, clip_weights, prompt_file, **PLAIN, **changes, num_epochs=3 / 44,
+        **{"teacher.cache": clip_cache, "teacher.checkpoint": ""},
+    )  # fmt: skip
+    train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=jax.devices()[:1])
+    np.testing.assert_allclose(
+        train_losses(tmp_path / "cached"), train_losses(tmp_path / "live"), rtol=1e-5
+    )
+
+
+def test_the_cache_holds_clips_logits_and_embedding_from_one_pass(
+    data_dir, clip_weights, prompt_file, clip_cache, tmp_path
+):
+    """The stored embedding is CLIP's image embedding of each example (the live feature target),
+    and the stored top-k its zero-shot logits: log_softmax(100 normalise(e) W) of the stored e."""
+    from deit_jax import data, sharding
+    from deit_jax.teacher.forward import teacher_features
+
+    config = clip_config(data_dir, clip_weights, prompt_file)
+    teacher, variables = build_teacher(config, 10, clip_cache)
+    stored = cache.CacheStore(clip_cache).read_all()
+    head = np.asarray(variables["params"]["zero_shot_head"], np.float64)
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+    with data.build_train(config, mesh, data_axes=sharding.DATA_AXES) as batches:
+        images = next(batches)["image"]
+    embedding = stored["embeddings"][0, 0].astype(np.float64)
+    live = np.asarray(teacher_features(teacher, variables, images))
+    np.testing.assert_allclose(embedding, live, rtol=1e-5, atol=1e-6)
+    logits = 100.0 * embedding / np.linalg.norm(embedding, axis=-1, keepdims=True) @ head
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    index = stored["indices"][0, 0].astype(np.int64)
+    np.testing.assert_allclose(
+        stored["values"][0, 0], np.take_along_axis(logp, index, -1), atol=1e-4
+    )
 
 
 def _open_clip_model(clip_weights):

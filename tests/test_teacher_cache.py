@@ -469,6 +469,8 @@ def test_a_timm_model_without_a_flax_port_teaches_through_the_cache(data_dir, tm
         "teacher.checkpoint": weights,
         "teacher.img_size": 32,
         "teacher.cache_dtype": "float32",
+        "teacher.cache_embeddings": True,  # timm's pre-logit features, from the same pass
+        "teacher.cache_embedding_dtype": "float32",
         # Another normalisation than the teacher's (ImageNet's): the writer must convert.
         "augment.mean": (0.5, 0.5, 0.5),
         "augment.std": (0.25, 0.25, 0.25),
@@ -489,6 +491,10 @@ def test_a_timm_model_without_a_flax_port_teaches_through_the_cache(data_dir, tm
             )
             with torch.no_grad():
                 logp = torch.log_softmax(model(x), -1).numpy()
+                features = model.forward_head(model.forward_features(x), pre_logits=True)
+            np.testing.assert_allclose(
+                stored["embeddings"][0, step], features.numpy(), rtol=1e-5, atol=1e-5
+            )
             index = stored["indices"][0, step].astype(np.int64)
             np.testing.assert_allclose(
                 stored["values"][0, step], np.take_along_axis(logp, index, -1), atol=1e-5

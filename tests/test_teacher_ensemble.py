@@ -17,8 +17,9 @@ import pytest
 from _train_config import save_random_teacher, tiny_config
 
 from deit_jax import data, sharding, train
+from deit_jax.config import rules
 from deit_jax.errors import ConfigError
-from deit_jax.teacher import cache
+from deit_jax.teacher import cache, forward
 from deit_jax.teacher.cache import mix
 from deit_jax.train.metrics import read_jsonl
 from deit_jax.weights.directory import load_variables, save_variables
@@ -59,16 +60,28 @@ def peaked_teacher(root, seed):
 
 
 @pytest.fixture(scope="module")
-def caches(data_dir, tmp_path_factory):
-    """Each member's cache, written once by the ordinary writer."""
-    root = tmp_path_factory.mktemp("ensemble")
-    paths = []
-    for name, seed in (("a", 7), ("b", 11)):
-        teacher = peaked_teacher(root / f"teacher_{name}", seed)
-        path = str(root / f"cache_{name}")
-        cache.write_cache(ensemble_config(data_dir, teacher), path, devices=jax.devices()[:1])
-        paths.append(path)
-    return paths
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return [peaked_teacher(root / name, seed) for name, seed in (("a", 7), ("b", 11))]
+
+
+def members(teachers, weights=(1.0, 1.0)):
+    """`teacher.members` of the two teachers, "a" and "b"."""
+    return {
+        name: {"checkpoint": path, "weight": w}
+        for name, path, w in zip("ab", teachers, weights, strict=True)
+    }
+
+
+@pytest.fixture(scope="module")
+def caches(data_dir, teachers, tmp_path_factory):
+    """Each member's cache, written once: the writer given the ensemble writes DIR/a and DIR/b,
+    each by the ordinary writer, as that member's alone."""
+    root = str(tmp_path_factory.mktemp("ensemble"))
+    config = ensemble_config(data_dir, **{"teacher.members": members(teachers)})
+    summaries = cache.write_cache(config, root, devices=jax.devices()[:1])
+    assert sorted(summaries) == ["a", "b"]
+    return [os.path.join(root, "a"), os.path.join(root, "b")]
 
 
 def reader_for(config):
@@ -184,3 +197,105 @@ def test_a_member_of_another_stream_is_refused_naming_it_and_the_key(data_dir, c
     message = str(e.value)
     assert message.startswith(f"Member {other!r} of teacher.cache=")
     assert "config.seed: cache 1, this run 0" in message
+
+
+# --------------------------------------------------------------------------- live ensembles
+
+
+def test_the_live_mix_is_the_weighted_mean_of_the_members_probabilities():
+    rng = np.random.default_rng(0)
+    a, b = 5 * rng.normal(size=(2, 64, 10)).astype(np.float32)
+    for tau in (1.0, TAU):
+        logits = np.asarray(forward.mixed_logits([a, b], [0.7, 0.3], tau), np.float64)
+        expected = 0.7 * softmax(a / tau) + 0.3 * softmax(b / tau)
+        np.testing.assert_allclose(softmax(logits / tau), expected, atol=1e-6)
+        np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+    # A zero weight drops its member: the mix is the other member's log-probabilities.
+    only_a = np.asarray(forward.mixed_logits([a, b], [1.0, 0.0], 1.0))
+    np.testing.assert_allclose(softmax(only_a), softmax(a), atol=1e-7)
+
+
+def run(config, workdir):
+    train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+    return train_losses(str(workdir)), load_variables(os.path.join(workdir, "weights"))[0]
+
+
+def test_a_one_member_ensemble_is_the_single_teacher_bit_for_bit(data_dir, teachers, tmp_path):
+    single = run(ensemble_config(data_dir, teachers[0]), tmp_path / "single")
+    one = {"a": {"checkpoint": teachers[0], "weight": 0.4}}
+    member = run(ensemble_config(data_dir, **{"teacher.members": one}), tmp_path / "member")
+    np.testing.assert_array_equal(member[0], single[0])
+    for x, y in zip(jax.tree.leaves(member[1]), jax.tree.leaves(single[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_one_member_ensembles_cache_is_the_single_teachers_cache(
+    data_dir, teachers, caches, tmp_path
+):
+    """The ensemble writer wrote member a's cache (the fixture) as the single teacher's writer."""
+    single = str(tmp_path / "single_a")
+    cache.write_cache(ensemble_config(data_dir, teachers[0]), single, devices=jax.devices()[:1])
+    manifests = [cache.CacheStore(p).read_manifest() for p in (single, caches[0])]
+    for m in manifests:
+        del m["deit_jax_version"]
+    assert manifests[0] == manifests[1]
+    for name, array in cache.CacheStore(single).read_all().items():
+        np.testing.assert_array_equal(cache.CacheStore(caches[0]).read_all()[name], array)
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_a_mixed_read_from_caches_equals_the_live_ensembles_losses(
+    data_dir, teachers, caches, kind, tmp_path
+):
+    """Float32 caches of all 10 classes: the mixed read is the live mix, losses to 1e-5. (That
+    either mix is the weighted mean, not one member's, the NumPy tests above show.)"""
+    weights = (0.7, 0.3)
+    kind_and = {"distillation.kind": kind}
+    live = ensemble_config(data_dir, **kind_and, **{"teacher.members": members(teachers, weights)})
+    cached = ensemble_config(
+        data_dir,
+        **kind_and,
+        **{"teacher.cache": ",".join(caches), "teacher.cache_weights": "0.7,0.3"},
+    )
+    (live_losses, live_params), (cached_losses, cached_params) = (
+        run(live, tmp_path / "live"),
+        run(cached, tmp_path / "cached"),
+    )
+    assert len(live_losses) == 8 and np.isfinite(live_losses).all()
+    np.testing.assert_allclose(cached_losses, live_losses, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(cached_params), jax.tree.leaves(live_params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "members_value, message",
+    [
+        ({"a": {"checkpoint": "A", "tau": 2.0}}, "member 'a' sets tau: a member may set"),
+        ({"a": {"weight": -1.0}, "b": {"weight": 2.0}}, "must be non-negative numbers"),
+        ({"a": {"weight": 0.0}, "b": {"weight": 0.0}}, "must be non-negative numbers, not all 0"),
+        ({"a": {}, "b": {}}, "feature distillation takes one teacher"),
+        (
+            {"a": {}, "b": {"framework": "torch", "name": "resnet18"}},
+            "member 'b' is a PyTorch model, which teaches through its cache",
+        ),
+    ],
+    ids=["unknown_key", "negative", "all_zero", "feature", "torch_live"],
+)
+def test_bad_members_are_refused_in_one_line(data_dir, teachers, members_value, message):
+    kind = "feature" if "feature" in message else "soft"
+    config = ensemble_config(
+        data_dir, teachers[0], **{"distillation.kind": kind, "teacher.members": members_value}
+    )
+    found = rules.problems(config, num_devices=1)
+    assert len(found) == 1 and found[0].startswith("config.teacher.members=")
+    assert message in found[0]
+
+
+def test_a_members_own_problems_are_named_after_it(data_dir, teachers):
+    ensemble = {"a": {"checkpoint": teachers[0]}, "b": {"checkpoint": "/no/such/teacher"}}
+    config = ensemble_config(data_dir, **{"teacher.members": ensemble})
+    found = rules.problems(config, num_devices=1)
+    assert found == [
+        "config.teacher.members.b.checkpoint='/no/such/teacher': does not exist; give "
+        + found[0].split("does not exist; give ", 1)[1]
+    ]

@@ -59,6 +59,13 @@ def base_config() -> ml_collections.ConfigDict:
     # The CLIP teacher's prompt templates: "openai" (the 80 of CLIP's ImageNet evaluation),
     # "simple" (open_clip's 7), or a file with one template per line, each containing "{}".
     c.teacher.prompts = "openai"
+    # A live teacher ensemble (deit_jax/teacher/ensemble.py): member name -> the teacher keys in
+    # which that member differs from the ones above, and its `weight`. In a config file:
+    #   config.teacher.members = {"regnet": dict(checkpoint="R", weight=0.7),
+    #       "clip": dict(framework="clip", name="clip_vit_b32", checkpoint="C", weight=0.3)}
+    # and on the command line --config.teacher.members.clip.weight=0.5. Every member runs in the
+    # train step; the target is the weighted mean of their probabilities. Empty: one teacher.
+    c.teacher.members = ml_collections.ConfigDict()
     # Teacher-output cache (deit_jax/teacher/cache/). `cache`: a cache directory written by
     # `--config.mode=teacher_cache` with this config; training then reads the teacher's outputs
     # from it instead of running a teacher. Several, "A,B,C" (caches of one stream, each written
@@ -69,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.cache_topk = 10  # top-k log-probabilities kept per example (hard needs 1)
     c.teacher.cache_dtype = "float16"  # float16 | float32 (exact soft targets)
     c.teacher.cache_epochs = ""  # "START:END": write only these epochs ("" = all)
+    # Also store each example's teacher embedding (a registry model's pooled pre-logit features,
+    # a CLIP teacher's image embedding), so that distillation.kind=feature trains from the cache.
+    c.teacher.cache_embeddings = False
+    c.teacher.cache_embedding_dtype = "float16"  # float16 | float32
     c.teacher.cache_chunk_steps = 100  # steps per chunk (a kill -9 loses at most one chunk)
 
     # Base criterion on the class head: "ce" (soft-target cross-entropy, the DeiT reference) or

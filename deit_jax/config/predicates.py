@@ -1,16 +1,21 @@
 """What the config rules (`deit_jax.config.rules`) are written in: a `Rule` (a key, a predicate,
 the sentence that says what is allowed), the `Context` a predicate sees, the generic predicates
-(integers, intervals, choices, pairs, parsers) and `problems`, which runs a table of rules.
+(integers, intervals, choices, pairs, parsers), those several sections of the table share, and
+`problems`, which runs a table of rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+
+from deit_jax.data import labels
+from deit_jax.models.registry import list_models
 
 MISSING = object()
 
@@ -144,3 +149,26 @@ def problems(rules: Sequence[Rule], context: Context) -> list[str]:
             allowed = rule.allowed(c) if callable(rule.allowed) else rule.allowed
             failed[rule.key] = f"config.{rule.key}={shown(value)}: {allowed}."
     return list(failed.values())
+
+
+# --------------------------------------------------------------------------- shared by sections
+
+
+def registered(v: Any, c: Context) -> bool:
+    return isinstance(v, str) and v in list_models()
+
+
+def existing_path(v: Any, c: Context) -> bool:
+    return isinstance(v, str) and (not v or os.path.exists(os.path.expanduser(v)))
+
+
+def label_free(c: Context) -> bool:
+    return labels.is_label_free(c.get("data.name"))
+
+
+LABEL_FREE = "label-free data (data.name='images:...')"
+
+WEIGHTS = (
+    "a deit_jax weights directory (python -m deit_jax.convert, or the `weights` directory of a "
+    "finished run) or a .pth/.safetensors file"
+)

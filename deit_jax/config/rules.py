@@ -10,6 +10,8 @@ other keys names them in `after` and is skipped when one of them already failed.
 does not have are skipped (configs written for older or newer versions, partial test configs).
 Adding a key's check is one line here.
 
+The table's distillation and teacher section, `TEACHER_RULES`, lives in
+`deit_jax.config.teacher_rules` with its predicates and the ensemble members' checks.
 This table is the one place where a config value is checked: the modules that use a value take
 it as the rules left it (no second check, no second default), and the names a rule accepts come
 from the module that implements them where it is import-light (`deit_jax.losses`, the model
@@ -21,7 +23,6 @@ sizes), so that `python -m deit_jax.main` refuses a bad config within about a se
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,27 +31,33 @@ from typing import Any
 import ml_collections
 
 from deit_jax import losses
-from deit_jax.config import predicates
+from deit_jax.config import predicates, teacher_rules
 from deit_jax.config.defaults import MODES, base_config
 from deit_jax.config.predicates import (
+    LABEL_FREE,
     MISSING,
+    WEIGHTS,
     Context,
     Rule,
     bounds,
     error_of,
+    existing_path,
     image_size,
     in_range,
     int_at_least,
     is_int,
     is_num,
+    label_free,
     one_of,
     parses,
+    registered,
     three,
 )
+from deit_jax.config.teacher_rules import TEACHER_RULES
 from deit_jax.data import eval_sets, labels
 from deit_jax.data.randaugment_policy import parse_policy
 from deit_jax.errors import ConfigError
-from deit_jax.models.registry import list_models, model_options
+from deit_jax.models.registry import model_options
 from deit_jax.models.vit import REMAT_POLICIES
 
 # --------------------------------------------------------------------------- predicates
@@ -77,14 +84,6 @@ def _patch_message(c: Context) -> str:
         f"must be a multiple of the patch size {patch} of {c.get('model_name')!r} (or the "
         f"model's patches would not tile the image); use e.g. {below or above} or {above}"
     )
-
-
-def _registered(v: Any, c: Context) -> bool:
-    return isinstance(v, str) and v in list_models()
-
-
-def _existing_path(v: Any, c: Context) -> bool:
-    return isinstance(v, str) and (not v or os.path.exists(os.path.expanduser(v)))
 
 
 def _devices_divide(v: Any, c: Context) -> bool:
@@ -121,96 +120,6 @@ def _mesh_fsdp(v: Any, c: Context) -> bool:
 
 def _mesh_data(v: Any, c: Context) -> bool:
     return v == -1 or (is_int(v) and v >= 1 and v * c.get("mesh.fsdp") == c.num_devices)
-
-
-def _teacher_given(v: Any, c: Context) -> bool:
-    # A run that reads a teacher cache needs no teacher; the cache writer always does.
-    if c.get("mode") == "teacher_cache":
-        return bool(v)
-    return not c.distilling or c.teacher_from_run or bool(v) or _reads_cache(c)
-
-
-def _reads_cache(c: Context) -> bool:
-    return c.get("mode") != "teacher_cache" and bool(c.get("teacher.cache"))
-
-
-def _teacher_registered(v: Any, c: Context) -> bool:
-    # A PyTorch teacher is any timm name (checked by timm when the writer builds it).
-    needed = c.distilling or c.get("mode") == "teacher_cache"
-    return not needed or c.get("teacher.framework") == "torch" or _registered(v, c)
-
-
-def cache_paths(value: str) -> list[str]:
-    """`teacher.cache` as its directories: none, one, or several "A,B,C" (an ensemble)."""
-    return [p.strip() for p in value.split(",")] if value else []
-
-
-def cache_weights(value: str, count: int) -> list[float]:
-    """`teacher.cache_weights` for `count` caches, normalised to sum 1 ("" = equal weights).
-    Raises ValueError naming what is wrong."""
-    if value == "":
-        return [1.0 / count] * count
-    try:
-        weights = [float(w) for w in str(value).split(",")]
-    except ValueError:
-        raise ValueError("must be comma-separated numbers, e.g. '0.5,0.3,0.2'") from None
-    if len(weights) != count:
-        raise ValueError(f"gives {len(weights)} weights for the {count} caches of teacher.cache")
-    if any(not w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError("must be non-negative and not all 0")
-    return [w / sum(weights) for w in weights]
-
-
-def _cache_dir(v: Any, c: Context) -> bool:
-    if not isinstance(v, str):
-        return False
-    if not v or c.get("mode") == "teacher_cache":
-        return True
-    return all(p and ("://" in p or os.path.isdir(p)) for p in cache_paths(v))
-
-
-def _cache_weights_problem(v: Any, c: Context) -> str | None:
-    caches = c.get("teacher.cache")
-    count = len(cache_paths(caches)) if isinstance(caches, str) else 0
-    if v == "":
-        return None
-    if count < 2:
-        return "weighs the members of an ensemble: give teacher.cache several caches, 'A,B'"
-    try:
-        cache_weights(v, count)
-    except ValueError as e:
-        return f"{e} ('' weighs every cache equally)"
-    return None
-
-
-def epoch_range(spec: str) -> tuple[int | None, int | None]:
-    """`teacher.cache_epochs` "START:END" as (start, end), None where a side is empty; "" is
-    (None, None): every epoch. Raises ValueError for anything else."""
-    if spec == "":
-        return None, None
-    start, sep, end = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if not sep or not all(p == "" or p.isdigit() for p in (start, end)):
-        raise ValueError(spec)
-    bounds = (int(start) if start else None, int(end) if end else None)
-    if None not in bounds and bounds[0] >= bounds[1]:
-        raise ValueError(spec)
-    return bounds
-
-
-def _teacher_exists(v: Any, c: Context) -> bool:
-    needed = c.distilling or c.get("mode") == "teacher_cache"
-    return not needed or not v or os.path.exists(os.path.expanduser(v))
-
-
-def _writes_torch_cache(c: Context) -> bool:
-    # A PyTorch teacher runs in the cache writer only; runs that read its cache need neither it
-    # nor PyTorch.
-    return c.get("teacher.framework") == "torch" and c.get("mode") == "teacher_cache"
-
-
-def _torch_installed(v: Any, c: Context) -> bool:
-    modules = ("torch", "timm")
-    return not _writes_torch_cache(c) or all(importlib.util.find_spec(m) for m in modules)
 
 
 def _model_keys(v: Any, c: Context) -> bool:
@@ -267,20 +176,9 @@ def _missing_keys(section: str) -> Callable[[Context], str]:
     return message
 
 
-def _label_free(c: Context) -> bool:
-    return labels.is_label_free(c.get("data.name"))
-
-
 def _label_free_split(v: Any, c: Context) -> bool:
-    return not _label_free(c) or (isinstance(v, str) and v.split("[", 1)[0].strip() == "train")
+    return not label_free(c) or (isinstance(v, str) and v.split("[", 1)[0].strip() == "train")
 
-
-_LABEL_FREE = "label-free data (data.name='images:...')"
-
-_WEIGHTS = (
-    "a deit_jax weights directory (python -m deit_jax.convert, or the `weights` directory of a "
-    "finished run) or a .pth/.safetensors file"
-)
 
 # --------------------------------------------------------------------------- the rules
 
@@ -324,7 +222,7 @@ RULES: tuple[Rule, ...] = (
     Rule("keep_checkpoints", int_at_least(1), "must be an integer >= 1 (checkpoints kept)"),
     Rule("progress_bar", one_of(True, False), "must be True or False"),
     # The student.
-    Rule("model_name", _registered, "must be a registered model (deit_jax.list_models())"),
+    Rule("model_name", registered, "must be a registered model (deit_jax.list_models())"),
     Rule("model", _model_keys, _model_keys_message, after=("model_name",)),
     Rule(
         "model.drop_path_rate", in_range(0, 1, hi_open=True), "must be in [0, 1) (0.1 for DeiT-S)"
@@ -346,151 +244,8 @@ RULES: tuple[Rule, ...] = (
         lambda v, c: v is None or v in REMAT_POLICIES,
         f"must be None (off) or a jax.checkpoint_policies name: {', '.join(REMAT_POLICIES)}",
     ),
-    Rule("init_from", _existing_path, f"must be '' or an existing path: {_WEIGHTS}"),
-    # Distillation and the teacher.
-    Rule(
-        "distillation.kind",
-        one_of(*losses.DISTILLATION_KINDS),
-        "must be 'none', 'soft', 'hard' (logit KD, any student) or 'feature'",
-    ),
-    Rule(
-        "distillation.kl_reduction",
-        one_of(*losses.KL_REDUCTIONS),
-        "must be 'numel' (summed KL / (batch x classes), the DeiT reference) or 'batchmean' "
-        "(summed KL / batch, Hinton and timm's tasks)",
-    ),
-    Rule(
-        "distillation.alpha", in_range(0, 1), "must be in [0, 1] (the distillation loss's weight)"
-    ),
-    Rule("distillation.tau", in_range(0, math.inf, lo_open=True), "must be > 0 (the temperature)"),
-    Rule("distillation.tau_squared", one_of(True, False), "must be True or False"),
-    Rule(
-        "distillation.kind",
-        lambda v, c: not _label_free(c) or v != "none",
-        f"{_LABEL_FREE} trains by distillation only: set --config.distillation.kind=soft (or "
-        "hard, feature) with a teacher",
-        after=("data.name",),
-    ),
-    Rule(
-        "distillation.alpha",
-        lambda v, c: not _label_free(c) or v == 1,
-        f"{_LABEL_FREE} has no labels for the base loss, whose weight is 1 - alpha: set "
-        "--config.distillation.alpha=1.0",
-        after=("data.name",),
-    ),
-    Rule(
-        "distillation.feature_loss",
-        one_of(*losses.FEATURE_LOSSES),
-        "must be 'mse' (timm's FeatureDistillationTask) or 'cosine' (1 - cosine similarity)",
-    ),
-    Rule(
-        "teacher.framework",
-        one_of("flax", "torch", "clip"),
-        "must be 'flax' (a registry model), 'torch' (a timm model, for the cache writer) or "
-        "'clip' (a CLIP model as a zero-shot classifier)",
-    ),
-    Rule(
-        "teacher.framework",
-        _torch_installed,
-        "needs PyTorch and timm, which are not installed: pip install 'deit_jax[torch]'",
-        after=("mode",),
-    ),
-    Rule(
-        "teacher.framework",
-        lambda v, c: (
-            v != "torch" or not c.distilling or c.get("mode") == "teacher_cache" or _reads_cache(c)
-        ),
-        "PyTorch teachers run in the cache writer only: write a cache with "
-        "--config.mode=teacher_cache, then train with --config.teacher.cache=DIR",
-        after=("distillation.kind", "mode"),
-    ),
-    Rule(
-        "teacher.name",
-        _teacher_registered,
-        "must be a registered model (deit_jax.list_models()) for a 'flax' teacher",
-        after=("distillation.kind", "teacher.framework"),
-    ),
-    Rule(
-        "teacher.name",
-        lambda v, c: c.get("teacher.framework") != "clip" or v in list_models("clip_*"),
-        lambda c: (
-            f"must be a CLIP model for teacher.framework='clip': {', '.join(list_models('clip_*'))}"
-        ),
-        after=("teacher.framework",),
-    ),
-    Rule(
-        "teacher.class_names",
-        parses(labels.parse_class_names),
-        error_of(labels.parse_class_names, "teacher.class_names"),
-    ),
-    Rule(
-        "teacher.class_names",
-        lambda v, c: not _label_free(c) or bool(v),
-        f"{_LABEL_FREE} has no class names: give the classes to distil with "
-        "--config.teacher.class_names='cat,dog,...' or a file with one name per line",
-        after=("data.name",),
-    ),
-    Rule(
-        "teacher.prompts",
-        parses(labels.check_templates),
-        error_of(labels.check_templates, "teacher.prompts"),
-    ),
-    Rule(
-        "teacher.checkpoint",
-        _teacher_given,
-        "distillation needs a trained teacher: set --config.teacher.checkpoint to "
-        + _WEIGHTS
-        + ", or use --config.distillation.kind=none",
-        after=("distillation.kind", "mode"),
-    ),
-    Rule(
-        "teacher.checkpoint",
-        _teacher_exists,
-        f"does not exist; give {_WEIGHTS}, or use --config.distillation.kind=none",
-        after=("distillation.kind", "mode"),
-    ),
-    Rule(
-        "teacher.checkpoint",
-        lambda v, c: not _writes_torch_cache(c) or os.path.isfile(os.path.expanduser(v)),
-        "a PyTorch teacher (teacher.framework='torch') needs a local checkpoint file (.pth, .pt, "
-        ".bin or .safetensors) holding the state dict of timm's model; no weights are downloaded",
-        after=("teacher.framework", "distillation.kind", "mode"),
-    ),
-    Rule(
-        "teacher.cache",
-        _cache_dir,
-        "must be '', a teacher cache directory that exists, or several, comma-separated",
-    ),
-    Rule(
-        "teacher.cache_weights",
-        lambda v, c: _cache_weights_problem(v, c) is None,
-        lambda c: _cache_weights_problem(c.get("teacher.cache_weights"), c),
-        after=("teacher.cache",),
-    ),
-    Rule(
-        "teacher.cache",
-        lambda v, c: (
-            not v
-            or c.get("mode") == "teacher_cache"
-            or c.get("distillation.kind") in ("soft", "hard")
-        ),
-        "holds teacher outputs for soft or hard distillation: set --config.distillation.kind, "
-        "or remove the cache",
-        after=("distillation.kind", "mode"),
-    ),
-    Rule("teacher.cache_topk", int_at_least(1), "must be an integer >= 1 (hard needs 1)"),
-    Rule("teacher.cache_dtype", one_of("float16", "float32"), "must be 'float16' or 'float32'"),
-    Rule("teacher.cache_chunk_steps", int_at_least(1), "must be an integer >= 1"),
-    Rule(
-        "teacher.cache_epochs",
-        parses(epoch_range),
-        "must be '' (all epochs) or 'START:END' (END exclusive, e.g. '0:100')",
-    ),
-    Rule(
-        "teacher.img_size",
-        lambda v, c: v is None or (is_int(v) and v > 0),
-        "must be a positive integer, or None for the student's image size",
-    ),
+    Rule("init_from", existing_path, f"must be '' or an existing path: {WEIGHTS}"),
+    *TEACHER_RULES,
     # Data.
     Rule("data.name", lambda v, c: isinstance(v, str) and v != "", "must name a data set"),
     Rule(
@@ -503,7 +258,7 @@ RULES: tuple[Rule, ...] = (
         lambda v, c: not labels.is_label_free(v) or os.path.isdir(labels.label_free_root(v)),
         "names a folder that does not exist; give images:<root>, a folder of images (any layout)",
     ),
-    Rule("data.manual_dir", _existing_path, "must be '' or an existing directory"),
+    Rule("data.manual_dir", existing_path, "must be '' or an existing directory"),
     Rule("data.train_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
     Rule("data.eval_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
     Rule(
@@ -516,7 +271,7 @@ RULES: tuple[Rule, ...] = (
         Rule(
             key,
             _label_free_split,
-            f"{_LABEL_FREE} has one split, 'train' (every image): slice it, e.g. "
+            f"{LABEL_FREE} has one split, 'train' (every image): slice it, e.g. "
             "--config.data.train_split='train[:95%]' --config.data.eval_split='train[95%:]'",
             after=("data.name",),
         )
@@ -617,7 +372,8 @@ def problems(
     `teacher_from_run`: the command trains the teacher before the stages that distil from it
     (see `Context`)."""
     context = Context(config, num_devices, num_processes, teacher_from_run)
-    return predicates.problems(RULES, context)
+    found = predicates.problems(RULES, context)
+    return teacher_rules.with_member_problems(found, RULES, context)
 
 
 def check_config(

@@ -46,17 +46,13 @@ class Projection(nn.Module):
         return self.init(rng, jnp.zeros((1, self.in_features), jnp.float32))["params"]
 
 
-def build_projection(student: nn.Module, teacher: nn.Module | None) -> Projection | None:
-    """The projection from the student's feature width to the teacher's; None when they match.
+def build_projection(student: nn.Module, teacher_width: int) -> Projection | None:
+    """The projection from the student's feature width to the teacher's (`teacher_width`: the
+    live teacher's `feature_width`, or a cache's embedding width); None when they match.
 
-    Raises a ValueError naming the model when either exposes no pooled features.
+    Raises a ValueError naming the model when the student exposes no pooled features.
     """
-    if teacher is None:
-        raise ValueError(
-            "distillation.kind='feature' needs a live teacher (config.teacher.checkpoint): a "
-            "teacher cache stores logits only."
-        )
-    student_width, teacher_width = feature_width(student), feature_width(teacher)
+    student_width = feature_width(student)
     if student_width == teacher_width:
         return None
     return Projection(student_width, teacher_width, dtype=getattr(student, "dtype", jnp.float32))

@@ -10,6 +10,7 @@ train and eval steps and the cache writer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,15 +44,57 @@ def resized(teacher: nn.Module, images: jax.Array) -> jax.Array:
     return images
 
 
-def teacher_logits(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
-    """Frozen teacher forward in eval mode, at the teacher's own input size if it differs."""
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+    """Several frozen teachers that teach as one (built by `deit_jax.teacher.ensemble`); its
+    variables are a tuple, one tree per member, and its logits `mixed_logits` of theirs."""
+
+    members: tuple[nn.Module, ...]
+    weights: tuple[float, ...]  # summing to 1
+    temperature: float  # the run's tau for soft distillation, else 1
+    num_classes: int
+
+
+def mixed_logits(
+    member_logits: Sequence[jax.Array], weights: Sequence[float], temperature: float
+) -> jax.Array:
+    """`T log sum_i w_i softmax(l_i / T)`: logits whose `softmax(. / T)` is the weighted mean of
+    the members' probabilities at temperature T (and whose argmax is its argmax). In log space,
+    so that no probability underflows; a zero weight drops its member exactly."""
+    logp = jnp.stack([jax.nn.log_softmax(x / temperature, axis=-1) for x in member_logits])
+    log_w = jnp.log(jnp.asarray(weights, jnp.float32))[:, None, None]
+    return temperature * jax.nn.logsumexp(logp + log_w, axis=0)
+
+
+def teacher_logits(
+    teacher: nn.Module | Ensemble, teacher_variables: Any, images: jax.Array
+) -> jax.Array:
+    """Frozen teacher forward in eval mode, at the teacher's own input size if it differs; an
+    ensemble's members each at theirs, mixed (`mixed_logits`)."""
+    if isinstance(teacher, Ensemble):
+        outputs = [
+            teacher_logits(member, variables, images)
+            for member, variables in zip(teacher.members, teacher_variables, strict=True)
+        ]
+        return mixed_logits(outputs, teacher.weights, teacher.temperature)
     logits = teacher.apply(teacher_variables, resized(teacher, images), train=False)
     return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
-def teacher_features(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
-    """The frozen teacher's pooled pre-logit features (B, D), as `teacher_logits` runs it."""
-    _, features, _ = pooled_features(
+def teacher_outputs(
+    teacher: nn.Module, teacher_variables: Any, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The frozen teacher's logits (B, C) and pooled pre-logit features (B, D), from one
+    forward pass, each as `teacher_logits` and `teacher_features` give it."""
+    logits, features, _ = pooled_features(
         teacher, teacher_variables, resized(teacher, images), train=False
     )
-    return jax.lax.stop_gradient(features.astype(jnp.float32))
+    return (
+        jax.lax.stop_gradient(logits.astype(jnp.float32)),
+        jax.lax.stop_gradient(features.astype(jnp.float32)),
+    )
+
+
+def teacher_features(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
+    """The frozen teacher's pooled pre-logit features (B, D), as `teacher_logits` runs it."""
+    return teacher_outputs(teacher, teacher_variables, images)[1]

@@ -59,8 +59,19 @@ class TorchTeacher:
         self.scale = torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1)
         self.shift = torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1)
 
+    @property
+    def embedding_dim(self) -> int:
+        """The width of timm's pre-logit features (`forward_head(..., pre_logits=True)`)."""
+        return int(getattr(self.model, "head_hidden_size", self.model.num_features))
+
     def log_probs(self, images: np.ndarray) -> np.ndarray:
         """(B, C) float32 log-probabilities for (B, H, W, 3) stream-normalised images."""
+        return self.outputs(images, embeddings=False)[0]
+
+    def outputs(self, images: np.ndarray, embeddings: bool) -> tuple[np.ndarray, ...]:
+        """(B, C) float32 log-probabilities for (B, H, W, 3) stream-normalised images, and with
+        `embeddings` the (B, D) pre-logit features timm's `forward_head(x, pre_logits=True)`
+        returns, from the same forward pass."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).permute(0, 3, 1, 2)
@@ -74,11 +85,18 @@ class TorchTeacher:
                     antialias=self.interpolation != "nearest",
                 )
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                logits = self.model(x)
-            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+                if embeddings:
+                    features = self.model.forward_features(x)
+                    pre_logits = self.model.forward_head(features, pre_logits=True)
+                    logits = self.model.forward_head(features)
+                else:
+                    logits = self.model(x)
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+            return (logp, pre_logits.float().cpu().numpy()) if embeddings else (logp,)
 
-    def topk_log_probs(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k largest log-probabilities per image (descending) and their class indices."""
-        logp = self.torch.from_numpy(self.log_probs(images))
-        values, indices = self.torch.topk(logp, k, dim=-1, largest=True, sorted=True)
-        return values.numpy(), indices.numpy()
+    def topk_outputs(self, images: np.ndarray, k: int, embeddings: bool) -> tuple[np.ndarray, ...]:
+        """The k largest log-probabilities per image (descending), their class indices and with
+        `embeddings` the pre-logit features (`outputs`)."""
+        logp, *features = self.outputs(images, embeddings)
+        values, indices = self.torch.topk(self.torch.from_numpy(logp), k, dim=-1, sorted=True)
+        return (values.numpy(), indices.numpy(), *features)

@@ -4,8 +4,9 @@
 meant to be wrapped in one `jax.jit` over the mesh (see `deit_jax.train.loop`). The teacher runs in
 eval mode under `stop_gradient` on the same (mixed) images as the student, optionally resized
 to its own input size; it is an argument, not part of the state, so it is neither optimised
-nor checkpointed with the student. With `config.teacher.cache` no teacher runs: the batch
-brings the teacher's cached top-k outputs (`teacher_logp`, `teacher_index`). Feature
+nor checkpointed with the student; an ensemble's (`config.teacher.members`) is a tuple, one per
+member. With `config.teacher.cache` no teacher runs: the batch brings the teacher's cached top-k
+outputs (`teacher_logp`, `teacher_index`) or embeddings (`teacher_embedding`). Feature
 distillation (`kind="feature"`) compares pooled pre-logit features instead of logits, the
 student's through the projection whose parameters are `state.params["projection"]`. The train
 state itself is `deit_jax.train.state.TrainState`.
@@ -66,7 +67,9 @@ def make_train_step(
         rng, dropout_rng = jax.random.split(state.rng)
         images, targets = batch["image"], batch["target"]
         t_logits = t_features = None
-        if kind == "feature":
+        if kind == "feature" and cached:  # the writer's `teacher_features`, stored
+            t_features = batch["teacher_embedding"].astype(jnp.float32)
+        elif kind == "feature":
             t_features = teacher_features(teacher, teacher_variables, images)
         elif kind != "none" and cached:
             t_logits = cached_teacher_logits(batch, targets.shape[-1], kind)

@@ -22,10 +22,15 @@ Layout of CACHE (a local directory or a `gs://` path: everything goes through Te
   rows of one data share, k), each with a crc32c checksum: one process writes each chunk (no
   locks), a kill -9 loses at most the chunks being written, and the writer's next run writes
   only the chunks that are missing. Any zarr v3 reader (TensorStore, zarr-python) opens them.
+- `embeddings/` (with `teacher.cache_embeddings=True`): a third array, (epochs, steps per epoch,
+  batch, D), each example's teacher embedding (pooled pre-logit features; a CLIP teacher's image
+  embedding), float16 or float32, chunked as the others: `distillation.kind=feature` trains from
+  it without the teacher.
 
-Modules: `write` (the writer, `--config.mode=teacher_cache`), `read` (`CacheReader`, the
-student's side), `store` (what fixes a cache: layout, fingerprints, manifest, the TensorStore
-arrays), `targets` (the teacher logits the loss takes, rebuilt from a batch's top-k).
+Modules: `write` (the writer, `--config.mode=teacher_cache`; on an ensemble config, each
+member's cache in `CACHE/<member>`), `read` (`CacheReader`, the student's side), `mix` (several
+caches mixed at read time), `store` (what fixes a cache: layout, fingerprints, manifest, the
+TensorStore arrays), `targets` (the teacher logits the loss takes, rebuilt from a batch's top-k).
 
 Soft targets from the top-k follow TinyViT: the leftover probability mass is spread evenly over
 the other classes (exact when k is the class count); hard distillation needs only the top-1.

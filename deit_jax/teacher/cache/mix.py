@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from deit_jax import data
-from deit_jax.config import rules
+from deit_jax.config import teacher_rules
 from deit_jax.teacher.cache.read import CacheReader
 from deit_jax.teacher.cache.store import CacheError
 
@@ -78,8 +78,8 @@ class MixedCacheReader:
     """`reader(epoch, step)` -> the mixed target of that batch's rows (see the module doc)."""
 
     def __init__(self, config: ml_collections.ConfigDict, train_data: data.TrainIterator):
-        self.paths = rules.cache_paths(config.teacher.cache)
-        self.weights = rules.cache_weights(config.teacher.cache_weights, len(self.paths))
+        self.paths = teacher_rules.cache_paths(config.teacher.cache)
+        self.weights = teacher_rules.cache_weights(config.teacher.cache_weights, len(self.paths))
         self.readers = []
         for path in self.paths:
             member = copy.deepcopy(config)
@@ -112,7 +112,7 @@ def open_reader(
     config: ml_collections.ConfigDict, train_data: data.TrainIterator
 ) -> CacheReader | MixedCacheReader | None:
     """The run's cache reader: none, one cache's, or an ensemble's (several caches)."""
-    paths = rules.cache_paths(config.teacher.cache)
+    paths = teacher_rules.cache_paths(config.teacher.cache)
     if not paths:
         return None
     return (

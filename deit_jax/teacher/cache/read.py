@@ -63,8 +63,10 @@ class CacheReader:
                     "teacher.class_names and teacher.prompts the cache was written with, or write "
                     f"a cache for these: {store.writer_command('NEW_CACHE')}"
                 )
+        if config.distillation.kind == "feature" and not self.layout.embedding_dim:
+            raise store.no_embeddings(path)
         needed = required_topk(config)
-        if self.layout.topk < needed:
+        if config.distillation.kind != "feature" and self.layout.topk < needed:
             raise CacheError(
                 f"The teacher cache {path!r} holds the top-{self.layout.topk} teacher outputs, "
                 f"but distillation.kind={config.distillation.kind!r} with "
@@ -73,7 +75,9 @@ class CacheReader:
             )
         self.shares = list(train_data.data_shares)
         self.arrays = self.store.open_arrays()
-        self._chunks: dict[int, tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
+        # What a batch takes: the top-k, or for feature distillation the embeddings.
+        self.names = (store.EMBEDDINGS,) if config.distillation.kind == "feature" else store.ARRAYS
+        self._chunks: dict[int, tuple[tuple[int, int], tuple[np.ndarray, ...]]] = {}
 
     def __str__(self) -> str:
         return self.path
@@ -105,25 +109,28 @@ class CacheReader:
 
     def __call__(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         chunk = step // self.layout.chunk_steps
-        values, indices = [], []
+        rows: list[tuple[np.ndarray, ...]] = []
         for share in self.shares:
-            key, v, i = self._chunks.get(share, (None, None, None))
+            key, arrays = self._chunks.get(share, (None, ()))
             if key != (epoch, chunk):
-                v, i = self._read_chunk(epoch, chunk, share)
-                self._chunks[share] = ((epoch, chunk), v, i)
-            values.append(v[step - chunk * self.layout.chunk_steps])
-            indices.append(i[step - chunk * self.layout.chunk_steps])
+                arrays = self._read_chunk(epoch, chunk, share)
+                self._chunks[share] = ((epoch, chunk), arrays)
+            rows.append(tuple(a[step - chunk * self.layout.chunk_steps] for a in arrays))
+        columns = zip(*rows, strict=True)  # per array: its rows of every share
+        batch = {n: np.concatenate(c) for n, c in zip(self.names, columns, strict=True)}
+        if store.EMBEDDINGS in batch:
+            return {"teacher_embedding": batch[store.EMBEDDINGS].astype(np.float32)}
         return {
-            "teacher_logp": np.concatenate(values).astype(np.float32),
-            "teacher_index": np.concatenate(indices).astype(np.int32),
+            "teacher_logp": batch["values"].astype(np.float32),
+            "teacher_index": batch["indices"].astype(np.int32),
         }
 
-    def _read_chunk(self, epoch: int, chunk: int, share: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_chunk(self, epoch: int, chunk: int, share: int) -> tuple[np.ndarray, ...]:
         steps = self.layout.chunk_steps_of(epoch, chunk)
         rows = self.layout.share_batch
         target = (epoch, slice(steps.start, steps.stop), slice(share * rows, (share + 1) * rows))
         try:
-            return tuple(self.arrays[name][target].read().result() for name in store.ARRAYS)
+            return tuple(self.arrays[name][target].read().result() for name in self.names)
         except ValueError as e:
             files = " and ".join(self.store.chunk_files(epoch, chunk, share))
             raise CacheError(

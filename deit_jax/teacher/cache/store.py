@@ -24,6 +24,7 @@ from deit_jax.weights.directory import weights_hash
 MANIFEST = "manifest.json"
 FORMAT = "deit_jax.teacher_cache/1"
 ARRAYS = ("values", "indices")
+EMBEDDINGS = "embeddings"  # the optional third array (`teacher.cache_embeddings`)
 
 
 class CacheError(UserError, ValueError):
@@ -46,10 +47,30 @@ class Layout:
     chunk_steps: int
     values_dtype: str
     indices_dtype: str
+    # Per-example teacher embeddings (0: none). A cache without them keeps the manifest it had
+    # before they existed (`as_manifest` leaves both keys out).
+    embedding_dim: int = 0
+    embedding_dtype: str = ""
 
     @property
     def share_batch(self) -> int:
         return self.batch_size // self.num_shares
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return ARRAYS + ((EMBEDDINGS,) if self.embedding_dim else ())
+
+    def as_manifest(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        if not self.embedding_dim:
+            del fields["embedding_dim"], fields["embedding_dtype"]
+        return fields
+
+    def bytes_per_example(self) -> int:
+        """Stored bytes per example and epoch: top-k values and indices, and the embedding."""
+        itemsize = lambda dtype: np.dtype(dtype).itemsize  # noqa: E731
+        logits = self.topk * (itemsize(self.values_dtype) + itemsize(self.indices_dtype))
+        return logits + self.embedding_dim * itemsize(self.embedding_dtype or "float16")
 
     def steps_in_epoch(self, epoch: int) -> int:
         return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
@@ -62,10 +83,15 @@ class Layout:
         return range(start, min(start + self.chunk_steps, self.steps_in_epoch(epoch)))
 
 
-def layout_for(config: ml_collections.ConfigDict, train_data: data.TrainIterator) -> Layout:
+def layout_for(
+    config: ml_collections.ConfigDict, train_data: data.TrainIterator, embedding_dim: int = 0
+) -> Layout:
+    """The cache layout of a run; `embedding_dim` the teacher's embedding width, stored when
+    `teacher.cache_embeddings` is on."""
     spe = train_data.steps_per_epoch
     total = max(1, int(round(config.num_epochs * spe)))
     topk = int(config.teacher.cache_topk)
+    embeddings = bool(config.teacher.cache_embeddings)
     num_classes = train_data.num_classes
     if topk > num_classes:  # the class count is the data's: not a rule of the config alone
         raise CacheError(
@@ -82,6 +108,8 @@ def layout_for(config: ml_collections.ConfigDict, train_data: data.TrainIterator
         chunk_steps=min(int(config.teacher.cache_chunk_steps), spe),
         values_dtype=config.teacher.cache_dtype,
         indices_dtype="int16" if num_classes <= 32767 else "int32",
+        embedding_dim=embedding_dim if embeddings else 0,
+        embedding_dtype=config.teacher.cache_embedding_dtype if embeddings else "",
     )
 
 
@@ -127,6 +155,8 @@ def teacher_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     head = {}
     if t.framework == "clip":  # the head: class names and templates
         head = zero_shot.zero_shot_fingerprint(config)
+    if t.cache_embeddings:  # absent otherwise: caches written before embeddings stay valid
+        head["teacher.cache_embedding_dtype"] = t.cache_embedding_dtype
     return _jsonable(
         {
             **head,
@@ -155,14 +185,18 @@ def _kvstore(path: str, sub: str = "") -> Any:
 def _array_spec(path: str, name: str, layout: Layout | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _kvstore(path, name)}
     if layout is not None:
-        dtype = layout.values_dtype if name == "values" else layout.indices_dtype
+        dtype, width = {
+            "values": (layout.values_dtype, layout.topk),
+            "indices": (layout.indices_dtype, layout.topk),
+            EMBEDDINGS: (layout.embedding_dtype, layout.embedding_dim),
+        }[name]
         spec["metadata"] = {
-            "shape": [layout.num_epochs, layout.steps_per_epoch, layout.batch_size, layout.topk],
+            "shape": [layout.num_epochs, layout.steps_per_epoch, layout.batch_size, width],
             "data_type": dtype,
             "chunk_grid": {
                 "name": "regular",
                 "configuration": {
-                    "chunk_shape": [1, layout.chunk_steps, layout.share_batch, layout.topk]
+                    "chunk_shape": [1, layout.chunk_steps, layout.share_batch, width]
                 },
             },
             "codecs": [
@@ -179,11 +213,18 @@ def chunk_key(epoch: int, chunk: int, share: int) -> str:
 
 
 class CacheStore:
-    """The manifest and the two arrays of one cache directory."""
+    """The manifest and the arrays of one cache directory (`values`, `indices`, and
+    `embeddings` when it stores them)."""
 
     def __init__(self, path: str):
         self.path = path
         self._root = ts.KvStore.open(_kvstore(path)).result()
+
+    def _names(self, layout: Layout | None) -> tuple[str, ...]:
+        if layout is not None:
+            return layout.arrays
+        stored = self.read_manifest()
+        return Layout(**stored["layout"]).arrays if stored else ARRAYS
 
     def read_manifest(self) -> dict[str, Any] | None:
         result = self._root.read(MANIFEST).result()
@@ -199,13 +240,13 @@ class CacheStore:
         kwargs = {"create": True, "open": True} if layout is not None else {"open": True}
         return {
             name: ts.open(_array_spec(self.path, name, layout), **kwargs).result()
-            for name in ARRAYS
+            for name in self._names(layout)
         }
 
     def written_chunks(self) -> set[tuple[int, int, int]]:
-        """(epoch, chunk, share) of every chunk present in both arrays."""
+        """(epoch, chunk, share) of every chunk present in every array."""
         present = []
-        for name in ARRAYS:
+        for name in self._names(None):
             store = ts.KvStore.open(_kvstore(self.path, name)).result()
             keys = set()
             for key in store.list().result():
@@ -213,15 +254,18 @@ class CacheStore:
                 if len(parts) == 5 and parts[0] == "c" and parts[4] == "0":  # not temp files
                     keys.add((int(parts[1]), int(parts[2]), int(parts[3])))
             present.append(keys)
-        return present[0] & present[1]
+        return set.intersection(*present)
 
     def read_all(self) -> dict[str, np.ndarray]:
-        """Both whole arrays in memory (`values`, `indices`), for inspection and small caches;
-        never-written rows read as zeros (zarr's fill value)."""
+        """The whole arrays in memory (`values`, `indices`, `embeddings`), for inspection and
+        small caches; never-written rows read as zeros (zarr's fill value)."""
         return {name: array.read().result() for name, array in self.open_arrays().items()}
 
     def chunk_files(self, epoch: int, chunk: int, share: int) -> list[str]:
-        return [os.path.join(self.path, name, chunk_key(epoch, chunk, share)) for name in ARRAYS]
+        return [
+            os.path.join(self.path, name, chunk_key(epoch, chunk, share))
+            for name in self._names(None)
+        ]
 
 
 def manifest(
@@ -232,9 +276,28 @@ def manifest(
         "deit_jax_version": deit_jax.__version__,
         "stream": stream_fingerprint(config, train_data),
         "teacher": teacher_fingerprint(config),
-        "layout": dataclasses.asdict(layout),
+        "layout": layout.as_manifest(),
         "num_epochs": config.num_epochs,
     }
+
+
+def embedding_dim(path: str) -> int:
+    """The width of the embeddings the cache `path` stores (one cache: feature distillation takes
+    one teacher); a CacheError when it stores none or is no cache."""
+    stored = CacheStore(path).read_manifest()
+    width = Layout(**stored["layout"]).embedding_dim if stored else 0
+    if not width:
+        raise no_embeddings(path)
+    return width
+
+
+def no_embeddings(path: str) -> CacheError:
+    return CacheError(
+        f"The teacher cache {path!r} holds no teacher embeddings, which distillation.kind="
+        "'feature' trains from: write a cache with --config.teacher.cache_embeddings=True "
+        f"({writer_command('NEW_CACHE')}), or distil its logits with "
+        "--config.distillation.kind=soft or hard."
+    )
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,19 +18,23 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from deit_jax import data, sharding
-from deit_jax.config import rules
+from deit_jax.config import members, rules, teacher_rules
 from deit_jax.jit import jit
+from deit_jax.models import feature_width
 from deit_jax.teacher import build, forward, torch_teacher
 from deit_jax.teacher.cache import store
 from deit_jax.teacher.cache.store import CacheError, CacheStore, Layout
 
 log = logging.getLogger(__name__)
 
+# Known only once the teacher is built: left out of the first comparison with a stored manifest.
+EMBEDDING_LAYOUT_KEYS = ("layout.embedding_dim", "layout.embedding_dtype")
+
 
 def _epoch_range(spec: str, layout: Layout) -> range:
     """The epochs `config.teacher.cache_epochs` names (its syntax checked by the config rules),
     within the run's."""
-    start, end = rules.epoch_range(spec)
+    start, end = teacher_rules.epoch_range(spec)
     start, end = start or 0, layout.num_epochs if end is None else end
     if not 0 <= start < end <= layout.num_epochs:
         raise CacheError(
@@ -45,33 +50,44 @@ def _local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
 
 
+TeacherFn = Callable[[dict[str, jax.Array]], tuple[np.ndarray, ...]]
+
+
 def _flax_teacher_fn(
     config: ml_collections.ConfigDict,
     num_classes: int,
     mesh: jax.sharding.Mesh,
     topk: int,
     workdir: str,
-) -> Callable[[dict[str, jax.Array]], tuple[np.ndarray, np.ndarray]]:
+) -> tuple[TeacherFn, int]:
     # A CLIP teacher's zero-shot head is kept with the cache (`workdir`).
     teacher, variables = build.build_jax_teacher(config, num_classes, workdir)
     variables = jax.device_put(variables, sharding.replicated(mesh))
+    embeddings = bool(config.teacher.cache_embeddings)
 
     @jit
     def top(variables, images):
-        logits = forward.teacher_logits(teacher, variables, images)
-        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+        if not embeddings:
+            logits = forward.teacher_logits(teacher, variables, images)
+            return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+        # One forward pass gives both: a CLIP teacher's zero-shot logits and image embedding.
+        logits, features = forward.teacher_outputs(teacher, variables, images)
+        return (*jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk), features)
 
     def run(batch):
-        values, indices = top(variables, batch["image"])
-        return _local_rows(values), _local_rows(indices)
+        return tuple(_local_rows(x) for x in top(variables, batch["image"]))
 
-    return run
+    return run, feature_width(teacher) if embeddings else 0
 
 
-def _teacher_fn(config, num_classes, mesh, topk, workdir):
+def _teacher_fn(config, num_classes, mesh, topk, workdir) -> tuple[TeacherFn, int]:
+    """The teacher as `fn(batch) -> (values, indices[, embeddings])` of this process's rows, and
+    its embedding width (0 when the cache stores none)."""
     if config.teacher.framework == "torch":
         teacher = torch_teacher.TorchTeacher(config, num_classes)
-        return lambda batch: teacher.topk_log_probs(_local_rows(batch["image"]), topk)
+        embeddings = bool(config.teacher.cache_embeddings)
+        fn = lambda batch: teacher.topk_outputs(_local_rows(batch["image"]), topk, embeddings)  # noqa: E731
+        return fn, teacher.embedding_dim if embeddings else 0
     return _flax_teacher_fn(config, num_classes, mesh, topk, workdir)
 
 
@@ -107,6 +123,9 @@ def write_cache(
         num_devices=len(devices) if devices else jax.device_count(),
         num_processes=jax.process_count(),
     )
+    names = members.member_names(config)
+    if names:
+        return _write_member_caches(config, workdir, devices, names)
     mesh = sharding.create_mesh(config.mesh, devices)
     train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
     layout = store.layout_for(config, train_data)
@@ -115,9 +134,14 @@ def write_cache(
     cache = CacheStore(workdir)
     stored = cache.read_manifest()
     # Before the teacher is built: another config is refused at once. A CLIP teacher's class
-    # names and prompts are compared by its head, saved in the cache, which names what changed.
-    _refuse_another_config(workdir, stored, manifest, skip=store.ZERO_SHOT_KEYS)
-    teacher = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
+    # names and prompts are compared by its head, saved in the cache, which names what changed;
+    # the embedding width is the teacher's.
+    _refuse_another_config(
+        workdir, stored, manifest, skip=(*store.ZERO_SHOT_KEYS, *EMBEDDING_LAYOUT_KEYS)
+    )
+    teacher, embedding_dim = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
+    layout = store.layout_for(config, train_data, embedding_dim)
+    manifest = store.manifest(config, train_data, layout)
     _refuse_another_config(workdir, stored, manifest)
     if stored is None and jax.process_index() == 0:
         cache.write_manifest(manifest)
@@ -177,8 +201,7 @@ def write_cache(
         "steps_written": todo_steps,
         "images_per_sec": todo_steps * layout.batch_size / seconds if todo_steps else 0.0,
         "seconds": seconds,
-        "bytes_per_example": layout.topk
-        * (np.dtype(layout.values_dtype).itemsize + np.dtype(layout.indices_dtype).itemsize),
+        "bytes_per_example": layout.bytes_per_example(),
     }
     log.info(
         "Teacher cache %s: wrote %d steps in %.1f s (%.0f images/s).",
@@ -215,10 +238,34 @@ def _refuse_another_config(
         )
 
 
+def _write_member_caches(config, workdir, devices, names) -> dict[str, Any]:
+    """An ensemble's cache: each member's, written by this writer as that member's alone, in
+    `workdir/<member>`; the summaries by member."""
+    summaries = {}
+    for name in names:
+        path = os.path.join(workdir, name)
+        log.info("Teacher ensemble: member %r into %s", name, path)
+        summaries[name] = write_cache(members.member_config(config, name), path, devices)
+    weights = ",".join(f"{w:.6g}" for w in members.member_weights(config))
+    log.info(
+        "Teacher ensemble cached; train from it with --config.teacher.cache=%s "
+        "--config.teacher.cache_weights=%s",
+        ",".join(os.path.join(workdir, n) for n in names), weights,
+    )  # fmt: skip
+    return summaries
+
+
 def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
     """Starts the writes of one chunk per data share of this process; returns their futures."""
-    values = np.stack([v for v, _ in outputs]).astype(layout.values_dtype)
-    indices = np.stack([i for _, i in outputs]).astype(layout.indices_dtype)
+    dtypes = {
+        "values": layout.values_dtype,
+        "indices": layout.indices_dtype,
+        store.EMBEDDINGS: layout.embedding_dtype,
+    }
+    stacked = {
+        name: np.stack([o[i] for o in outputs]).astype(dtypes[name])
+        for i, name in enumerate(layout.arrays)
+    }
     rows = layout.share_batch
     futures = []
     for position, share in enumerate(shares):
@@ -230,6 +277,6 @@ def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
             jax.process_index(),
             store.chunk_key(epoch, steps.start // layout.chunk_steps, share),
         )
-        futures.append(arrays["values"][target].write(values[:, local]).commit)
-        futures.append(arrays["indices"][target].write(indices[:, local]).commit)
+        for name, array in stacked.items():
+            futures.append(arrays[name][target].write(array[:, local]).commit)
     return futures

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from deit_jax import data
-from deit_jax.config.rules import cache_paths
+from deit_jax.config.teacher_rules import cache_paths
 from deit_jax.data import labels
 from deit_jax.errors import ConfigError
 from deit_jax.models import create_model
