@@ -536,3 +536,35 @@ def test_class_names_come_from_the_data_set_or_the_config(tmp_path):
     bad_templates.write_text("a photo of a {}.\na photo\n")
     with pytest.raises(ValueError, match="line 2 .*'a photo'.* has no"):
         labels.check_templates(str(bad_templates))
+
+
+def test_an_ensemble_of_clip_and_a_registry_teacher_live_and_from_its_member_caches(
+    data_dir, clip_weights, prompt_file, tmp_path
+):
+    """Members of two kinds (CLIP's zero-shot head, a registry convnet) in one step; the ensemble
+    writer caches each (the CLIP member's head kept with its cache), and their mixed read gives
+    the live ensemble's losses (float32, all classes: 1e-5)."""
+    from _train_config import save_random_teacher
+
+    cnn = save_random_teacher(str(tmp_path / "cnn"))
+    ensemble = {
+        "clip": {"weight": 0.6},  # the config's own teacher: CLIP
+        "cnn": {"framework": "flax", "name": "cnn_small", "checkpoint": cnn, "weight": 0.4},
+    }
+    steps = {"num_epochs": 3 / 44, "teacher.members": ensemble}
+    live = clip_config(data_dir, clip_weights, prompt_file, **PLAIN, **steps)
+    metrics = train.train_and_evaluate(live, str(tmp_path / "live"), devices=jax.devices()[:1])
+    assert os.path.exists(tmp_path / "live" / "member_clip" / "zero_shot_head" / "head.npy")
+    assert {"teacher_top1", "agreement", "kl"} <= set(metrics)
+
+    cache.write_cache(live, str(tmp_path / "caches"), devices=jax.devices()[:1])
+    assert os.path.exists(tmp_path / "caches" / "clip" / "zero_shot_head" / "head.npy")
+    members_caches = f"{tmp_path / 'caches' / 'clip'},{tmp_path / 'caches' / 'cnn'}"
+    cached = clip_config(
+        data_dir, clip_weights, prompt_file, **PLAIN, num_epochs=3 / 44,
+        **{"teacher.cache": members_caches, "teacher.cache_weights": "0.6,0.4"},
+    )  # fmt: skip
+    train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=jax.devices()[:1])
+    live_losses = train_losses(tmp_path / "live")
+    assert len(live_losses) == 3
+    np.testing.assert_allclose(train_losses(tmp_path / "cached"), live_losses, rtol=1e-5)
