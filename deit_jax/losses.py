@@ -274,3 +274,69 @@ def topk_correct(
     return {
         f"top{k}": jnp.any(hits[:, : min(k, num_classes)], axis=-1).astype(jnp.float32) for k in ks
     }
+
+
+# --------------------------------------------------------------------------- image-text pairs
+
+
+def in_batch_logits(
+    image_embeddings: jax.Array, text_embeddings: jax.Array, scale: jax.Array | float
+) -> jax.Array:
+    """CLIP's (B, B) image->text logits of a batch of pairs: `scale * normalise(image) @
+    normalise(text).T` (its transpose is text->image). Over the global batch: under `jit` with
+    batch-sharded embeddings, XLA brings the other devices' text embeddings to each device
+    itself, so a sharded step needs no host gather."""
+    image = jnp.asarray(image_embeddings, jnp.float32)
+    text = jnp.asarray(text_embeddings, jnp.float32)
+    image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    return scale * image @ text.T
+
+
+def in_batch_distillation_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, tau: float = 1.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The teacher's in-batch image-text logits distilled into the student's, both directions:
+    image->text is `F.kl_div(log_softmax(s / T, 1), softmax(t / T, 1), reduction="batchmean")`
+    on the (B, B) logits, text->image the same on their transposes; the loss is their mean.
+    Returns `(loss, {"image_to_text": ..., "text_to_image": ...})`."""
+    s, t = jnp.asarray(student_logits, jnp.float32), jnp.asarray(teacher_logits, jnp.float32)
+    parts = {}
+    for name, (s_dir, t_dir) in {"image_to_text": (s, t), "text_to_image": (s.T, t.T)}.items():
+        kl = soft_kl_per_example(s_dir, t_dir, tau=tau, kl_reduction="batchmean", tau_squared=False)
+        parts[name] = kl.mean()
+    return (parts["image_to_text"] + parts["text_to_image"]) / 2, parts
+
+
+def clip_contrastive_loss(logits_per_image: jax.Array) -> jax.Array:
+    """CLIP's own loss (open_clip's `ClipLoss`): the mean of the image->text and text->image
+    cross-entropies against the diagonal (each image's own caption)."""
+    logits = jnp.asarray(logits_per_image, jnp.float32)
+    diagonal = jnp.arange(logits.shape[0])
+    image_to_text = -jnp.take_along_axis(_log_softmax(logits), diagonal[:, None], -1).mean()
+    text_to_image = -jnp.take_along_axis(_log_softmax(logits.T), diagonal[:, None], -1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def retrieval_hits(
+    logits_per_image: jax.Array, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, jax.Array]:
+    """(B,) recall@k hits of a batch of pairs: `image_to_text_r{k}` is 1 where image i's own
+    caption is among its k highest-scored captions, `text_to_image_r{k}` the same per caption
+    over the images (columns). Ties count against the pair (a strict rank)."""
+    logits = jnp.asarray(logits_per_image, jnp.float32)
+    rank_i2t, rank_t2i = _own_rank(logits), _own_rank(logits.T)
+    hits = {}
+    for k in ks:
+        hits[f"image_to_text_r{k}"] = (rank_i2t < k).astype(jnp.float32)
+        hits[f"text_to_image_r{k}"] = (rank_t2i < k).astype(jnp.float32)
+    return hits
+
+
+def _own_rank(scores: jax.Array) -> jax.Array:
+    """(B,) rank of each row's own (diagonal) entry: how many entries of the row score higher,
+    or the same at a lower index."""
+    own = jnp.diagonal(scores)[:, None]
+    index = jnp.arange(scores.shape[0])
+    earlier = index[None, :] < index[:, None]
+    return jnp.sum((scores > own) | ((scores == own) & earlier), axis=1)
