@@ -302,3 +302,26 @@ def test_zero_shot_head_equals_open_clips_classifier(small):
         assert got.dtype == np.float32 and got.shape == (SMALL_PARITY["embed_dim"], 7)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
         np.testing.assert_allclose(np.linalg.norm(got, axis=0), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, embed, width, text_width",
+    [("clip_vit_ti16", 256, 192, 256), ("clip_vit_s16", 384, 384, 384)],
+)
+def test_the_student_sizes_are_open_clip_models_of_that_shape(name, embed, width, text_width):
+    """A student CLIP has exactly the parameters open_clip's CLIP of its config has (so the
+    converter and the export to open_clip take it as any CLIP)."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    theirs = open_clip.CLIP(
+        embed_dim=embed,
+        vision_cfg=CLIPVisionCfg(layers=12, width=width, patch_size=16, image_size=224),
+        text_cfg=CLIPTextCfg(width=text_width, heads=text_width // 64, layers=6),
+    )
+    model = create_model(name)
+    shapes = nn.meta.unbox(
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    )
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert ours == sum(p.numel() for p in theirs.parameters())
+    assert feature_width(model) == embed

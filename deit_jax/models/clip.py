@@ -378,7 +378,9 @@ class CLIP(nn.Module):
 
 
 def _register() -> None:
-    """open_clip 3.3.0's ViT-B-32, ViT-B-16, ViT-L-14 and ViT-L-14-336 configs.
+    """open_clip 3.3.0's ViT-B-32, ViT-B-16, ViT-L-14 and ViT-L-14-336 configs, and two student
+    sizes of deit_jax's own: image towers at DeiT-Ti and DeiT-S width and depth (192 and 384
+    wide, 12 blocks, patch 16) with a narrow 6-block text tower, for CLIP-to-CLIP distillation.
 
     Heads are width / 64 (open_clip's `head_width`)."""
     shapes: dict[str, Sequence[int]] = {
@@ -387,6 +389,8 @@ def _register() -> None:
         "clip_vit_b16": (512, 224, 16, 768, 12, 512, 12),
         "clip_vit_l14": (768, 224, 14, 1024, 24, 768, 12),
         "clip_vit_l14_336": (768, 336, 14, 1024, 24, 768, 12),
+        "clip_vit_ti16": (256, 224, 16, 192, 12, 256, 6),
+        "clip_vit_s16": (384, 224, 16, 384, 12, 384, 6),
     }
     for name, (embed, img, patch, vw, vl, tw, tl) in shapes.items():
         register_model(
