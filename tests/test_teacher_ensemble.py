@@ -299,3 +299,23 @@ def test_a_members_own_problems_are_named_after_it(data_dir, teachers):
         "config.teacher.members.b.checkpoint='/no/such/teacher': does not exist; give "
         + found[0].split("does not exist; give ", 1)[1]
     ]
+
+
+def test_a_member_of_another_class_count_is_refused_naming_it(data_dir, teachers, tmp_path):
+    import flax.linen as nn
+
+    from deit_jax.errors import CheckpointError
+    from deit_jax.models import create_model
+
+    model = create_model("cnn_small", num_classes=7, img_size=16)
+    variables = nn.meta.unbox(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3))))
+    seven = str(tmp_path / "seven")
+    overrides = {"num_classes": 7, "img_size": 16}
+    save_variables(seven, variables, model_name="cnn_small", model_overrides=overrides)
+    ensemble = {"a": {"checkpoint": teachers[0]}, "b": {"checkpoint": seven}}
+    config = ensemble_config(data_dir, **{"teacher.members": ensemble})
+    with pytest.raises(CheckpointError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert str(e.value).startswith("Member 'b' of config.teacher.members: ")
+    assert "predicts 7 classes" in str(e.value)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -12,6 +12,7 @@ import flax.linen as nn
 import ml_collections
 
 from deit_jax.config import members
+from deit_jax.errors import UserError
 from deit_jax.teacher import flax_teacher
 from deit_jax.teacher.clip import zero_shot
 from deit_jax.teacher.forward import Ensemble
@@ -46,14 +47,12 @@ def build_jax_teacher(
     an ensemble of these. A one-member ensemble is that member, built as a single teacher."""
     names = members.member_names(config)
     if len(names) == 1:
-        return build_jax_teacher(members.member_config(config, names[0]), num_classes, workdir)
+        return _build_member(config, names[0], num_classes, workdir)
     if names:
         built = [
             # Each CLIP member keeps its own head, in its own directory.
-            build_jax_teacher(
-                members.member_config(config, n),
-                num_classes,
-                os.path.join(workdir, f"member_{n}") if workdir else None,
+            _build_member(
+                config, n, num_classes, os.path.join(workdir, f"member_{n}") if workdir else None
             )
             for n in names
         ]
@@ -68,3 +67,14 @@ def build_jax_teacher(
     if config.teacher.framework == "clip":
         return zero_shot.build_clip_teacher(config, num_classes, workdir)
     return flax_teacher.build_flax_teacher(config, num_classes)
+
+
+def _build_member(
+    config: ml_collections.ConfigDict, name: str, num_classes: int, workdir: str | None
+) -> tuple[nn.Module, Any]:
+    """Member `name` of the ensemble, built as the single teacher of its own config; a problem
+    with it (weights for other classes, a missing file) names the member."""
+    try:
+        return build_jax_teacher(members.member_config(config, name), num_classes, workdir)
+    except UserError as e:
+        raise type(e)(f"Member {name!r} of config.teacher.members: {e}") from None
