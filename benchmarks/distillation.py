@@ -1,5 +1,6 @@
 """The distillation section of benchmarks/throughput.py: deit_jax's real train step for a
-distilled student (plain, live teacher, cached teacher), timm's own `TokenDistillationTask` step,
+distilled student (plain, live teacher, cached teacher; feature distillation live and from cached
+embeddings), timm's own `TokenDistillationTask` step,
 the teacher's forward alone in both frameworks and the cache writer's work per batch."""
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import deit_jax
 from deit_jax import config as deit_config
 from deit_jax.jit import jit
 from deit_jax.models import model_options
-from deit_jax.teacher.forward import teacher_logits
+from deit_jax.teacher.feature import build_projection
+from deit_jax.teacher.forward import teacher_features, teacher_logits
 from deit_jax.train import optim, steps
 from deit_jax.train.state import init_state
 
@@ -74,16 +76,30 @@ def _table(bench: Any, batch: int) -> str:
         "teacher_index": index,
     }
 
-    init = jit(lambda: init_state(student, tx, jax.random.key(0), ema=True))
+    # Feature distillation: the teacher's pooled features live, or (float16 storage) from the
+    # batch, through the learned projection to the teacher's width.
+    features = jit(lambda v, x: teacher_features(teacher, v, x))(t_vars, images)
+    feature_batch = {
+        **batch_data,
+        "teacher_embedding": jnp.asarray(np.asarray(features, np.float16), jnp.float32),
+    }
+    projection = build_projection(student, int(features.shape[-1]))
+
     fns, flops = {}, {}
     for name, kind, cache_dir, data_in in (
         ("none", "none", "", batch_data),
         ("hard", "hard", "", batch_data),
         ("cached", "hard", "(batches bring the top-k)", cached_batch),
+        ("feature", "feature", "", batch_data),
+        ("feature_cached", "feature", "(batches bring the embedding)", feature_batch),
     ):
         config.distillation.kind, config.teacher.cache = kind, cache_dir
-        live = name == "hard"
-        step = steps.make_train_step(student, tx, schedule, config, teacher if live else None)
+        live = name in ("hard", "feature")
+        proj = projection if kind == "feature" else None
+        step = steps.make_train_step(student, tx, schedule, config, teacher if live else None, proj)
+        init = jit(
+            lambda p=proj: init_state(student, tx, jax.random.key(0), ema=True, projection=p)
+        )
         state = meta.unbox(init())  # a fresh state for each: the steps donate theirs
         tv = t_vars if live else {}
         lowered = jit(step, donate_argnums=(0,)).lower(state, tv, data_in)
@@ -120,6 +136,13 @@ def _table(bench: Any, batch: int) -> str:
         ("plain (kind none)", plain, flops["none"], 1.0),
         ("distilled, live teacher (kind hard)", dist, flops["hard"], analytic),
         ("distilled, cached teacher (kind hard)", cached, flops["cached"], 1.0),
+        ("feature distillation, live teacher", med["feature"], flops["feature"], analytic),
+        (
+            "feature distillation, cached embeddings",
+            med["feature_cached"],
+            flops["feature_cached"],
+            1.0,
+        ),
     ]
     lines = [
         f"Student {student_name}, teacher {teacher_name} (frozen, eval mode, stop_gradient), "
@@ -145,7 +168,10 @@ def _table(bench: Any, batch: int) -> str:
     imagenet = 1_281_167 * 300
     lines += [
         "",
-        f"Live / cached step time: {dist / cached:.2f}x; cached / plain: {cached / plain:.2f}x.",
+        f"Live / cached step time: {dist / cached:.2f}x; cached / plain: {cached / plain:.2f}x. "
+        f"Feature distillation, live / cached: {med['feature'] / med['feature_cached']:.2f}x; "
+        f"cached / plain: {med['feature_cached'] / plain:.2f}x (embedding width "
+        f"{features.shape[-1]}, float16: {2 * features.shape[-1]} B per example per epoch).",
         f"Forward GFLOP/img (XLA): student {fmt(ratio(s_fwd, batch * 1e9), 2)}, "
         f"teacher {fmt(ratio(t_fwd, batch * 1e9), 2)}.",
         "",

@@ -38,6 +38,8 @@ def test_throughput_smoke(tmp_path):
     assert all(row.split("|")[8].strip() not in ("", "-") for row in rows), out
     assert "| distilled, live teacher (kind hard) |" in out
     assert "| distilled, cached teacher (kind hard) |" in out
+    assert "| feature distillation, live teacher |" in out
+    assert "| feature distillation, cached embeddings |" in out
     assert "| timm `TokenDistillationTask`, live teacher (hard) |" in out
     assert "| writer: forward + top-10 + copy to host + zarr write |" in out
     assert "regnety_002" in out
