@@ -271,6 +271,7 @@ def test_a_mixed_read_from_caches_equals_the_live_ensembles_losses(
     "members_value, message",
     [
         ({"a": {"checkpoint": "A", "tau": 2.0}}, "member 'a' sets tau: a member may set"),
+        ({"a": {"checkpoint": 5}}, "member 'a': Could not override field 'checkpoint'"),
         ({"a": {"weight": -1.0}, "b": {"weight": 2.0}}, "must be non-negative numbers"),
         ({"a": {"weight": 0.0}, "b": {"weight": 0.0}}, "must be non-negative numbers, not all 0"),
         ({"a": {}, "b": {}}, "feature distillation takes one teacher"),
@@ -279,7 +280,7 @@ def test_a_mixed_read_from_caches_equals_the_live_ensembles_losses(
             "member 'b' is a PyTorch model, which teaches through its cache",
         ),
     ],
-    ids=["unknown_key", "negative", "all_zero", "feature", "torch_live"],
+    ids=["unknown_key", "wrong_type", "negative", "all_zero", "feature", "torch_live"],
 )
 def test_bad_members_are_refused_in_one_line(data_dir, teachers, members_value, message):
     kind = "feature" if "feature" in message else "soft"

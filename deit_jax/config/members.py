@@ -59,6 +59,10 @@ def members_problem(members: object, config: ml_collections.ConfigDict) -> str |
                 f"member {name!r} sets {', '.join(unknown)}: a member may set "
                 f"{', '.join(MEMBER_KEYS)} and {WEIGHT}"
             )
+        try:  # a value of the wrong type for its key (ConfigDict's type safety)
+            member_config(config, name)
+        except (TypeError, ValueError) as e:
+            return f"member {name!r}: {e}"
     weights = [member.get(WEIGHT, 1.0) for member in members.values()]
     numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
     if not numbers or any(not w >= 0 for w in weights) or sum(weights) <= 0:

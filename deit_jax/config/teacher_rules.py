@@ -293,13 +293,13 @@ def with_member_problems(found: list[str], rules: tuple[Rule, ...], context: Con
     the single teacher of its own config (`members.member_config`), its lines named after it
     (`config.teacher.members.<name>.<key>=...`); the top-level teacher keys a member replaces
     are not checked alone."""
-    if any(line.startswith("config.teacher.members=") for line in found):
-        return found
     names = members.member_names(context.config)
     if not names:
         return found
     replaced = tuple(f"config.teacher.{k}=" for k in members.MEMBER_KEYS)
     found = [line for line in found if not line.startswith(replaced)]
+    if any(line.startswith("config.teacher.members=") for line in found):
+        return found  # the members themselves are malformed: that line says how
     for name in names:
         member = Context(
             members.member_config(context.config, name),
