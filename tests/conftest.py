@@ -37,3 +37,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 def pytest_unconfigure(config):
     if _CREATED_JAX_CACHE and not hasattr(config, "workerinput"):
         shutil.rmtree(JAX_CACHE, ignore_errors=True)
+
+
+# The longest files first: `--dist loadfile` hands whole files to the workers in collection
+# order, and a file of ten minutes started late leaves the other worker idle at the end.
+LONGEST_FIRST = ("test_quickstart.py", "test_train_processes.py", "test_teacher_cache.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

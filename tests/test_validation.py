@@ -33,6 +33,8 @@ def test_shipped_configs_pass_with_the_paths_their_docstrings_give(path, tmp_pat
     quickstart = config.mode == "quickstart"
     if config.distillation.kind != "none" and not quickstart:
         config.teacher.checkpoint = str(tmp_path)
+        for member in config.teacher.members.values():  # an ensemble's members' paths too
+            member.checkpoint = str(tmp_path)
     found = rules.problems(config, num_devices=8, num_processes=2, teacher_from_run=quickstart)
     assert found == []
 
