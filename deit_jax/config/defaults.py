@@ -59,8 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The CLIP teacher's prompt templates: "openai" (the 80 of CLIP's ImageNet evaluation),
     # "simple" (open_clip's 7), or a file with one template per line, each containing "{}".
     c.teacher.prompts = "openai"
-    # A live teacher ensemble (deit_jax/teacher/ensemble.py): member name -> the teacher keys in
-    # which that member differs from the ones above, and its `weight`. In a config file:
+    # A live teacher ensemble (deit_jax/config/members.py, deit_jax/teacher/build.py): member
+    # name -> the teacher keys in which that member differs from the ones above, and its
+    # `weight`. In a config file:
     #   config.teacher.members = {"regnet": dict(checkpoint="R", weight=0.7),
     #       "clip": dict(framework="clip", name="clip_vit_b32", checkpoint="C", weight=0.3)}
     # and on the command line --config.teacher.members.clip.weight=0.5. Every member runs in the

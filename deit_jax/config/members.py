@@ -59,8 +59,10 @@ def members_problem(members: object, config: ml_collections.ConfigDict) -> str |
                 f"member {name!r} sets {', '.join(unknown)}: a member may set "
                 f"{', '.join(MEMBER_KEYS)} and {WEIGHT}"
             )
+    configs = {}
+    for name in members:
         try:  # a value of the wrong type for its key (ConfigDict's type safety)
-            member_config(config, name)
+            configs[name] = member_config(config, name)
         except (TypeError, ValueError) as e:
             return f"member {name!r}: {e}"
     weights = [member.get(WEIGHT, 1.0) for member in members.values()]
@@ -71,7 +73,7 @@ def members_problem(members: object, config: ml_collections.ConfigDict) -> str |
     if kind == "feature" and len(members) > 1:
         return "feature distillation takes one teacher: give one member, or kind='soft'/'hard'"
     live = mode != "teacher_cache" and not config.teacher.cache and kind != "none"
-    torch = [n for n in members if member_config(config, n).teacher.framework == "torch"]
+    torch = [n for n, member in configs.items() if member.teacher.framework == "torch"]
     if live and torch:
         return (
             f"member {torch[0]!r} is a PyTorch model, which teaches through its cache: write the "

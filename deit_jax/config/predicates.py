@@ -56,6 +56,14 @@ class Rule:
     after: tuple[str, ...] = ()
 
 
+def problem_rule(
+    key: str, problem: Callable[[Any, Context], str | None], after: tuple[str, ...] = ()
+) -> Rule:
+    """A rule whose check names its own problem: `problem(value, context)` is None when the
+    value is allowed, else the sentence that says what is wrong and what to do."""
+    return Rule(key, lambda v, c: problem(v, c) is None, lambda c: problem(c.get(key), c), after)
+
+
 def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

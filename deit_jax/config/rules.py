@@ -50,6 +50,7 @@ from deit_jax.config.predicates import (
     label_free,
     one_of,
     parses,
+    problem_rule,
     registered,
     three,
 )
@@ -261,12 +262,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.manual_dir", existing_path, "must be '' or an existing directory"),
     Rule("data.train_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
     Rule("data.eval_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
-    Rule(
-        "data.extra_eval",
-        lambda v, c: _extra_eval_problem(v, c) is None,
-        lambda c: _extra_eval_problem(c.get("data.extra_eval"), c),
-        after=("data.eval_split",),
-    ),
+    problem_rule("data.extra_eval", _extra_eval_problem, after=("data.eval_split",)),
     *(
         Rule(
             key,

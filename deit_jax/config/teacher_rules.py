@@ -25,6 +25,7 @@ from deit_jax.config.predicates import (
     label_free,
     one_of,
     parses,
+    problem_rule,
     registered,
 )
 from deit_jax.data import labels
@@ -239,12 +240,7 @@ TEACHER_RULES: tuple[Rule, ...] = (
         _cache_dir,
         "must be '', a teacher cache directory that exists, or several, comma-separated",
     ),
-    Rule(
-        "teacher.cache_weights",
-        lambda v, c: _cache_weights_problem(v, c) is None,
-        lambda c: _cache_weights_problem(c.get("teacher.cache_weights"), c),
-        after=("teacher.cache",),
-    ),
+    problem_rule("teacher.cache_weights", _cache_weights_problem, after=("teacher.cache",)),
     Rule(
         "teacher.cache",
         lambda v, c: (
@@ -260,10 +256,9 @@ TEACHER_RULES: tuple[Rule, ...] = (
         "feature distillation reads one cache's embeddings: give one cache",
         after=("distillation.kind",),
     ),
-    Rule(
+    problem_rule(
         "teacher.members",
-        lambda v, c: members.members_problem(v, c.config) is None,
-        lambda c: members.members_problem(c.get("teacher.members"), c.config),
+        lambda v, c: members.members_problem(v, c.config),
         after=("distillation.kind", "mode", "teacher.cache"),
     ),
     Rule("teacher.cache_embeddings", one_of(True, False), "must be True or False"),

@@ -46,7 +46,7 @@ def resized(teacher: nn.Module, images: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Ensemble:
-    """Several frozen teachers that teach as one (built by `deit_jax.teacher.ensemble`); its
+    """Several frozen teachers that teach as one (built by `deit_jax.teacher.build`); its
     variables are a tuple, one tree per member, and its logits `mixed_logits` of theirs."""
 
     members: tuple[nn.Module, ...]

@@ -64,10 +64,6 @@ class TorchTeacher:
         """The width of timm's pre-logit features (`forward_head(..., pre_logits=True)`)."""
         return int(getattr(self.model, "head_hidden_size", self.model.num_features))
 
-    def log_probs(self, images: np.ndarray) -> np.ndarray:
-        """(B, C) float32 log-probabilities for (B, H, W, 3) stream-normalised images."""
-        return self.outputs(images, embeddings=False)[0]
-
     def outputs(self, images: np.ndarray, embeddings: bool) -> tuple[np.ndarray, ...]:
         """(B, C) float32 log-probabilities for (B, H, W, 3) stream-normalised images, and with
         `embeddings` the (B, D) pre-logit features timm's `forward_head(x, pre_logits=True)`
