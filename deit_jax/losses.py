@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-DISTILLATION_KINDS = ("none", "soft", "hard", "feature")
+DISTILLATION_KINDS = ("none", "soft", "hard", "feature", "in_batch")
 KL_REDUCTIONS = ("numel", "batchmean")
 BASE_LOSSES = ("ce", "bce")
 FEATURE_LOSSES = ("mse", "cosine")
@@ -319,13 +319,25 @@ def clip_contrastive_loss(logits_per_image: jax.Array) -> jax.Array:
 
 
 def retrieval_hits(
-    logits_per_image: jax.Array, ks: tuple[int, ...] = (1, 5)
+    logits_per_image: jax.Array, ks: tuple[int, ...] = (1, 5), text_ids: jax.Array | None = None
 ) -> dict[str, jax.Array]:
     """(B,) recall@k hits of a batch of pairs: `image_to_text_r{k}` is 1 where image i's own
-    caption is among its k highest-scored captions, `text_to_image_r{k}` the same per caption
-    over the images (columns). Ties count against the pair (a strict rank)."""
+    caption is among its k highest-scored captions, `text_to_image_r{k}` where caption i's own
+    image is among the k highest-scored images (columns). Ties count against the pair (a strict
+    rank).
+
+    `text_ids` (B,): captions with the same id are the same text (e.g. class-level captions):
+    counted once among the captions an image ranks, and a caption's hit is any image it is paired
+    with. Without them every caption is its own text (CLIP's and COCO's usual recall)."""
     logits = jnp.asarray(logits_per_image, jnp.float32)
-    rank_i2t, rank_t2i = _own_rank(logits), _own_rank(logits.T)
+    b = logits.shape[0]
+    ids = jnp.arange(b) if text_ids is None else jnp.asarray(text_ids)
+    same = ids[:, None] == ids[None, :]  # (B, B): pairs i and j have the same text
+    # Image i ranks texts, each once: its first caption column stands for every copy.
+    first = jnp.argmax(same, axis=1)  # each row's first column with its text
+    column_counts = jnp.arange(b) == first  # column j is the first with its text
+    rank_i2t = _rank(logits, same, column_counts[None, :])
+    rank_t2i = _rank(logits.T, same, jnp.ones((1, b), bool))
     hits = {}
     for k in ks:
         hits[f"image_to_text_r{k}"] = (rank_i2t < k).astype(jnp.float32)
@@ -333,10 +345,11 @@ def retrieval_hits(
     return hits
 
 
-def _own_rank(scores: jax.Array) -> jax.Array:
-    """(B,) rank of each row's own (diagonal) entry: how many entries of the row score higher,
-    or the same at a lower index."""
-    own = jnp.diagonal(scores)[:, None]
-    index = jnp.arange(scores.shape[0])
-    earlier = index[None, :] < index[:, None]
-    return jnp.sum((scores > own) | ((scores == own) & earlier), axis=1)
+def _rank(scores: jax.Array, own: jax.Array, counts: jax.Array) -> jax.Array:
+    """(B,) rank of each row's best-scored `own` entry among the entries where `counts`: those
+    not its own scoring higher, or the same at a lower index."""
+    index = jnp.arange(scores.shape[1])
+    best = jnp.max(jnp.where(own, scores, -jnp.inf), axis=1, keepdims=True)
+    at = jnp.argmax(own & (scores == best), axis=1)[:, None]  # where the best own entry is
+    beats = (scores > best) | ((scores == best) & (index[None, :] < at))
+    return jnp.sum(beats & ~own & counts, axis=1)

@@ -5,7 +5,8 @@ Any config value can be overridden on the command line, e.g.
 resumes from the latest checkpoint in DIR. `--config.mode=eval` evaluates the latest checkpoint
 (or `--config.init_from` weights). `--config.mode=teacher_cache` writes the teacher's outputs over
 the run's exact batches into DIR, for training runs with `--config.teacher.cache=DIR`
-(deit_jax/teacher/cache/).
+(deit_jax/teacher/cache/). `--config.mode=quickstart` and `clip_quickstart` run the offline
+experiments of configs/quickstart.py and configs/clip_quickstart.py.
 
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,
 which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the explicit
@@ -179,7 +180,7 @@ def main(argv: list[str]) -> None:
             config,
             num_devices=jax.device_count(),
             num_processes=jax.process_count(),
-            teacher_from_run=config.mode == "quickstart",
+            teacher_from_run=config.mode in ("quickstart", "clip_quickstart"),
         )
     except ConfigError as e:
         _refuse(e.problems)
@@ -209,6 +210,7 @@ JOBS = {
     "eval": ("deit_jax.train.evaluation", "evaluate"),
     "teacher_cache": ("deit_jax.teacher.cache.write", "write_cache"),
     "quickstart": ("deit_jax.experiments.quickstart", "run"),
+    "clip_quickstart": ("deit_jax.experiments.clip_quickstart", "run"),
 }
 
 

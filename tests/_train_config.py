@@ -40,6 +40,11 @@ def tiny_config(data_dir: str = "", **changes):
     c.optim.lr = 1e-3
     c.optim.ema_decay = 0.9
     c.distillation.kind = "none"
+    return set_keys(c, changes)
+
+
+def set_keys(c, changes: dict):
+    """`c` with each dotted key of `changes` (`"optim.lr"`) set to its value."""
     for key, value in changes.items():
         node = c
         *parents, leaf = key.split(".")

@@ -13,7 +13,7 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # What `python -m deit_jax.main` does with a config (`config.mode`).
-MODES = ("train", "eval", "teacher_cache", "quickstart")
+MODES = ("train", "eval", "teacher_cache", "quickstart", "clip_quickstart")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
     # stream, so one teacher cache serves every such seed.
     c.init_seed = ml_collections.FieldReference(None, field_type=int)
     # train | eval | teacher_cache (deit_jax/teacher/cache/) | quickstart (the experiment of
-    # configs/quickstart.py, deit_jax/experiments/quickstart.py)
+    # configs/quickstart.py, deit_jax/experiments/quickstart.py) | clip_quickstart
+    # (configs/clip_quickstart.py, deit_jax/experiments/clip_quickstart.py)
     c.mode = "train"
 
     # Student: a registered model name plus `create_model` overrides (configs may add more keys

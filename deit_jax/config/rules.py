@@ -33,6 +33,7 @@ import ml_collections
 from deit_jax import losses
 from deit_jax.config import predicates, teacher_rules
 from deit_jax.config.defaults import MODES, base_config
+from deit_jax.config.pair_rules import PAIR_RULES
 from deit_jax.config.predicates import (
     LABEL_FREE,
     MISSING,
@@ -58,7 +59,7 @@ from deit_jax.config.teacher_rules import TEACHER_RULES
 from deit_jax.data import eval_sets, labels
 from deit_jax.data.randaugment_policy import parse_policy
 from deit_jax.errors import ConfigError
-from deit_jax.models.registry import model_options
+from deit_jax.models.registry import given_options, model_options
 from deit_jax.models.vit import REMAT_POLICIES
 
 # --------------------------------------------------------------------------- predicates
@@ -123,14 +124,21 @@ def _mesh_data(v: Any, c: Context) -> bool:
     return v == -1 or (is_int(v) and v >= 1 and v * c.get("mesh.fsdp") == c.num_devices)
 
 
+def _unknown_model_keys(c: Context) -> list[str]:
+    name, model = c.get("model_name"), c.get("model")
+    if not isinstance(model, ml_collections.ConfigDict):
+        return []
+    options = model_options(name)
+    return sorted(k for k in given_options(name, model.to_dict()) if k not in options)
+
+
 def _model_keys(v: Any, c: Context) -> bool:
-    options = model_options(c.get("model_name"))
-    return not isinstance(v, ml_collections.ConfigDict) or all(k in options for k in v)
+    return not _unknown_model_keys(c)
 
 
 def _model_keys_message(c: Context) -> str:
     options = model_options(c.get("model_name"))
-    unknown = sorted(k for k in c.get("model") if k not in options)
+    unknown = _unknown_model_keys(c)
     return (
         f"{c.get('model_name')!r} has no option {', '.join(unknown)}; its options are "
         f"{', '.join(sorted(options))}"
@@ -187,12 +195,15 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "mode",
         one_of(*MODES),
-        "must be 'train', 'eval', 'teacher_cache' or 'quickstart'",
+        "must be 'train', 'eval', 'teacher_cache', 'quickstart' or 'clip_quickstart'",
     ),
-    Rule(
-        "mode",
-        lambda v, c: v != "quickstart" or c.get("quickstart") is not MISSING,
-        "needs a config with a `quickstart` section: use --config=configs/quickstart.py",
+    *(
+        Rule(
+            "mode",
+            lambda v, c, mode=mode: v != mode or c.get(mode) is not MISSING,
+            f"needs a config with a `{mode}` section: use --config=configs/{mode}.py",
+        )
+        for mode in ("quickstart", "clip_quickstart")
     ),
     Rule("loss", one_of(*losses.BASE_LOSSES), "must be 'ce' (soft-target cross-entropy) or 'bce'"),
     Rule("seed", lambda v, c: is_int(v), "must be an integer"),
@@ -247,6 +258,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("init_from", existing_path, f"must be '' or an existing path: {WEIGHTS}"),
     *TEACHER_RULES,
+    *PAIR_RULES,
     # Data.
     Rule("data.name", lambda v, c: isinstance(v, str) and v != "", "must name a data set"),
     Rule(

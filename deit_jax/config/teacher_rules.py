@@ -130,7 +130,8 @@ TEACHER_RULES: tuple[Rule, ...] = (
     Rule(
         "distillation.kind",
         one_of(*losses.DISTILLATION_KINDS),
-        "must be 'none', 'soft', 'hard' (logit KD, any student) or 'feature'",
+        "must be 'none', 'soft', 'hard' (logit KD, any student), 'feature' or 'in_batch' (a "
+        "CLIP student's image-text logits)",
     ),
     Rule(
         "distillation.kl_reduction",

@@ -1,20 +1,29 @@
 """Image-caption pairs from a folder: each image with a caption file beside it.
 
-The layout img2dataset writes: `0001.jpg` and `0001.txt` (any depth below the root), the caption
-file holding one caption a line, several allowed. One caption per image and step is drawn from
-the stream's seed (`caption_index`), so a run, its resume and a teacher cache of it see the same
-caption. An image without its caption file, or with one that holds no caption, is refused
-naming the file: a silent skip would change which pairs the stream holds.
+`config.data.name = "captions:/root"`: the layout img2dataset writes, `0001.jpg` and `0001.txt`
+(any depth below the root), the caption file holding one caption a line, several allowed. Like
+`images:` data it has one split, `train`, in sorted path order, and no labels: slice it for
+held-out pairs (`train[:90%]`, `train[90%:]`). An image without its caption file, or with one
+that holds no caption, is refused naming the file: a silent skip would change which pairs the
+stream holds.
+
+The pipeline (`deit_jax.data.pipeline`) tokenizes every caption once on the host, with the
+tokenizers the run gives it (the student's and, when it differs, the teacher's), and draws one
+caption per example and epoch from the stream's seed inside the tf.data graph, so a run, its
+resume and a teacher cache of it see the same caption. Evaluation takes each image's first
+caption.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import numpy as np
 
-from deit_jax.data.sources import IMAGE_EXTENSIONS
+from deit_jax.data import labels
+from deit_jax.data.sources import IMAGE_EXTENSIONS, ImagesSource
 from deit_jax.errors import DataError, DataNotFoundError
 
 LAYOUT = "<root>/**/<name>.jpg|jpeg|png, each with <name>.txt beside it (one caption a line)"
@@ -58,10 +67,30 @@ def read_caption_pairs(root: str) -> list[CaptionPair]:
     return pairs
 
 
-def caption_index(num_captions: int, seed: int, epoch: int, example: int) -> int:
-    """Which of an example's captions the stream takes at `epoch`: a draw keyed by (seed, epoch,
-    example), the same in every run, resume and process of that stream."""
-    if num_captions == 1:
-        return 0
-    rng = np.random.default_rng((seed, epoch, example))
-    return int(rng.integers(num_captions))
+class CaptionsSource(ImagesSource):
+    """`captions:/root`: every image under `root` with its captions; one split, `train`."""
+
+    PREFIX = labels.CAPTIONS_PREFIX
+    MISSING = f"Caption folder {{root}} does not exist; expected {LAYOUT}."
+    captioned = True
+
+    def _listing(self, split: str) -> tuple[list[str], list[int]]:
+        pairs = read_caption_pairs(self.root)
+        self._captions = {p.image: p.captions for p in pairs}
+        return [p.image for p in pairs], [-1] * len(pairs)
+
+    def captions(self, split: str) -> list[tuple[str, ...]]:
+        """The captions of every example of the named `split`, by position (its `id`)."""
+        paths = self._examples(split)[0]
+        return [self._captions[p] for p in paths]
+
+
+def token_table(
+    captions: list[tuple[str, ...]], tokenize: Callable[[list[str]], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(tokens, first, count)`: every caption tokenized, (total, context) int32, in example
+    order; example i's captions are rows `first[i]` to `first[i] + count[i] - 1`."""
+    count = np.array([len(c) for c in captions], np.int32)
+    first = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int32)
+    tokens = np.asarray(tokenize([c for example in captions for c in example]), np.int32)
+    return tokens, first, count

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from deit_jax.errors import DependencyError
 
 LABEL_FREE_PREFIX = "images:"
+CAPTIONS_PREFIX = "captions:"  # image-caption pairs (deit_jax.data.captions): CLIP students
 PROMPT_SETS = ("openai", "simple")
 # Data sets whose class names are bare indices that are also what the class is (a digit).
 DIGIT_DATA_SETS = ("digits", "mnist", "svhn_cropped")
@@ -42,6 +43,11 @@ def is_label_free(data_name: str) -> bool:
 def label_free_root(data_name: str) -> str:
     """The folder of label-free data `images:/root`: `/root`, with `~` expanded."""
     return os.path.expanduser(data_name.removeprefix(LABEL_FREE_PREFIX))
+
+
+def is_caption_data(data_name: str) -> bool:
+    """True for `captions:/root` data: images with caption files, for CLIP students."""
+    return isinstance(data_name, str) and data_name.startswith(CAPTIONS_PREFIX)
 
 
 def _lines(path: str) -> list[str]:

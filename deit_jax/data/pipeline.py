@@ -26,6 +26,11 @@ the data is read as S shares, each process feeds S / P of them (their batch part
 mixup within each part), and the global batches are the same whether 1 or S processes feed them.
 A run then gives the same results on any number of hosts, and resumes on another one unchanged.
 
+Captions. With image-caption data (`captions:`, deit_jax/data/captions.py) every caption is
+tokenized once, on the host, by the tokenizers the run passes; each example's caption at an
+epoch is drawn from (seed, epoch, example id), the same whatever the shares; the pairs are not
+mixed.
+
 Evaluation. Each pass reads the eval split once. Every process runs the same number of steps;
 the batches past the end of a process's share are padded with `mask == False`, so summing
 `metric * mask` counts every example exactly once.
@@ -46,13 +51,24 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deit_jax._compat import import_tensorflow
-from deit_jax.data import augment, class_subsets, eval_sets, hosts, labels, mixup, sources
+from deit_jax.data import (
+    augment,
+    captions,
+    class_subsets,
+    eval_sets,
+    hosts,
+    labels,
+    mixup,
+    sources,
+)
 from deit_jax.errors import DataError
 
 tf = import_tensorflow()
 
 # Tags that keep the streams derived from one seed apart.
-_SHUFFLE_FILES, _SHUFFLE_BUFFER, _AUGMENT, _MIXUP = range(4)
+_SHUFFLE_FILES, _SHUFFLE_BUFFER, _AUGMENT, _MIXUP, _CAPTION = range(5)
+# A caption data set's tokenizers, by the batch key their ids go to ("text", "teacher_text").
+Tokenizers = dict[str, Callable[[list[str]], np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +100,10 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
 
 
 def num_classes(config: ml_collections.ConfigDict, source: sources.Source) -> int:
-    """The data's class count; for label-free data, that of `config.teacher.class_names`."""
+    """The data's class count; for label-free data, that of `config.teacher.class_names`; none
+    for image-caption pairs (a CLIP student has no classes)."""
+    if source.captioned:
+        return 0
     if source.labelled:
         return source.num_classes
     names = labels.parse_class_names(config.teacher.class_names)
@@ -102,12 +121,14 @@ def build_train(
     data_axes: Sequence[str] = ("data",),
     *,
     with_ids: bool = False,
+    tokenizers: Tokenizers | None = None,
 ) -> TrainIterator:
     """Endless training batches of `config.batch_size`, sharded over `data_axes` of `mesh`.
 
     `with_ids` adds `id`, each example's position in the train split (for tests and debugging).
+    Caption data (`captions:`) needs `tokenizers`: each key gets the drawn caption's ids.
     """
-    return TrainIterator(config, mesh, _axes(data_axes), with_ids=with_ids)
+    return TrainIterator(config, mesh, _axes(data_axes), with_ids=with_ids, tokenizers=tokenizers)
 
 
 def build_eval(
@@ -116,19 +137,27 @@ def build_eval(
     data_axes: Sequence[str] = ("data",),
     *,
     with_ids: bool = False,
+    tokenizers: Tokenizers | None = None,
 ) -> EvalIterable:
     """Passes over the eval split in batches of `config.eval_batch_size`, padded and masked.
 
-    `with_ids` adds `id`, each example's position in the eval split (-1 on padding).
+    `with_ids` adds `id`, each example's position in the eval split (-1 on padding). Caption
+    data needs `tokenizers`: each key gets the ids of each image's first caption.
     """
-    return EvalIterable(config, mesh, _axes(data_axes), with_ids=with_ids)
+    return EvalIterable(config, mesh, _axes(data_axes), with_ids=with_ids, tokenizers=tokenizers)
 
 
 class _Feeder:
     """What the train and eval pipelines share: source, sharding, this process's share."""
 
     def __init__(
-        self, config: ml_collections.ConfigDict, mesh: Mesh, data_axes: tuple[str, ...], batch: int
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        data_axes: tuple[str, ...],
+        batch: int,
+        split: str,
+        tokenizers: Tokenizers | None,
     ):
         self.config = config
         self.source = _source(config.data)
@@ -141,6 +170,33 @@ class _Feeder:
         self.sharding = NamedSharding(mesh, PartitionSpec(data_axes))
         self.share, self.num_shares = hosts.process_share(self.sharding, batch, data_axes)
         self.local_batch = batch // self.num_shares
+        self._texts = self._caption_tables(split, tokenizers)
+
+    def _caption_tables(self, split: str, tokenizers: Tokenizers | None) -> dict[str, tuple]:
+        """Per tokenizer key, `(tokens, first, count)` of every caption of `split` (tf
+        constants, built eagerly: deit_jax.data.captions.token_table)."""
+        if not self.source.captioned:
+            return {}
+        if not tokenizers:
+            raise ValueError(f"{self.source.name!r} holds captions: pass their tokenizers.")
+        texts = self.source.captions(self.source.split_name(split))
+        with tf.init_scope():
+            return {
+                key: tuple(tf.constant(a) for a in captions.token_table(texts, tokenize))
+                for key, tokenize in tokenizers.items()
+            }
+
+    def _caption_ids(self, example: tf.Tensor, seed: tf.Tensor | None) -> dict[str, tf.Tensor]:
+        """The ids of one of `example`'s captions under each tokenizer: drawn from `seed`
+        (uniformly among its captions), or its first without a seed (evaluation)."""
+        out = {}
+        for key, (tokens, first, count) in self._texts.items():
+            row = tf.gather(first, example)
+            if seed is not None:
+                n = tf.gather(count, example)
+                row += tf.random.stateless_uniform([], seed, 0, n, dtype=tf.int32)
+            out[key] = tf.gather(tokens, row)
+        return out
 
     def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {
@@ -155,12 +211,14 @@ class TrainIterator(_Feeder):
     """Endless `{"image", "target", "label"}` batches; resumable with get_state / set_state.
 
     image: float32 (B, H, W, 3), augmented and normalised; target: float32 (B, num_classes),
-    mixup/cutmix and label smoothing folded in; label: int32 (B,), the unmixed class.
+    mixup/cutmix and label smoothing folded in; label: int32 (B,), the unmixed class. Caption
+    data instead: no target, and per tokenizer key (`text`, ...) the (B, context) int32 ids of
+    the caption drawn for each image at this epoch.
     """
 
-    def __init__(self, config, mesh, data_axes, *, with_ids: bool = False):
-        super().__init__(config, mesh, data_axes, config.batch_size)
+    def __init__(self, config, mesh, data_axes, *, with_ids: bool = False, tokenizers=None):
         data = config.data
+        super().__init__(config, mesh, data_axes, config.batch_size, data.train_split, tokenizers)
         self.num_examples = self.source.num_examples(data.train_split)
         self.steps_per_epoch = self.num_examples // self.global_batch
         if self.steps_per_epoch == 0:
@@ -279,6 +337,8 @@ class TrainIterator(_Feeder):
         per_epoch = self.steps_per_epoch * local_batch
         repeats, start = data.repeated_aug, start_step * local_batch
         seeds = {tag: _tf_seed(self.config.seed, tag, share) for tag in range(4)}
+        # Not per share: an example's caption is the same however the data is shared out.
+        caption_seed = _tf_seed(self.config.seed, _CAPTION)
 
         def epoch_records(epoch):
             ds = self._shuffled(
@@ -301,13 +361,17 @@ class TrainIterator(_Feeder):
             seed = _fold(_fold(seeds[_AUGMENT], epoch), position)
             out = {"image": augment_fn(ex["image"], seed), "label": ex["label"]}
             out["epoch"], out["step"] = epoch, position // local_batch
+            if self._texts:
+                example = record["id"]
+                out |= self._caption_ids(example, _fold(_fold(caption_seed, epoch), example))
             if self.with_ids:
                 out["id"] = record["id"]
             return out
 
         def mix(batch):
             seed = _fold(_fold(seeds[_MIXUP], batch.pop("epoch")[0]), batch.pop("step")[0])
-            batch["image"], batch["target"] = mix_fn(batch["image"], batch["label"], seed)
+            if not self._texts:  # image-caption pairs are not mixed (and have no classes)
+                batch["image"], batch["target"] = mix_fn(batch["image"], batch["label"], seed)
             return batch
 
         ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
@@ -376,9 +440,9 @@ class EvalIterable(_Feeder):
     model's (deit_jax/data/class_subsets.py), else None.
     """
 
-    def __init__(self, config, mesh, data_axes, *, with_ids: bool = False):
-        super().__init__(config, mesh, data_axes, config.eval_batch_size)
+    def __init__(self, config, mesh, data_axes, *, with_ids: bool = False, tokenizers=None):
         split = config.data.eval_split
+        super().__init__(config, mesh, data_axes, config.eval_batch_size, split, tokenizers)
         self.num_examples = self.source.num_examples(split)
         largest_share = math.ceil(self.num_examples / self.num_shares)
         self.steps = max(1, math.ceil(largest_share / self.local_batch))
@@ -423,6 +487,7 @@ class EvalIterable(_Feeder):
                 interpolation=data.eval_interpolation,
             )
             out = {"image": image, "label": ex["label"], "id": record["id"], "mask": True}
+            out |= self._caption_ids(record["id"], None)
             if self.source.real_labels:
                 out["real"] = ex["real"]
             return out
@@ -437,6 +502,8 @@ class EvalIterable(_Feeder):
         }
         if self.source.real_labels:
             padding["real"] = tf.zeros((self.num_classes,), tf.bool)
+        for key, (tokens, _, _) in self._texts.items():
+            padding[key] = tf.zeros(tokens.shape[1:], tf.int32)
         pad = self.steps * self.local_batch - (stop - start)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
         if not self.with_ids:
@@ -450,12 +517,12 @@ def build_extra_evals(
     mesh: Mesh,
     data_axes: Sequence[str] = ("data",),
     *,
-    num_classes: int,
+    num_classes: int | None,
 ) -> list[tuple[str, EvalIterable]]:
     """`(prefix, passes)` of each set in `config.data.extra_eval` (see deit_jax/data/eval_sets.py).
 
     A set is read like the main eval split (same size, crop, normalisation) and must predict the
-    same `num_classes` classes as the model.
+    same `num_classes` classes as the model (None: any, a CLIP student's zero-shot sets).
     """
     out = []
     for eval_set in eval_sets.parse(config.data.extra_eval):
@@ -465,7 +532,7 @@ def build_extra_evals(
         cfg.data.eval_split = eval_sets.resolve_split(
             eval_set, source.split_names(), config.data.eval_split
         )
-        if source.num_classes != num_classes:
+        if num_classes is not None and source.num_classes != num_classes:
             raise DataError(
                 f"Extra eval set {str(eval_set)!r} has {source.num_classes} classes, the model "
                 f"predicts {num_classes}; remove it from config.data.extra_eval."

@@ -69,6 +69,8 @@ class Source:
     # True when `load` also returns `real`: (num_classes,) bool, the image's set of reassessed
     # labels (ImageNet-ReaL; all False when it has none).
     real_labels: bool = False
+    # True when the examples have captions (`captions:` data, deit_jax.data.captions).
+    captioned: bool = False
 
     def split_sizes(self) -> dict[str, int]:
         """Number of examples of each named split."""
@@ -77,6 +79,11 @@ class Source:
     def num_examples(self, split: str) -> int:
         _, start, stop = self._resolve(split)
         return stop - start
+
+    def split_name(self, split: str) -> str:
+        """The named split a split spec reads (`train[:90%]` -> `train`), whose positions its
+        examples' ids are."""
+        return self._resolve(split)[0]
 
     def shard_range(self, split: str, index: int, count: int) -> tuple[int, int]:
         """Positions [start, stop) in `split`'s own numbering of shard `index` of `count`.
@@ -455,6 +462,11 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
     name = data.name
     if name.startswith("folder:"):
         return FolderSource(name[len("folder:") :], data_dir or tfds.core.constants.DATA_DIR)
+    if labels.is_caption_data(name):
+        from deit_jax.data.captions import CaptionsSource  # a subclass of this module's
+
+        root = os.path.expanduser(name.removeprefix(labels.CAPTIONS_PREFIX))
+        return CaptionsSource(root, data_dir or tfds.core.constants.DATA_DIR)
     if labels.is_label_free(name):
         return ImagesSource(labels.label_free_root(name), data_dir or tfds.core.constants.DATA_DIR)
     if name == "digits":

@@ -43,6 +43,18 @@ def model_options(name: str) -> dict[str, Any]:
     return {**fields, **defaults}
 
 
+def given_options(name: str, model: dict[str, Any]) -> dict[str, Any]:
+    """The options a config's `model` section sets for model `name`: its values other than None
+    (the model's own default), without a zero drop rate the model has no option for (no
+    regularisation asked of a model without it, e.g. a CLIP)."""
+    options = model_options(name)
+    return {
+        k: v
+        for k, v in model.items()
+        if v is not None and (k in options or k not in ("drop_rate", "drop_path_rate") or v)
+    }
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model; keyword overrides replace its defaults (num_classes, ...)."""
     options = model_options(name)

@@ -40,9 +40,10 @@ def _eval_teacher(teacher: nn.Module | None, num_classes: int) -> nn.Module | No
 
 
 class EvalSteps:
-    """The run's jitted eval steps, one per set of scored classes (`eval_steps(classes)`): with
+    """The run's jitted eval steps, one per kind of set (`eval_steps(classes, labelled)`): with
     a teacher also the teacher-student KL at the run's tau and reduction; only KL and agreement
-    for label-free data. A set that holds only some classes gets its own (compiled once)."""
+    for a set without labels. A set that holds only some classes gets its own (compiled once), as
+    does a labelled extra set of a label-free run (scored on its labels)."""
 
     def __init__(self, config, model, teacher, info: data.DatasetInfo):
         self._make = functools.partial(
@@ -52,14 +53,14 @@ class EvalSteps:
             tau=config.distillation.tau,
             kl_reduction=config.distillation.kl_reduction,
             tau_squared=config.distillation.tau_squared,
-            labelled=info.labelled,
         )
-        self._steps: dict[tuple[int, ...] | None, Any] = {}
+        self._steps: dict[tuple[tuple[int, ...] | None, bool], Any] = {}
 
-    def __call__(self, scored_classes: tuple[int, ...] | None = None):
-        if scored_classes not in self._steps:
-            self._steps[scored_classes] = jit(self._make(scored_classes=scored_classes))
-        return self._steps[scored_classes]
+    def __call__(self, scored_classes: tuple[int, ...] | None = None, labelled: bool = True):
+        key = (scored_classes, labelled)
+        if key not in self._steps:
+            self._steps[key] = jit(self._make(scored_classes=scored_classes, labelled=labelled))
+        return self._steps[key]
 
 
 def best_metric(info: data.DatasetInfo, teacher: nn.Module | None) -> str | None:
@@ -72,7 +73,7 @@ def best_metric(info: data.DatasetInfo, teacher: nn.Module | None) -> str | None
 def eval_loop(eval_steps: EvalSteps, eval_data, args) -> dict[str, float]:
     """One pass over `eval_data`: its metrics (sums over the examples, divided by the count)."""
     scored = getattr(eval_data, "scored_classes", None)
-    eval_step = eval_steps(scored)
+    eval_step = eval_steps(scored, eval_data.source.labelled)
     totals: dict[str, float] = {}
     for batch in eval_data:
         sums = jax.device_get(eval_step(*args, batch))
@@ -99,7 +100,8 @@ def eval_extra(extra_evals, eval_steps: EvalSteps, args) -> dict[str, dict[str, 
 
 
 def format_eval(step: int, metrics: dict[str, float]) -> str:
-    parts = [f"{k} {100 * v:.2f}" for k, v in metrics.items() if "top1" in k or k == "agreement"]
+    shown = ("top1", "agreement", "_r1", "mean_recall")
+    parts = [f"{k} {100 * v:.2f}" for k, v in metrics.items() if any(s in k for s in shown)]
     values = [f"{k} {metrics[k]:.4f}" for k in ("loss", "kl") if k in metrics]
     return (
         f"eval @ step {step}: " + ", ".join(parts) + (f" ({', '.join(values)})" if values else "")

@@ -1,5 +1,9 @@
 """The training loop: mesh, models, data, one jitted train step, periodic eval and checkpoints.
 
+What the run learns (its data, student, teacher, steps and evaluation) is its task
+(`deit_jax.train.tasks`: a classifier, or a CLIP student on image-caption pairs); the loop is the
+same for every task.
+
 `train_and_evaluate(config, workdir)` resumes from the latest good checkpoint in `workdir`
 (params, optimiser state, EMA, step, RNG and data-iterator position), so starting the same
 command again after a crash or a preemption continues where it stopped.
@@ -12,32 +16,26 @@ import logging
 import os
 import signal
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 from tqdm import tqdm
 
-from deit_jax import data, sharding
+from deit_jax import sharding
 from deit_jax.errors import Preempted, UserError
 from deit_jax.jit import jit
-from deit_jax.teacher.build import build_teacher
-from deit_jax.teacher.cache.mix import open_reader
-from deit_jax.train import optim, steps
+from deit_jax.train import optim
 from deit_jax.train.checkpoint import TrainCheckpointer
-from deit_jax.train.evaluation import EvalSteps, best_metric, eval_extra, eval_loop, format_eval
+from deit_jax.train.evaluation import format_eval
 from deit_jax.train.metrics import MetricsWriter
-from deit_jax.train.results import write_run_results
-from deit_jax.train.run_weights import save_run_weights
 from deit_jax.train.state import (
     TrainState,
-    build_student,
     check_config,
     merge_pretrained,
-    projection_for,
     state_and_shardings,
 )
+from deit_jax.train.tasks import build_task
 from deit_jax.weights.load import load_weights
 
 log = logging.getLogger(__name__)
@@ -77,19 +75,9 @@ def train_and_evaluate(
     check_config(config, devices)
     config = _bce_without_smoothing(config)
     workdir = os.path.abspath(workdir)
-    info = data.dataset_info(config)
     mesh = sharding.create_mesh(config.mesh, devices)
-    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
-    # Before a model is built or a weight read: a cache of another stream is refused now.
-    reader = open_reader(config, train_data)
-    model = build_student(config, info.num_classes)
-    teacher, teacher_variables = build_teacher(config, info.num_classes, workdir)
-    teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
-    projection = projection_for(config, model, teacher)
-    eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
-    extra_evals = data.build_extra_evals(
-        config, mesh, sharding.DATA_AXES, num_classes=info.num_classes
-    )
+    task = build_task(config, workdir, mesh)
+    train_data, model = task.train_data, task.model
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
     eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
@@ -100,14 +88,15 @@ def train_and_evaluate(
         num_epochs=config.num_epochs,
     )
 
-    best = best_metric(info, teacher)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(mesh)):
-        init, abstract, state_shardings = state_and_shardings(config, model, tx, mesh, projection)
+        init, abstract, state_shardings = state_and_shardings(
+            config, model, tx, mesh, task.projection
+        )
         checkpointer = TrainCheckpointer(
             os.path.join(workdir, "checkpoints"),
             save_every_steps=config.checkpoint_every_steps,
             keep=config.keep_checkpoints,
-            best_metric=best,
+            best_metric=task.best,
         )
         restored = checkpointer.restore(abstract)
         if restored is not None:
@@ -127,21 +116,12 @@ def train_and_evaluate(
                 )
                 log.info("Initialised from %s", config.init_from)
 
-        if reader is not None:
-            reader.check_coverage(start_step, total_steps)
-            train_data.extras = reader
-            log.info("Teacher outputs from the cache %s", reader)
-            if teacher is None:
-                log.info(
-                    "Evaluation skips teacher accuracy and agreement: no teacher checkpoint "
-                    "(set --config.teacher.checkpoint as well to report them)."
-                )
+        task.start(start_step, total_steps)
         train_step = jit(
-            steps.make_train_step(model, tx, schedule, config, teacher, projection),
+            task.train_step(tx, schedule),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
-        eval_steps = EvalSteps(config, model, teacher, info)
         writer = MetricsWriter(workdir)
         log.info(
             "Training %s (%s params) on %s: %d steps of %d images, %d devices %s",
@@ -170,7 +150,7 @@ def train_and_evaluate(
         tick, tick_step = time.perf_counter(), start_step
         try:
             for step in range(start_step + 1, total_steps + 1):
-                state, metrics = train_step(state, teacher_variables, next(train_data))
+                state, metrics = train_step(state, task.teacher_variables, next(train_data))
                 progress.update()
                 last = step == total_steps
                 if step % config.log_every_steps == 0 or last:
@@ -188,17 +168,8 @@ def train_and_evaluate(
                     )
                 evaluated = step % eval_every == 0 or last
                 if evaluated:
-                    eval_metrics = eval_loop(
-                        eval_steps,
-                        eval_data,
-                        _eval_args(state, teacher_variables),
-                    )
+                    eval_metrics, extra = task.evaluate(state)
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                    extra = eval_extra(
-                        extra_evals,
-                        eval_steps,
-                        _eval_args(state, teacher_variables),
-                    )
                     for prefix, values in extra.items():
                         writer.write(step, {f"{prefix}/{k}": v for k, v in values.items()})
                     if jax.process_index() == 0:  # tqdm.write prints even when disabled
@@ -211,7 +182,9 @@ def train_and_evaluate(
                         step,
                         state,
                         data_state=train_data.get_state(),
-                        metrics={best: eval_metrics[best]} if evaluated and best else None,
+                        metrics={task.best: eval_metrics[task.best]}
+                        if evaluated and task.best
+                        else None,
                         force=True,
                     )
                 if stop["signal"]:
@@ -229,21 +202,10 @@ def train_and_evaluate(
             # Raised, not returned, so that callers running several stages (the quickstart)
             # stop here too instead of starting the next one.
             raise Preempted(f"SIGTERM: checkpoint saved in {checkpointer.directory}")
-        save_run_weights(workdir, config, state, info)
         if not eval_metrics and start_step >= total_steps:
-            eval_metrics = eval_loop(eval_steps, eval_data, _eval_args(state, teacher_variables))
-            extra = eval_extra(extra_evals, eval_steps, _eval_args(state, teacher_variables))
-        if jax.process_index() == 0:
-            write_run_results(
-                workdir, config, state.params, info.num_classes,
-                (eval_data, eval_metrics), extra_evals, extra,
-            )  # fmt: skip
+            eval_metrics, extra = task.evaluate(state)
+        task.finish(workdir, state, eval_metrics, extra)
         return eval_metrics
-
-
-def _eval_args(state: TrainState, teacher_variables: Any) -> tuple[Any, ...]:
-    """What the eval step takes besides the batch: the student's weights, EMA and the teacher's."""
-    return state.params, state.model_state, state.ema_params, teacher_variables
 
 
 def _check_finite(state: TrainState, step: int) -> None:

@@ -21,6 +21,7 @@ from deit_jax.config import rules
 from deit_jax.errors import CheckpointError, ConfigError
 from deit_jax.jit import jit
 from deit_jax.models import create_model, feature_width, input_size, model_options
+from deit_jax.models.registry import given_options
 from deit_jax.teacher.cache import store as cache_store
 from deit_jax.teacher.feature import PROJECTION, Projection, build_projection
 from deit_jax.weights import surgery
@@ -93,8 +94,10 @@ def init_state(
 
 def student_overrides(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
     """`create_model` overrides for the student: config.model plus the data's classes and size."""
-    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
-    if overrides.setdefault("num_classes", num_classes) != num_classes:
+    overrides = given_options(config.model_name, config.model.to_dict())
+    if "num_classes" not in model_options(config.model_name):  # a CLIP student: no classes
+        overrides.pop("num_classes", None)
+    elif overrides.setdefault("num_classes", num_classes) != num_classes:
         raise ConfigError(
             f"config.model.num_classes={overrides['num_classes']} but data set "
             f"{config.data.name!r} has {num_classes} classes; remove the override or use "

@@ -110,32 +110,8 @@ def make_train_step(
         (loss, (parts, new_model_state, cls_logits)), grads = jax.value_and_grad(
             loss_fn, has_aux=True
         )(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
-
-        # A non-finite step is not applied: the state keeps the last good values, and the
-        # training loop stops when it sees `nan_step` (naming the step).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        params = keep(params, state.params)
-        ema_params = state.ema_params
-        if ema_decay > 0:
-            ema = optim.ema_update(state.ema_params, params, ema_decay)
-            if accum > 1:  # optax.MultiSteps: only every `accum`-th batch changes the params
-                applied = opt_state.mini_step == 0
-                ema = jax.tree.map(lambda n, o: jnp.where(applied, n, o), ema, state.ema_params)
-            ema_params = keep(ema, ema_params)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=params,
-            model_state=keep(dict(new_model_state), state.model_state),
-            opt_state=keep(opt_state, state.opt_state),
-            ema_params=ema_params,
-            rng=rng,
-            nan_step=jnp.where((state.nan_step < 0) & ~finite, state.step, state.nan_step).astype(
-                jnp.int32
-            ),
+        new_state, grad_norm = apply_gradients(
+            state, rng, loss, grads, dict(new_model_state), tx, ema_decay, accum
         )
         metrics = {
             "loss": loss,
@@ -150,6 +126,49 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def apply_gradients(
+    state: TrainState,
+    rng: jax.Array,
+    loss: jax.Array,
+    grads: Any,
+    model_state: Any,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    accum: int,
+) -> tuple[TrainState, jax.Array]:
+    """The next train state from a step's loss and gradients (optimiser, EMA, step, `rng`), and
+    the gradients' global norm.
+
+    A non-finite step is not applied: the state keeps the last good values, and the training
+    loop stops when it sees `nan_step` (naming the step).
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params = keep(params, state.params)
+    ema_params = state.ema_params
+    if ema_decay > 0:
+        ema = optim.ema_update(state.ema_params, params, ema_decay)
+        if accum > 1:  # optax.MultiSteps: only every `accum`-th batch changes the params
+            applied = opt_state.mini_step == 0
+            ema = jax.tree.map(lambda n, o: jnp.where(applied, n, o), ema, state.ema_params)
+        ema_params = keep(ema, ema_params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        model_state=keep(model_state, state.model_state),
+        opt_state=keep(opt_state, state.opt_state),
+        ema_params=ema_params,
+        rng=rng,
+        nan_step=jnp.where((state.nan_step < 0) & ~finite, state.step, state.nan_step).astype(
+            jnp.int32
+        ),
+    )
+    return new_state, grad_norm
 
 
 def make_eval_step(

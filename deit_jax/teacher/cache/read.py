@@ -66,7 +66,8 @@ class CacheReader:
         if config.distillation.kind == "feature" and not self.layout.embedding_dim:
             raise store.no_embeddings(path)
         needed = required_topk(config)
-        if config.distillation.kind != "feature" and self.layout.topk < needed:
+        kind = config.distillation.kind
+        if kind not in ("feature", "in_batch") and self.layout.topk < needed:
             raise CacheError(
                 f"The teacher cache {path!r} holds the top-{self.layout.topk} teacher outputs, "
                 f"but distillation.kind={config.distillation.kind!r} with "
@@ -75,8 +76,13 @@ class CacheReader:
             )
         self.shares = list(train_data.data_shares)
         self.arrays = self.store.open_arrays()
-        # What a batch takes: the top-k, or for feature distillation the embeddings.
-        self.names = (store.EMBEDDINGS,) if config.distillation.kind == "feature" else store.ARRAYS
+        # What a batch takes: the top-k, for feature distillation the embeddings, for pairs the
+        # image and caption embeddings (and the scale that makes them the teacher's logits).
+        self.names = {
+            "feature": (store.EMBEDDINGS,),
+            "in_batch": (store.EMBEDDINGS, store.TEXT_EMBEDDINGS),
+        }.get(kind, store.ARRAYS)
+        self.scale = manifest.get(store.TEACHER_SCALE)
         self._chunks: dict[int, tuple[tuple[int, int], tuple[np.ndarray, ...]]] = {}
 
     def __str__(self) -> str:
@@ -118,6 +124,13 @@ class CacheReader:
             rows.append(tuple(a[step - chunk * self.layout.chunk_steps] for a in arrays))
         columns = zip(*rows, strict=True)  # per array: its rows of every share
         batch = {n: np.concatenate(c) for n, c in zip(self.names, columns, strict=True)}
+        if store.TEXT_EMBEDDINGS in batch:
+            image = batch[store.EMBEDDINGS].astype(np.float32)
+            return {
+                "teacher_image_embedding": image,
+                "teacher_text_embedding": batch[store.TEXT_EMBEDDINGS].astype(np.float32),
+                "teacher_scale": np.full(len(image), self.scale, np.float32),
+            }
         if store.EMBEDDINGS in batch:
             return {"teacher_embedding": batch[store.EMBEDDINGS].astype(np.float32)}
         return {

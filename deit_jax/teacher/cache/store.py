@@ -17,6 +17,7 @@ import tensorstore as ts
 
 import deit_jax
 from deit_jax import data
+from deit_jax.data import labels
 from deit_jax.errors import UserError
 from deit_jax.teacher.clip import zero_shot
 from deit_jax.weights.directory import weights_hash
@@ -25,6 +26,10 @@ MANIFEST = "manifest.json"
 FORMAT = "deit_jax.teacher_cache/1"
 ARRAYS = ("values", "indices")
 EMBEDDINGS = "embeddings"  # the optional third array (`teacher.cache_embeddings`)
+# A CLIP teacher's caption embeddings: with `embeddings` (its image embeddings), what a cache
+# of image-caption pairs stores instead of the top-k (deit_jax.train.pairs).
+TEXT_EMBEDDINGS = "text_embeddings"
+TEACHER_SCALE = "teacher_scale"  # a pair cache's manifest: the teacher's logit multiplier
 
 
 class CacheError(UserError, ValueError):
@@ -51,6 +56,9 @@ class Layout:
     # before they existed (`as_manifest` leaves both keys out).
     embedding_dim: int = 0
     embedding_dtype: str = ""
+    # A pair cache's caption embeddings (0: none; then also left out of the manifest). Such a
+    # cache stores no top-k (`topk` 0).
+    text_embedding_dim: int = 0
 
     @property
     def share_batch(self) -> int:
@@ -58,19 +66,26 @@ class Layout:
 
     @property
     def arrays(self) -> tuple[str, ...]:
-        return ARRAYS + ((EMBEDDINGS,) if self.embedding_dim else ())
+        return (
+            (ARRAYS if self.topk else ())
+            + ((EMBEDDINGS,) if self.embedding_dim else ())
+            + ((TEXT_EMBEDDINGS,) if self.text_embedding_dim else ())
+        )
 
     def as_manifest(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         if not self.embedding_dim:
             del fields["embedding_dim"], fields["embedding_dtype"]
+        if not self.text_embedding_dim:
+            del fields["text_embedding_dim"]
         return fields
 
     def bytes_per_example(self) -> int:
-        """Stored bytes per example and epoch: top-k values and indices, and the embedding."""
+        """Stored bytes per example and epoch: top-k values and indices, and the embeddings."""
         itemsize = lambda dtype: np.dtype(dtype).itemsize  # noqa: E731
         logits = self.topk * (itemsize(self.values_dtype) + itemsize(self.indices_dtype))
-        return logits + self.embedding_dim * itemsize(self.embedding_dtype or "float16")
+        width = self.embedding_dim + self.text_embedding_dim
+        return logits + width * itemsize(self.embedding_dtype or "float16")
 
     def steps_in_epoch(self, epoch: int) -> int:
         return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
@@ -87,11 +102,13 @@ def layout_for(
     config: ml_collections.ConfigDict, train_data: data.TrainIterator, embedding_dim: int = 0
 ) -> Layout:
     """The cache layout of a run; `embedding_dim` the teacher's embedding width, stored when
-    `teacher.cache_embeddings` is on."""
+    `teacher.cache_embeddings` is on, and always for image-caption pairs (`captions:` data),
+    whose cache holds the teacher's image and caption embeddings and no top-k."""
     spe = train_data.steps_per_epoch
     total = max(1, int(round(config.num_epochs * spe)))
-    topk = int(config.teacher.cache_topk)
-    embeddings = bool(config.teacher.cache_embeddings)
+    pairs = train_data.source.captioned
+    topk = 0 if pairs else int(config.teacher.cache_topk)
+    embeddings = pairs or bool(config.teacher.cache_embeddings)
     num_classes = train_data.num_classes
     if topk > num_classes:  # the class count is the data's: not a rule of the config alone
         raise CacheError(
@@ -110,6 +127,7 @@ def layout_for(
         indices_dtype="int16" if num_classes <= 32767 else "int32",
         embedding_dim=embedding_dim if embeddings else 0,
         embedding_dtype=config.teacher.cache_embedding_dtype if embeddings else "",
+        text_embedding_dim=embedding_dim if pairs else 0,
     )
 
 
@@ -153,9 +171,10 @@ ZERO_SHOT_KEYS = (
 def teacher_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t = config.teacher
     head = {}
-    if t.framework == "clip":  # the head: class names and templates
+    pairs = labels.is_caption_data(config.data.name)  # both towers: no zero-shot head
+    if t.framework == "clip" and not pairs:  # the head: class names and templates
         head = zero_shot.zero_shot_fingerprint(config)
-    if t.cache_embeddings:  # absent otherwise: caches written before embeddings stay valid
+    if t.cache_embeddings or pairs:  # absent otherwise: older caches stay valid
         head["teacher.cache_embedding_dtype"] = t.cache_embedding_dtype
     return _jsonable(
         {
@@ -189,6 +208,7 @@ def _array_spec(path: str, name: str, layout: Layout | None = None) -> dict[str,
             "values": (layout.values_dtype, layout.topk),
             "indices": (layout.indices_dtype, layout.topk),
             EMBEDDINGS: (layout.embedding_dtype, layout.embedding_dim),
+            TEXT_EMBEDDINGS: (layout.embedding_dtype, layout.text_embedding_dim),
         }[name]
         spec["metadata"] = {
             "shape": [layout.num_epochs, layout.steps_per_epoch, layout.batch_size, width],

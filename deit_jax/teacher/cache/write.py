@@ -19,16 +19,23 @@ from tqdm import tqdm
 
 from deit_jax import data, sharding
 from deit_jax.config import members, rules, teacher_rules
+from deit_jax.data import labels
 from deit_jax.jit import jit
 from deit_jax.models import feature_width
 from deit_jax.teacher import build, forward, torch_teacher
 from deit_jax.teacher.cache import store
 from deit_jax.teacher.cache.store import CacheError, CacheStore, Layout
+from deit_jax.teacher.clip import pairs
+from deit_jax.teacher.clip.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 # Known only once the teacher is built: left out of the first comparison with a stored manifest.
-EMBEDDING_LAYOUT_KEYS = ("layout.embedding_dim", "layout.embedding_dtype")
+EMBEDDING_LAYOUT_KEYS = (
+    "layout.embedding_dim",
+    "layout.embedding_dtype",
+    "layout.text_embedding_dim",
+)
 
 
 def _epoch_range(spec: str, layout: Layout) -> range:
@@ -91,6 +98,21 @@ def _teacher_fn(config, num_classes, mesh, topk, workdir) -> tuple[TeacherFn, in
     return _flax_teacher_fn(config, num_classes, mesh, topk, workdir)
 
 
+def _pair_teacher_fn(config, mesh) -> tuple[TeacherFn, int, float]:
+    """A CLIP teacher of image-caption pairs as `fn(batch) -> (image, caption embeddings)` of
+    this process's rows, its embedding width and its logit scale (clamped, float32)."""
+    teacher, variables = pairs.build_pair_teacher(config)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    embed = jit(lambda v, images, ids: teacher.apply(v, images, ids))
+    scale = float(jax.device_get(pairs.clip_scale(variables["params"]["clip"]["logit_scale"])))
+
+    def run(batch):
+        image, text, _ = embed(variables, batch["image"], batch["text"])
+        return _local_rows(image), _local_rows(text)
+
+    return run, teacher.clip.embed_dim, scale
+
+
 def _runs(units: list[tuple[int, int]], layout: Layout) -> Iterator[list[tuple[int, int]]]:
     """Splits (epoch, chunk) units into runs of consecutive batches of the stream."""
     run: list[tuple[int, int]] = []
@@ -127,7 +149,10 @@ def write_cache(
     if names:
         return _write_member_caches(config, workdir, devices, names)
     mesh = sharding.create_mesh(config.mesh, devices)
-    train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
+    captioned = labels.is_caption_data(config.data.name)
+    # Image-caption pairs: the captions in the teacher's own tokens (its only tokenizer here).
+    tokenizers = {"text": load_tokenizer(config.teacher.checkpoint)} if captioned else None
+    train_data = data.build_train(config, mesh, sharding.DATA_AXES, tokenizers=tokenizers)
     layout = store.layout_for(config, train_data)
     epochs = _epoch_range(config.teacher.cache_epochs, layout)
     manifest = store.manifest(config, train_data, layout)
@@ -139,9 +164,16 @@ def write_cache(
     _refuse_another_config(
         workdir, stored, manifest, skip=(*store.ZERO_SHOT_KEYS, *EMBEDDING_LAYOUT_KEYS)
     )
-    teacher, embedding_dim = _teacher_fn(config, train_data.num_classes, mesh, layout.topk, workdir)
+    if captioned:
+        teacher, embedding_dim, scale = _pair_teacher_fn(config, mesh)
+    else:
+        teacher, embedding_dim = _teacher_fn(
+            config, train_data.num_classes, mesh, layout.topk, workdir
+        )
     layout = store.layout_for(config, train_data, embedding_dim)
     manifest = store.manifest(config, train_data, layout)
+    if captioned:  # what rebuilds the teacher's in-batch logits from its embeddings
+        manifest[store.TEACHER_SCALE] = scale
     _refuse_another_config(workdir, stored, manifest)
     if stored is None and jax.process_index() == 0:
         cache.write_manifest(manifest)
@@ -261,6 +293,7 @@ def _write_chunk(arrays, layout, epoch, steps, shares, outputs) -> list[Any]:
         "values": layout.values_dtype,
         "indices": layout.indices_dtype,
         store.EMBEDDINGS: layout.embedding_dtype,
+        store.TEXT_EMBEDDINGS: layout.embedding_dtype,
     }
     stacked = {
         name: np.stack([o[i] for o in outputs]).astype(dtypes[name])

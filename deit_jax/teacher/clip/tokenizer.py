@@ -65,24 +65,37 @@ def _open_clip_tokenizer(context_length: int) -> Tokenizer:
     return tokenize
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of the CLIP weights at `path` (see the module docstring), `padding to
-    max_length (77)` with truncation, as the reference pipelines call them."""
+def tokenizer_spec(path: str) -> tuple[str, ...]:
+    """Which tokenizer the CLIP weights at `path` take: `("open_clip", context_length)` or
+    `("transformers", directory, context_length)`. Equal specs tokenize alike."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightsNotFoundError(f"CLIP weights {path!r} do not exist; no tokenizer to load.")
     if not os.path.isdir(path):
-        return _open_clip_tokenizer(77)
+        return ("open_clip", "77")
     if os.path.isfile(os.path.join(path, METADATA_FILE)):  # a deit_jax weights dir
-        context_length = _context_length(path)
+        context_length = str(_context_length(path))
         own = os.path.join(path, "tokenizer")
         if os.path.isfile(os.path.join(own, "vocab.json")):
-            return _hf_tokenizer(own, context_length)
-        return _open_clip_tokenizer(context_length)
+            return ("transformers", own, context_length)
+        return ("open_clip", context_length)
     if is_hf_dir(path):
         context_length = hf_config(path)["text_config"]["max_position_embeddings"]
-        return _hf_tokenizer(path, context_length)
+        return ("transformers", path, str(context_length))
     raise WeightsNotFoundError(
         f"{path!r} is neither a deit_jax weights directory nor a transformers CLIP directory: "
         "no tokenizer found for it."
     )
+
+
+def tokenizer_of(spec: tuple[str, ...]) -> Tokenizer:
+    """The tokenizer a `tokenizer_spec` names."""
+    if spec[0] == "open_clip":
+        return _open_clip_tokenizer(int(spec[1]))
+    return _hf_tokenizer(spec[1], int(spec[2]))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of the CLIP weights at `path` (see the module docstring), `padding to
+    max_length (77)` with truncation, as the reference pipelines call them."""
+    return tokenizer_of(tokenizer_spec(path))

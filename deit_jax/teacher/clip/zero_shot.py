@@ -27,6 +27,7 @@ changed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -48,6 +49,20 @@ from deit_jax.weights.load import load_weights
 INTERPOLATION = "bicubic"  # jax.image.resize: Keys cubic a = -0.5 (PIL's), antialiased
 
 
+def clip_input(
+    images: jax.Array, mean: Sequence[float], std: Sequence[float], size: int
+) -> jax.Array:
+    """Stream images (B, H, W, 3), normalised by `mean` and `std`, as a CLIP takes them: its
+    normalisation, at its `size`."""
+    scale, shift = renormalization(tuple(mean), tuple(std), CLIP_MEAN, CLIP_STD)
+    x = images.astype(jnp.float32) * jnp.asarray(scale, jnp.float32) + jnp.asarray(
+        shift, jnp.float32
+    )
+    if x.shape[1:3] != (size, size):
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), INTERPOLATION)
+    return x
+
+
 class ZeroShotCLIP(nn.Module):
     """CLIP's image tower and a fixed zero-shot head: class logits for stream images.
 
@@ -62,15 +77,7 @@ class ZeroShotCLIP(nn.Module):
     input_std: tuple[float, float, float]
 
     def clip_images(self, images: jax.Array) -> jax.Array:
-        """Stream images (B, H, W, 3) as CLIP takes them: its normalisation, at its size."""
-        scale, shift = renormalization(self.input_mean, self.input_std, CLIP_MEAN, CLIP_STD)
-        x = images.astype(jnp.float32) * jnp.asarray(scale, jnp.float32) + jnp.asarray(
-            shift, jnp.float32
-        )
-        size = self.clip.img_size
-        if x.shape[1:3] != (size, size):
-            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), INTERPOLATION)
-        return x
+        return clip_input(images, self.input_mean, self.input_std, self.clip.img_size)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
