@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from test_data_sources import records, write_folder
 
 from deit_jax.config import IMAGENET_MEAN, IMAGENET_STD, base_config
-from deit_jax.data import build_eval, build_train, dataset_info, sources
+from deit_jax.data import build_eval, build_train, catalog, dataset_info
 
 SIZE = 32
 
@@ -156,7 +156,7 @@ def test_eval_counts_every_example_once(digits_dir, mesh):
     config = digits_config(digits_dir)
     evaluation = build_eval(config, mesh, with_ids=True)
     assert evaluation.num_examples == 360 and evaluation.steps == 6 == len(evaluation)
-    digits = sources.get_source(config.data)
+    digits = catalog.get_source(config.data)
     labels = {int(r["id"]): int(r["label"]) for r in records(digits, "test")}
     for _ in range(2):  # every pass is a full pass
         ids, masked_images = [], []
@@ -209,7 +209,7 @@ def test_eval_over_two_processes_counts_every_example_once(digits_dir):
     assert [len(r["eval_ids"]) for r in reports] == [177, 178]
     counted = reports[0]["eval_ids"] + reports[1]["eval_ids"]
     assert sorted(counted) == list(range(355))
-    digits = sources.get_source(digits_config(digits_dir).data)
+    digits = catalog.get_source(digits_config(digits_dir).data)
     labels = {int(r["id"]): int(r["label"]) for r in records(digits, "test")}
     for r in reports:
         assert r["eval_labels"] == [labels[i] for i in r["eval_ids"]]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deit_jax.data import sources
+from deit_jax.data import catalog
 from deit_jax.errors import DataError
 
 
@@ -21,7 +21,7 @@ def data_config(name: str, data_dir, manual_dir: str = "") -> ml_collections.Con
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return sources.get_source(data_config("digits", tmp_path_factory.mktemp("tfds")))
+    return catalog.get_source(data_config("digits", tmp_path_factory.mktemp("tfds")))
 
 
 def records(source, split, *args, **kwargs):
@@ -75,7 +75,7 @@ def test_digits_builder_is_a_stratified_deterministic_split(digits, tmp_path):
     assert [r["label"] for r in test] == sk.target[rows].tolist()
     assert len(train) + len(test) == 1797
     # Preparing elsewhere again gives the same split, in the same order.
-    again = records(sources.get_source(data_config("digits", tmp_path)), "test")
+    again = records(catalog.get_source(data_config("digits", tmp_path)), "test")
     assert [r["image"] for r in again] == [r["image"] for r in test]
 
 
@@ -97,7 +97,7 @@ def test_folder_source_skips_and_counts_corrupt_images(tmp_path, caplog):
     good = write_folder(tmp_path / "images")
     name = f"folder:{tmp_path / 'images'}"
     with caplog.at_level(logging.WARNING):
-        source = sources.get_source(data_config(name, tmp_path / "tfds"))
+        source = catalog.get_source(data_config(name, tmp_path / "tfds"))
         sizes = source.split_sizes()
     assert source.class_names == ["cat", "dog", "emu"] and source.num_classes == 3
     assert sizes == good
@@ -108,7 +108,7 @@ def test_folder_source_skips_and_counts_corrupt_images(tmp_path, caplog):
     assert len(checks) == 2
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        again = sources.get_source(data_config(name, tmp_path / "tfds"))
+        again = catalog.get_source(data_config(name, tmp_path / "tfds"))
         assert again.split_sizes() == good
     assert "skipped 2 of 17" in caplog.text
     train = records(source, "train")
@@ -122,15 +122,15 @@ def test_folder_source_skips_and_counts_corrupt_images(tmp_path, caplog):
 
 def test_missing_data_sets_say_how_to_prepare_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"tfds build cifar10 --data_dir="):
-        sources.get_source(data_config("cifar10", tmp_path))
+        catalog.get_source(data_config("cifar10", tmp_path))
     with pytest.raises(FileNotFoundError) as e:
-        sources.get_source(data_config("imagenet2012", tmp_path))
+        catalog.get_source(data_config("imagenet2012", tmp_path))
     for words in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "manual_dir"):
         assert words in str(e.value)
     with pytest.raises(ValueError, match="Unknown data set 'no_such_set'"):
-        sources.get_source(data_config("no_such_set", tmp_path))
+        catalog.get_source(data_config("no_such_set", tmp_path))
     with pytest.raises(FileNotFoundError, match="<root>/<split>/<class>"):
-        sources.get_source(data_config(f"folder:{tmp_path / 'nothing'}", tmp_path))
+        catalog.get_source(data_config(f"folder:{tmp_path / 'nothing'}", tmp_path))
 
 
 def test_unknown_split_names_the_splits(digits):
@@ -161,7 +161,7 @@ def test_folder_splits_without_usable_images_name_the_split_and_the_path(tmp_pat
         os.makedirs(root / "val" / cls)
     Image.fromarray(pixels).save(root / "val" / "cat" / "0.png")  # val/dog stays empty
     os.makedirs(root / "test")  # a split folder without class folders
-    source = sources.get_source(data_config(f"folder:{root}", tmp_path / "tfds"))
+    source = catalog.get_source(data_config(f"folder:{root}", tmp_path / "tfds"))
     with pytest.raises(DataError, match=r"'train'.* none of its 3 images .* decode") as e:
         source.num_examples("train")
     assert str(root / "train") in str(e.value)

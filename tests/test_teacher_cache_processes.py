@@ -25,7 +25,7 @@ import pytest
 from _processes import TF_FIRST_MAIN, TIMEOUT, cpu_env, free_port, run_ok, tail
 from _train_config import save_random_teacher, tiny_config
 
-from deit_jax.data import sources
+from deit_jax.data import catalog
 from deit_jax.teacher import cache
 from deit_jax.train.metrics import read_jsonl
 from deit_jax.weights.directory import load_variables
@@ -37,7 +37,7 @@ EPOCHS, CHUNK = 20, 8  # 880 steps in 120 chunks per data share (6 per epoch)
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    sources.get_source(tiny_config(path).data)
+    catalog.get_source(tiny_config(path).data)
     return path
 
 

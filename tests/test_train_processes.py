@@ -32,7 +32,7 @@ import pytest
 from _processes import TF_FIRST_MAIN, TIMEOUT, cpu_env, finish, free_port, run_ok, tail
 from _train_config import save_random_teacher, tiny_config
 
-from deit_jax.data import sources
+from deit_jax.data import catalog
 from deit_jax.train.metrics import read_jsonl
 from deit_jax.weights.directory import load_variables
 
@@ -47,7 +47,7 @@ EVERY = 8  # checkpoint_every_steps
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    sources.get_source(tiny_config(path).data)  # Prepare digits once, before any subprocess.
+    catalog.get_source(tiny_config(path).data)  # Prepare digits once, before any subprocess.
     return path
 
 

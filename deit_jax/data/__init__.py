@@ -1,6 +1,7 @@
 """Input pipelines for deit_jax: tfds / image-folder / digits sources, DeiT augmentation, mixup.
 
-The training loop needs only `dataset_info`, `build_train` and `build_eval` (see pipeline.py).
+The training loop needs only `dataset_info` (feeder.py), `build_train` (pipeline.py) and
+`build_eval` (eval_pipeline.py).
 They are imported on first use, so that TensorFlow-free modules of this package (e.g.
 `randaugment_policy`, which the config check parses policies with) import without TensorFlow.
 """
@@ -16,4 +17,15 @@ __all__ = [
     "build_train",
     "dataset_info",
 ]
-__getattr__ = lazy_names("deit_jax.data", dict.fromkeys(__all__, "pipeline"))
+__getattr__ = lazy_names(
+    "deit_jax.data",
+    {
+        "DatasetInfo": "feeder",
+        "dataset_info": "feeder",
+        "TrainIterator": "pipeline",
+        "build_train": "pipeline",
+        "EvalIterable": "eval_pipeline",
+        "build_eval": "eval_pipeline",
+        "build_extra_evals": "eval_pipeline",
+    },
+)

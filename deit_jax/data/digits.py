@@ -5,7 +5,7 @@ images of 8x8 pixels, classes 0-9) inside its package, so this builder prepares 
 network access. It exists so that deit_jax can train, evaluate and be tested end to end on a real
 image classification task anywhere.
 
-Preparation (done on first use by `deit_jax.data.sources.get_source`, into `config.data.data_dir`):
+Preparation (done on first use by `deit_jax.data.catalog.get_source`, into `config.data.data_dir`):
 
 - pixel values 0..16 become uint8 by `round(v * 255 / 16)`, so 16 -> 255;
 - images stay single-channel (8, 8, 1) PNGs; the input pipeline turns grey into RGB;

@@ -27,6 +27,7 @@ import ml_collections
 import optax
 
 from deit_jax import losses
+from deit_jax.models.layers import l2_normalize
 from deit_jax.teacher.clip.pairs import clip_scale
 from deit_jax.train.state import TrainState
 from deit_jax.train.steps import apply_gradients
@@ -113,18 +114,14 @@ def make_embed_step(model: nn.Module, teacher: nn.Module | None):
     student's L2-normalised image and text embeddings and scale, and the teacher's when it runs
     here (`teacher_*`)."""
 
-    def normalise(x):
-        x = x.astype(jnp.float32)
-        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
     def embed_step(params, teacher_variables, batch: Batch) -> dict[str, jax.Array]:
         image, text, scale = student_embeddings(model, params, batch["image"], batch["text"])
-        out = {"image": normalise(image), "text": normalise(text), "scale": scale}
+        out = {"image": l2_normalize(image), "text": l2_normalize(text), "scale": scale}
         if teacher is not None:
             t_image, t_text, t_scale = teacher_embeddings(teacher, teacher_variables, batch, False)
             out |= {
-                "teacher_image": normalise(t_image),
-                "teacher_text": normalise(t_text),
+                "teacher_image": l2_normalize(t_image),
+                "teacher_text": l2_normalize(t_text),
                 "teacher_scale": t_scale,
             }
         return out

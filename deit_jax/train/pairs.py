@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from deit_jax import data, losses, sharding
 from deit_jax.data import labels
 from deit_jax.jit import jit
+from deit_jax.models.layers import l2_normalize
 from deit_jax.teacher.cache.read import CacheReader
 from deit_jax.teacher.clip import zero_shot
 from deit_jax.teacher.clip.head import zero_shot_head
@@ -133,14 +134,15 @@ class PairTask:
     def _image_embeddings(self, params, teacher_variables, images):
         """L2-normalised image embeddings of the student and, with one, of the teacher."""
         image = self.model.apply({"params": params}, images, method="encode_image")
-        out = {"image": _normalise(image)}
+        out = {"image": l2_normalize(image.astype(jnp.float32))}
         if self.teacher is not None:
             clip = self.teacher.clip
             x = zero_shot.clip_input(
                 images, self.teacher.input_mean, self.teacher.input_std, clip.img_size
             )
             t_params = {"params": teacher_variables["params"]["clip"]}
-            out["teacher_image"] = _normalise(clip.apply(t_params, x, method="encode_image"))
+            t_image = clip.apply(t_params, x, method="encode_image")
+            out["teacher_image"] = l2_normalize(t_image.astype(jnp.float32))
         return out
 
     def _zero_shot(self, prefix: str, passes: Any, params: Any) -> Metrics:
@@ -185,11 +187,6 @@ class PairTask:
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "results.json"), "w") as f:
                 json.dump({"eval": final, **extra}, f, indent=1)
-
-
-def _normalise(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _recalls(logits: np.ndarray, text_ids: np.ndarray, prefix: str) -> Metrics:
