@@ -12,10 +12,10 @@ same student trained by CLIP's loss alone (deit_jax/experiments/clip_quickstart.
 student: 40 epochs of the 1,437 train digits at 16 px, batch 64; scored on the 360 test digits
 (a CLIP student zero-shot, by its own text tower and the teacher's prompt).
 
-Hardware and time: a 2-core CPU, about 13 minutes (the teacher 2, each student about 1), peak
-RSS 2.8 GB. Expected (docs/clip.md has the measured table): the teacher's zero-shot top-1 98.06%;
-the label-free DeiT 97.69% and the CLIP student 95.37% (means of seeds), both above 90% of the
-teacher's.
+Hardware and time: a 2-core CPU, 11 to 13 minutes (the teacher 1.5 to 2, each student about
+1), peak RSS 3.0 GB. Expected (docs/clip.md has the measured table): the teacher's zero-shot
+top-1 98.06%; the label-free DeiT 97.69% and the CLIP student 95.37% (means of seeds), both
+above 90% of the teacher's.
 
 One stage alone is an ordinary training run: e.g. the CLIP student by KL,
 
