@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from deit_jax.errors import DependencyError
+
 log = logging.getLogger(__name__)
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -101,10 +103,16 @@ def train_open_clip_teacher(
         return {}
     import time
 
-    import open_clip
-    import torch
-    from open_clip.loss import ClipLoss
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    try:
+        import open_clip
+        import torch
+        from open_clip.loss import ClipLoss
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    except ImportError as e:
+        raise DependencyError(
+            "The CLIP quickstart trains its teacher with open_clip (PyTorch): pip install -e "
+            "'.[torch]'."
+        ) from e
     from PIL import Image
     from safetensors.torch import save_file
 
