@@ -21,9 +21,9 @@ import deit_jax
 from deit_jax import config as deit_config
 from deit_jax.jit import jit
 from deit_jax.models import model_options
-from deit_jax.teacher.feature import build_projection
 from deit_jax.teacher.forward import teacher_features, teacher_logits
 from deit_jax.train import optim, steps
+from deit_jax.train.projection import build_projection
 from deit_jax.train.state import init_state
 
 

@@ -1,7 +1,8 @@
 """Training losses (the reference `DistillationLoss` and its base criteria) and eval metrics.
 
 Pure `jnp` functions of logits, safe under `jax.jit`, with no other deit_jax import: the config
-rules (`deit_jax.config.rules`) take the names they accept from the tuples below, the train and
+rules (`deit_jax.config.rules`) take the names they accept, and their messages, from the tables
+below (name -> what it is), the train and
 eval steps (`deit_jax.train.steps`) call the functions. Logits may be bfloat16 (mixed-precision
 training); every loss is computed in float32 and returns a float32 scalar.
 """
@@ -13,10 +14,19 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-DISTILLATION_KINDS = ("none", "soft", "hard", "feature", "in_batch")
-KL_REDUCTIONS = ("numel", "batchmean")
-BASE_LOSSES = ("ce", "bce")
-FEATURE_LOSSES = ("mse", "cosine")
+DISTILLATION_KINDS = {
+    "none": "no teacher",
+    "soft": "logit KD, any student",
+    "hard": "logit KD on the teacher's argmax, any student",
+    "feature": "pooled features through a learned projection",
+    "in_batch": "a CLIP student's image-text logits",
+}
+KL_REDUCTIONS = {
+    "numel": "summed KL / (batch x classes), the DeiT reference",
+    "batchmean": "summed KL / batch, Hinton and timm's tasks",
+}
+BASE_LOSSES = {"ce": "soft-target cross-entropy", "bce": "DeiT III's binary cross-entropy"}
+FEATURE_LOSSES = {"mse": "timm's FeatureDistillationTask", "cosine": "1 - cosine similarity"}
 
 
 def _log_softmax(logits: jax.Array) -> jax.Array:
@@ -244,7 +254,7 @@ def feature_distillation_loss(
         raise ValueError(
             f"Student features {student_features.shape} and teacher features "
             f"{teacher_features.shape} differ in shape: project the student's features to the "
-            "teacher's width (deit_jax.teacher.feature.Projection)."
+            "teacher's width (deit_jax.train.projection.Projection)."
         )
     teacher_features = jax.lax.stop_gradient(jnp.asarray(teacher_features, jnp.float32))
     student_features = jnp.asarray(student_features, jnp.float32)

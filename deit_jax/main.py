@@ -1,11 +1,14 @@
-"""Train or evaluate DeiT: `python -m deit_jax.main --config configs/NAME.py --workdir DIR`.
+"""Train or evaluate a run: `python -m deit_jax.main --config configs/NAME.py --workdir DIR`.
 
-Any config value can be overridden on the command line, e.g.
-`--config.batch_size=256 --config.distillation.kind=hard`. Running the same command again
-resumes from the latest checkpoint in DIR. `--config.mode=eval` evaluates the latest checkpoint
-(or `--config.init_from` weights). `--config.mode=teacher_cache` writes the teacher's outputs over
-the run's exact batches into DIR, for training runs with `--config.teacher.cache=DIR`
-(deit_jax/teacher/cache/). `--config.mode=quickstart` and `clip_quickstart` run the offline
+A run is one of deit_jax's tasks (`deit_jax/config/tasks.py`), given by its data: a classifier
+(DeiT, DeiT III, any registry model; labelled or label-free images; any teacher) or a CLIP
+student (image-caption data, `captions:/root`). Any config value can be overridden on the
+command line, e.g. `--config.batch_size=256 --config.distillation.kind=hard`. Running the same
+command again resumes from the latest checkpoint in DIR. `--config.mode=eval` evaluates the
+latest checkpoint (or `--config.init_from` weights) of either task and writes its results
+table. `--config.mode=teacher_cache` writes the teacher's outputs over the run's exact batches
+into DIR, for training runs with `--config.teacher.cache=DIR` (deit_jax/teacher/cache/).
+`--config.mode=quickstart` and `clip_quickstart` run the offline
 experiments of configs/quickstart.py and configs/clip_quickstart.py.
 
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,

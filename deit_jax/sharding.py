@@ -50,6 +50,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """`tree` replicated over `mesh`: arrays put on every device; shapes (a plan's
+    `jax.ShapeDtypeStruct`s) given the replicated sharding instead."""
+    spec = replicated(mesh)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), tree)
+    return jax.device_put(tree, spec)
+
+
 def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes."""
     specs = nn.get_partition_spec(boxed_tree)

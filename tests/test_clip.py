@@ -29,9 +29,9 @@ from deit_jax.models import (  # noqa: E402
     pooled_features,
 )
 from deit_jax.teacher.clip.head import zero_shot_head  # noqa: E402
-from deit_jax.teacher.clip.tokenizer import load_tokenizer  # noqa: E402
 from deit_jax.weights import clip as clip_weights  # noqa: E402
 from deit_jax.weights import load  # noqa: E402
+from deit_jax.weights.tokenizer import load_tokenizer  # noqa: E402
 
 # --------------------------------------------------------------------------- parity
 

@@ -25,11 +25,11 @@ from safetensors.torch import save_file  # noqa: E402
 
 from deit_jax import convert  # noqa: E402
 from deit_jax.errors import CheckpointError  # noqa: E402
-from deit_jax.teacher.clip.tokenizer import load_tokenizer  # noqa: E402
 from deit_jax.weights import clip as clip_weights  # noqa: E402
 from deit_jax.weights import hf_clip, load  # noqa: E402
 from deit_jax.weights.directory import load_variables  # noqa: E402
 from deit_jax.weights.load import load_weights  # noqa: E402
+from deit_jax.weights.tokenizer import load_tokenizer  # noqa: E402
 
 NAME = "clip_vit_b32"
 SIZE = dict(

@@ -100,7 +100,7 @@ def student_config(pairs, tmp_path, teacher="", **changes):
 
 
 def tokenizer(length):
-    from deit_jax.teacher.clip.tokenizer import tokenizer_of
+    from deit_jax.weights.tokenizer import tokenizer_of
 
     return tokenizer_of(("open_clip", str(length)))
 
@@ -214,10 +214,11 @@ def test_the_held_out_metrics_are_the_definitions_on_the_saved_student(pairs, te
     """Recall, KL and zero-shot top-1 of the final eval, recomputed in NumPy from the student
     and teacher weights on disk and the held-out pairs."""
     from deit_jax.models import create_model
-    from deit_jax.teacher.clip.pairs import build_pair_teacher, tokenizer_specs
-    from deit_jax.teacher.clip.tokenizer import tokenizer_of
+    from deit_jax.teacher.clip.two_towers import build_pair_teacher
+    from deit_jax.train.clip_student import tokenizer_specs
     from deit_jax.train.loop import train_and_evaluate
     from deit_jax.weights.load import load_weights
+    from deit_jax.weights.tokenizer import tokenizer_of
 
     config = student_config(pairs, tmp_path, teacher)
     specs = tokenizer_specs(config)
@@ -292,7 +293,7 @@ def test_the_held_out_metrics_are_the_definitions_on_the_saved_student(pairs, te
         ({"data.repeated_aug": 3}, "data.repeated_aug"),
         ({"teacher.framework": "flax"}, "teacher.framework"),
         ({"teacher.cache": "/a,/b"}, "teacher.cache"),
-        ({"mode": "eval"}, "mode"),
+        ({"mode": "quickstart"}, "mode"),
         ({"data.eval_split": "validation"}, "data.eval_split"),
     ],
 )
@@ -344,3 +345,85 @@ def test_the_clip_quickstart_runs_as_a_newcomer_would(tmp_path):
     assert results["rows"]["clip_kl"]["mean_recall"]["mean"] >= 0
     assert os.path.isfile(workdir / "teacher" / "open_clip.safetensors")
     assert jax.tree.leaves(results["rows"])  # every stage reported
+
+
+@pytest.fixture(scope="module")
+def labelled_test_only(tmp_path_factory):
+    """A labelled folder holding only a `test` split (as ImageNet-A, -R and -Sketch hold one
+    split): 12 images of 8 px in three classes."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        folder = root / "test" / WORDS[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return str(root)
+
+
+def test_a_finished_clip_student_is_evaluated_by_one_command(
+    pairs, teacher, labelled_test_only, tmp_path
+):
+    """`--config.mode=eval` on a finished CLIP student run, as a real process with the shipped
+    config: the held-out recall and KL and the zero-shot top-1 on an extra set that has only a
+    `test` split (which stopped such a run before its first step), equal to the run's own final
+    evaluation, in results.csv."""
+    import csv
+    import functools
+
+    from _processes import cpu_env
+
+    from deit_jax.data import eval_sets
+    from deit_jax.train.loop import train_and_evaluate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a {}.\n")
+    extra = f"folder:{labelled_test_only}:test"
+    changes = {
+        "teacher.prompts": str(prompts),
+        "data.extra_eval": extra,
+        "num_epochs": 1.0,
+    }
+    config = student_config(pairs, tmp_path, teacher, **changes)
+    run = tmp_path / "run"
+    final = train_and_evaluate(config, str(run))  # stopped here before the mend
+    trained = read_jsonl(str(run / "metrics.jsonl"))[-1]
+    zero_shot = eval_sets.parse(extra)[0].prefix
+    assert f"{zero_shot}/top1" in trained, sorted(trained)
+    os.remove(run / "results.csv")
+
+    overrides = {
+        **{f"model.{k}": v for k, v in config.model.to_dict().items()},
+        **{k: functools.reduce(getattr, k.split("."), config) for k in (
+            "data.name", "data.data_dir", "data.train_split", "data.eval_split",
+            "data.img_size", "data.crop_pct", "teacher.checkpoint", "teacher.prompts",
+            "data.extra_eval", "distillation.tau", "eval_batch_size",
+        )},
+        "augment.mean": tuple(config.augment.mean),
+        "augment.std": tuple(config.augment.std),
+    }  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "deit_jax.main", "--config=configs/clip_quickstart.py",
+        f"--workdir={run}", "--config.mode=eval",
+        *(f"--config.{k}={v}" for k, v in overrides.items() if v is not None),
+    ]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        cmd, cwd=root, env=cpu_env(1), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"evaluation: image_to_text_r1 {100 * final['image_to_text_r1']:.2f}" in result.stdout
+    assert f"mean_recall {100 * final['mean_recall']:.2f}" in result.stdout
+    assert f"{zero_shot} evaluation: top1 {100 * trained[f'{zero_shot}/top1']:.2f}" in (
+        result.stdout
+    )
+    with open(run / "results.csv") as f:
+        rows = {r["set"]: r for r in csv.DictReader(f)}
+    held_out = rows[f"captions:{pairs}:train[16:]"]
+    assert float(held_out["mean_recall"]) == pytest.approx(100 * final["mean_recall"], abs=1e-3)
+    assert float(held_out["kl"]) == pytest.approx(final["kl"], rel=1e-5)
+    top1 = float(rows[f"{extra}"]["top1"])
+    assert top1 == pytest.approx(100 * trained[f"{zero_shot}/top1"], abs=1e-3)
+    assert rows[extra]["teacher_top1"] and rows[extra]["agreement"]

@@ -212,8 +212,8 @@ def test_the_head_is_the_text_towers_and_the_logits_are_the_formula(
 
     from deit_jax.models import create_model
     from deit_jax.teacher.clip.head import zero_shot_head
-    from deit_jax.teacher.clip.tokenizer import load_tokenizer
     from deit_jax.weights.load import load_weights
+    from deit_jax.weights.tokenizer import load_tokenizer
 
     workdir, _ = live_run
     head = np.load(os.path.join(workdir, "zero_shot_head", "head.npy"))

@@ -20,7 +20,7 @@ from timm.models.deit import VisionTransformerDistilled
 
 import deit_jax
 from deit_jax import convert, losses, main, train
-from deit_jax.train import loop, optim, steps
+from deit_jax.train import classifier, optim, steps
 from deit_jax.train import state as train_state
 from deit_jax.train.metrics import read_jsonl
 from deit_jax.weights.directory import load_variables
@@ -267,10 +267,10 @@ def test_distilled_deit3_step_with_bce_and_hard_distillation():
 
 def test_bce_ignores_label_smoothing_and_unknown_losses_are_refused(caplog):
     config = tiny_config(**{"loss": "bce"})  # the base config's label smoothing, 0.1
-    resolved = loop._bce_without_smoothing(config)
+    resolved = classifier.without_smoothing_for_bce(config)
     assert resolved.mixup.label_smoothing == 0.0 and config.mixup.label_smoothing == 0.1
     assert "ignores mixup.label_smoothing=0.1" in caplog.text
     ce = tiny_config()
-    assert loop._bce_without_smoothing(ce) is ce
+    assert classifier.without_smoothing_for_bce(ce) is ce
     with pytest.raises(ValueError, match="config.loss='focal': must be 'ce'"):
         train_state.check_config(tiny_config(**{"loss": "focal"}), None)

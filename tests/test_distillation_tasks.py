@@ -23,7 +23,7 @@ from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDisti
 
 from deit_jax import convert, losses
 from deit_jax.models import create_model, feature_width, pooled_features
-from deit_jax.teacher.feature import Projection, project
+from deit_jax.train.projection import Projection, project
 
 ATOL = 1e-6
 

@@ -12,8 +12,22 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# What `python -m deit_jax.main` does with a config (`config.mode`).
-MODES = ("train", "eval", "teacher_cache", "quickstart", "clip_quickstart")
+# What `python -m deit_jax.main` does with a config (`config.mode`), as the rules' messages say it.
+MODES = {
+    "train": "train, resuming from WORKDIR's checkpoints",
+    "eval": "evaluate WORKDIR's latest checkpoint or init_from",
+    "teacher_cache": "write the teacher's outputs over the run's batches",
+    "quickstart": "the experiment of configs/quickstart.py",
+    "clip_quickstart": "the experiment of configs/clip_quickstart.py",
+    "plan": "compile the run for plan.target on this host and say what it costs",
+}
+# Where a teacher comes from (`config.teacher.framework`).
+TEACHER_FLAX, TEACHER_TORCH, TEACHER_CLIP = "flax", "torch", "clip"
+TEACHER_FRAMEWORKS = {
+    TEACHER_FLAX: "a registry model",
+    TEACHER_TORCH: "a timm model, for the cache writer",
+    TEACHER_CLIP: "a CLIP model as a zero-shot classifier",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -24,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_seed = ml_collections.FieldReference(None, field_type=int)
     # train | eval | teacher_cache (deit_jax/teacher/cache/) | quickstart (the experiment of
     # configs/quickstart.py, deit_jax/experiments/quickstart.py) | clip_quickstart
-    # (configs/clip_quickstart.py, deit_jax/experiments/clip_quickstart.py)
+    # (configs/clip_quickstart.py, deit_jax/experiments/clip_quickstart.py) | plan (compile
+    # the run for `plan.target` and say what it costs, deit_jax/plan/)
     c.mode = "train"
 
     # Student: a registered model name plus `create_model` overrides (configs may add more keys
@@ -52,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     # clip: a CLIP model (`name` clip_vit_b32, ...; `checkpoint` a deit_jax weights directory from
     # python -m deit_jax.convert, a transformers CLIP directory or an open_clip / OpenAI file) as a
     # zero-shot classifier of `class_names` with `prompts` (deit_jax/teacher/clip/zero_shot.py).
-    c.teacher.framework = "flax"
+    c.teacher.framework = TEACHER_FLAX
     # The classes' names, for the CLIP teacher's prompts and a label-free data set's class count:
     # "" = the data set's own (tfds ClassLabel names, folder names; open_clip's curated names for
     # ImageNet's WordNet ids), "a,b,c" = these, or a file with one name per line.
@@ -184,6 +199,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.progress_bar = True
+
+    # mode=plan (deit_jax/plan/): the run's train and eval steps compiled for `target` on this
+    # host, without its devices, data or weights, and what the run would cost there.
+    c.plan = ml_collections.ConfigDict()
+    # tpu:<topology> (libtpu's names: tpu:v5e:2x2, tpu:v4:2x2x1, tpu:v5p:2x2x1, tpu:v6e:2x2) or
+    # gpu:<card>:<count> (gpu:h100:8, gpu:h200:8, gpu:a100:8; needs jax's CUDA plugin).
+    c.plan.target = "tpu:v5e:2x2"
+    # The train split's size, for the run's hours, where the data's metadata does not give it
+    # without its files (0: the data's).
+    c.plan.num_examples = 0
 
     c.lock()
     return c

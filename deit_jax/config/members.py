@@ -10,8 +10,11 @@ writer as a single teacher; a one-member ensemble *is* that single teacher.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import ml_collections
+
+from deit_jax.config.defaults import TEACHER_TORCH
 
 # The teacher keys a member may set; the cache keys stay the run's (a member's cache is written
 # by the ordinary writer, `deit_jax.teacher.cache.write`).
@@ -30,6 +33,25 @@ def member_weights(config: ml_collections.ConfigDict) -> list[float]:
     rules have checked they are non-negative numbers, not all 0."""
     weights = [float(config.teacher.members[n].get(WEIGHT, 1.0)) for n in member_names(config)]
     return [w / sum(weights) for w in weights]
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One teacher of an ensemble: its name, the config of a run it teaches alone, its weight
+    (normalised: the weights sum to 1)."""
+
+    name: str
+    config: ml_collections.ConfigDict
+    weight: float
+
+
+def members_of(config: ml_collections.ConfigDict) -> list[Member]:
+    """The ensemble's members in config order, each worked out once; [] for a single teacher."""
+    names = member_names(config)
+    return [
+        Member(n, member_config(config, n), w)
+        for n, w in zip(names, member_weights(config), strict=True)
+    ]
 
 
 def member_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -73,7 +95,7 @@ def members_problem(members: object, config: ml_collections.ConfigDict) -> str |
     if kind == "feature" and len(members) > 1:
         return "feature distillation takes one teacher: give one member, or kind='soft'/'hard'"
     live = mode != "teacher_cache" and not config.teacher.cache and kind != "none"
-    torch = [n for n, member in configs.items() if member.teacher.framework == "torch"]
+    torch = [n for n, member in configs.items() if member.teacher.framework == TEACHER_TORCH]
     if live and torch:
         return (
             f"member {torch[0]!r} is a PyTorch model, which teaches through its cache: write the "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -89,6 +89,21 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
 
 def one_of(*choices: Any) -> Callable[[Any, Context], bool]:
     return lambda v, c: v in choices
+
+
+def spoken(options: Mapping[str, str] | Sequence[Any]) -> str:
+    """Alternatives as a message says them: "'a' (what a is), 'b' (...) or 'c' (...)"."""
+    said = [
+        f"{k!r} ({options[k]})" if isinstance(options, Mapping) and options[k] else repr(k)
+        for k in options
+    ]
+    return said[0] if len(said) == 1 else ", ".join(said[:-1]) + " or " + said[-1]
+
+
+def choice(key: str, options: Mapping[str, str] | Sequence[Any], after: tuple = ()) -> Rule:
+    """`key` must be one of `options` (a table name -> what it is, or a sequence), the
+    message made from the same table."""
+    return Rule(key, one_of(*options), f"must be {spoken(options)}", after)
 
 
 def bounds(v: Any, c: Context) -> bool:

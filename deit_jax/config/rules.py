@@ -31,9 +31,9 @@ from typing import Any
 import ml_collections
 
 from deit_jax import losses
-from deit_jax.config import predicates, teacher_rules
+from deit_jax.config import predicates, tasks, teacher_rules
+from deit_jax.config.clip_student_rules import CLIP_STUDENT_RULES
 from deit_jax.config.defaults import MODES, base_config
-from deit_jax.config.pair_rules import PAIR_RULES
 from deit_jax.config.predicates import (
     LABEL_FREE,
     MISSING,
@@ -41,6 +41,7 @@ from deit_jax.config.predicates import (
     Context,
     Rule,
     bounds,
+    choice,
     error_of,
     existing_path,
     image_size,
@@ -53,6 +54,7 @@ from deit_jax.config.predicates import (
     parses,
     problem_rule,
     registered,
+    spoken,
     three,
 )
 from deit_jax.config.teacher_rules import TEACHER_RULES
@@ -185,6 +187,21 @@ def _missing_keys(section: str) -> Callable[[Context], str]:
     return message
 
 
+def _task(c: Context) -> tasks.Task:
+    return tasks.task_of(c.config)
+
+
+def _task_choice(c: Context, key: str, field: str, described: dict[str, str]) -> str:
+    """What `field` of the run's task allows for `key`, said from the table that describes each
+    value, and which task the value is for."""
+    task, value = _task(c), c.get(key)
+    said = f"must be {spoken({k: described[k] for k in getattr(task, field)})} for {task.what}"
+    for other in tasks.TASKS.values():
+        if value in getattr(other, field):
+            return f"{said}; {value!r} is for {other.what}"
+    return said
+
+
 def _label_free_split(v: Any, c: Context) -> bool:
     return not label_free(c) or (isinstance(v, str) and v.split("[", 1)[0].strip() == "train")
 
@@ -192,11 +209,7 @@ def _label_free_split(v: Any, c: Context) -> bool:
 # --------------------------------------------------------------------------- the rules
 
 RULES: tuple[Rule, ...] = (
-    Rule(
-        "mode",
-        one_of(*MODES),
-        "must be 'train', 'eval', 'teacher_cache', 'quickstart' or 'clip_quickstart'",
-    ),
+    choice("mode", MODES),
     *(
         Rule(
             "mode",
@@ -205,7 +218,7 @@ RULES: tuple[Rule, ...] = (
         )
         for mode in ("quickstart", "clip_quickstart")
     ),
-    Rule("loss", one_of(*losses.BASE_LOSSES), "must be 'ce' (soft-target cross-entropy) or 'bce'"),
+    choice("loss", losses.BASE_LOSSES),
     Rule("seed", lambda v, c: is_int(v), "must be an integer"),
     Rule("init_seed", lambda v, c: v is None or is_int(v), "must be an integer, or None: seed"),
     Rule("dtype", one_of("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
@@ -258,7 +271,18 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("init_from", existing_path, f"must be '' or an existing path: {WEIGHTS}"),
     *TEACHER_RULES,
-    *PAIR_RULES,
+    # What the run's task (deit_jax.config.tasks) runs in and trains with.
+    Rule(
+        "mode", lambda v, c: v in _task(c).modes, lambda c: _task_choice(c, "mode", "modes", MODES)
+    ),
+    Rule(
+        "distillation.kind",
+        lambda v, c: v in _task(c).distillation_kinds,
+        lambda c: _task_choice(
+            c, "distillation.kind", "distillation_kinds", losses.DISTILLATION_KINDS
+        ),
+        after=("data.name",),
+    ),
     # Data.
     Rule("data.name", lambda v, c: isinstance(v, str) and v != "", "must name a data set"),
     Rule(
@@ -368,6 +392,18 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# Each task's own rules, after the common table (deit_jax.config.tasks).
+TASK_RULES: dict[str, tuple[Rule, ...]] = {
+    tasks.CLASSIFIER: (),
+    tasks.CLIP_STUDENT: CLIP_STUDENT_RULES,
+}
+
+
+def rules_of(config: ml_collections.ConfigDict) -> tuple[Rule, ...]:
+    """The rules `config` must satisfy: the common table plus its task's own."""
+    return RULES + TASK_RULES[tasks.task_of(config).name]
+
+
 def problems(
     config: ml_collections.ConfigDict,
     *,
@@ -380,8 +416,9 @@ def problems(
     `teacher_from_run`: the command trains the teacher before the stages that distil from it
     (see `Context`)."""
     context = Context(config, num_devices, num_processes, teacher_from_run)
-    found = predicates.problems(RULES, context)
-    return teacher_rules.with_member_problems(found, RULES, context)
+    table = rules_of(config)
+    found = predicates.problems(table, context)
+    return teacher_rules.with_member_problems(found, table, context)
 
 
 def check_config(

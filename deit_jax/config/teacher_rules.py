@@ -13,11 +13,13 @@ from typing import Any
 
 from deit_jax import losses
 from deit_jax.config import members, predicates
+from deit_jax.config.defaults import TEACHER_CLIP, TEACHER_FRAMEWORKS, TEACHER_TORCH
 from deit_jax.config.predicates import (
     LABEL_FREE,
     WEIGHTS,
     Context,
     Rule,
+    choice,
     error_of,
     in_range,
     int_at_least,
@@ -48,7 +50,7 @@ def _reads_cache(c: Context) -> bool:
 def _teacherregistered(v: Any, c: Context) -> bool:
     # A PyTorch teacher is any timm name (checked by timm when the writer builds it).
     needed = c.distilling or c.get("mode") == "teacher_cache"
-    return not needed or c.get("teacher.framework") == "torch" or registered(v, c)
+    return not needed or c.get("teacher.framework") == TEACHER_TORCH or registered(v, c)
 
 
 def cache_paths(value: str) -> list[str]:
@@ -116,7 +118,7 @@ def _teacher_exists(v: Any, c: Context) -> bool:
 def _writes_torch_cache(c: Context) -> bool:
     # A PyTorch teacher runs in the cache writer only; runs that read its cache need neither it
     # nor PyTorch.
-    return c.get("teacher.framework") == "torch" and c.get("mode") == "teacher_cache"
+    return c.get("teacher.framework") == TEACHER_TORCH and c.get("mode") == "teacher_cache"
 
 
 def _torch_installed(v: Any, c: Context) -> bool:
@@ -127,18 +129,8 @@ def _torch_installed(v: Any, c: Context) -> bool:
 # --------------------------------------------------------------------------- the rules
 
 TEACHER_RULES: tuple[Rule, ...] = (
-    Rule(
-        "distillation.kind",
-        one_of(*losses.DISTILLATION_KINDS),
-        "must be 'none', 'soft', 'hard' (logit KD, any student), 'feature' or 'in_batch' (a "
-        "CLIP student's image-text logits)",
-    ),
-    Rule(
-        "distillation.kl_reduction",
-        one_of(*losses.KL_REDUCTIONS),
-        "must be 'numel' (summed KL / (batch x classes), the DeiT reference) or 'batchmean' "
-        "(summed KL / batch, Hinton and timm's tasks)",
-    ),
+    choice("distillation.kind", losses.DISTILLATION_KINDS),
+    choice("distillation.kl_reduction", losses.KL_REDUCTIONS),
     Rule(
         "distillation.alpha", in_range(0, 1), "must be in [0, 1] (the distillation loss's weight)"
     ),
@@ -158,17 +150,8 @@ TEACHER_RULES: tuple[Rule, ...] = (
         "--config.distillation.alpha=1.0",
         after=("data.name",),
     ),
-    Rule(
-        "distillation.feature_loss",
-        one_of(*losses.FEATURE_LOSSES),
-        "must be 'mse' (timm's FeatureDistillationTask) or 'cosine' (1 - cosine similarity)",
-    ),
-    Rule(
-        "teacher.framework",
-        one_of("flax", "torch", "clip"),
-        "must be 'flax' (a registry model), 'torch' (a timm model, for the cache writer) or "
-        "'clip' (a CLIP model as a zero-shot classifier)",
-    ),
+    choice("distillation.feature_loss", losses.FEATURE_LOSSES),
+    choice("teacher.framework", TEACHER_FRAMEWORKS),
     Rule(
         "teacher.framework",
         _torch_installed,
@@ -178,7 +161,10 @@ TEACHER_RULES: tuple[Rule, ...] = (
     Rule(
         "teacher.framework",
         lambda v, c: (
-            v != "torch" or not c.distilling or c.get("mode") == "teacher_cache" or _reads_cache(c)
+            v != TEACHER_TORCH
+            or not c.distilling
+            or c.get("mode") == "teacher_cache"
+            or _reads_cache(c)
         ),
         "PyTorch teachers run in the cache writer only: write a cache with "
         "--config.mode=teacher_cache, then train with --config.teacher.cache=DIR",
@@ -192,7 +178,7 @@ TEACHER_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "teacher.name",
-        lambda v, c: c.get("teacher.framework") != "clip" or v in list_models("clip_*"),
+        lambda v, c: c.get("teacher.framework") != TEACHER_CLIP or v in list_models("clip_*"),
         lambda c: (
             f"must be a CLIP model for teacher.framework='clip': {', '.join(list_models('clip_*'))}"
         ),

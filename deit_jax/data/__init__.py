@@ -16,12 +16,14 @@ __all__ = [
     "build_extra_evals",
     "build_train",
     "dataset_info",
+    "planned_info",
 ]
 __getattr__ = lazy_names(
     "deit_jax.data",
     {
         "DatasetInfo": "feeder",
         "dataset_info": "feeder",
+        "planned_info": "feeder",
         "TrainIterator": "pipeline",
         "build_train": "pipeline",
         "EvalIterable": "eval_pipeline",

@@ -92,6 +92,34 @@ def get_source(data: ml_collections.ConfigDict) -> Source:
     )
 
 
+def known_without_files(data: ml_collections.ConfigDict) -> tuple[int | None, int | None]:
+    """`(classes, train examples)` of `config.data` as far as they are known without reading a
+    file of the data (a plan): the offline digits' own, a tfds data set's from its builder's
+    code and whatever metadata tfds ships (ImageNet's class count; its split sizes only once
+    prepared); None where they are not (folders; a tfds split of unknown size)."""
+    name = data.name
+    if name.startswith("folder:") or labels.is_label_free(name) or labels.is_caption_data(name):
+        return None, None
+    builder = Digits if name == "digits" else None
+    try:
+        builder = (builder or tfds.builder_cls(name))(data_dir=data.data_dir or None)
+    except (tfds.core.registered.DatasetNotFoundError, OSError, ValueError):
+        return None, None
+    features = builder.info.features
+    label = features["label"] if features and "label" in features else None
+    classes = getattr(label, "num_classes", None)
+    split = data.train_split.split("[", 1)[0]
+    splits = builder.info.splits
+    if split in splits:
+        return classes, splits[data.train_split].num_examples or None
+    whole = SPLIT_SIZES.get((builder.name, split))
+    return classes, whole if whole and split == data.train_split else None
+
+
+# Split sizes tfds knows only once a data set is prepared (its catalog page gives them).
+SPLIT_SIZES = {("imagenet2012", "train"): 1_281_167, ("imagenet2012", "validation"): 50_000}
+
+
 def _prepared(builder: tfds.core.DatasetBuilder, **kwargs) -> tfds.core.DatasetBuilder:
     """`builder`, prepared first if needed; safe when several processes call it at once."""
     if builder.is_prepared():

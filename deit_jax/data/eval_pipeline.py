@@ -136,6 +136,9 @@ def build_extra_evals(
     out = []
     for eval_set in eval_sets.parse(config.data.extra_eval):
         cfg = copy.deepcopy(config)
+        # Only evaluated: nothing looks at a train split, which the set need not have (a
+        # folder with only test/, ImageNet-A's one split) (`dataset_info`).
+        cfg.mode = "eval"
         cfg.data.name = eval_set.name
         source = source_of(cfg.data)
         cfg.data.eval_split = eval_sets.resolve_split(

@@ -56,6 +56,35 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     )
 
 
+def planned_info(config: ml_collections.ConfigDict, num_train: int = 0) -> DatasetInfo:
+    """What a plan knows of `config.data` without reading a file of it (`mode=plan`): the class
+    count (`model.num_classes`, else the data set's own where its name tells it,
+    `catalog.known_without_files`; the teacher's class names for label-free data; none for
+    image-caption pairs) and the train split's size (`num_train`, else the data set's where
+    known, else None). Raises a DataError naming the key to set when the classes are unknown."""
+    name = config.data.name
+    size = augment.height_width(config.data.img_size)
+    known_classes, known_train = catalog.known_without_files(config.data)
+    classes = config.model.get("num_classes")
+    if labels.is_caption_data(name):
+        classes = 0
+    elif labels.is_label_free(name):
+        classes = len(labels.parse_class_names(config.teacher.class_names))
+    classes = known_classes if classes is None else classes
+    if classes is None:
+        raise DataError(
+            f"A plan of {name!r} does not read the data: give its class count with "
+            "--config.model.num_classes=N."
+        )
+    return DatasetInfo(
+        num_classes=classes,
+        num_train=num_train or known_train,
+        num_eval=0,
+        image_shape=(*size, 3),
+        labelled=not (labels.is_label_free(name) or labels.is_caption_data(name)),
+    )
+
+
 def num_classes(config: ml_collections.ConfigDict, source: sources.Source) -> int:
     """The data's class count; for label-free data, that of `config.teacher.class_names`; none
     for image-caption pairs (a CLIP student has no classes)."""

@@ -38,6 +38,12 @@ from deit_jax.models.registry import register_model
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_SCALE = 100.0  # open_clip clamps logit_scale at ln(100) in training
+
+
+def clip_scale(logit_scale: jax.Array) -> jax.Array:
+    """A CLIP's logit multiplier from its (log) `logit_scale`, clamped at 100."""
+    return jnp.minimum(jnp.exp(logit_scale.astype(jnp.float32)), MAX_SCALE)
 
 
 def _normal(std: float, axes: tuple[str | None, ...]) -> Callable[..., jax.Array]:
@@ -269,7 +275,7 @@ class TextTransformer(nn.Module):
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ValueError(
                 f"Expected token ids of shape (batch, {self.context_length}), got "
-                f"{tuple(ids.shape)}; tokenize with deit_jax.teacher.clip.tokenizer.load_tokenizer."
+                f"{tuple(ids.shape)}; tokenize with deit_jax.weights.tokenizer.load_tokenizer."
             )
         d = self.width
         table = self.param(

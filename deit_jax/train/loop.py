@@ -11,7 +11,6 @@ command again after a crash or a preemption continues where it stopped.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import signal
@@ -45,24 +44,6 @@ class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
 
-def _bce_without_smoothing(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """With `loss="bce"`, a copy of `config` without label smoothing (DeiT III's recipe).
-
-    The BCE binarises the mixed targets (`targets > 0`); smoothed targets are positive
-    everywhere, so smoothing would make every class a positive. The reference recipe sets it to
-    0; this ignores any other value, with a warning.
-    """
-    if config.loss != "bce" or not config.mixup.label_smoothing:
-        return config
-    log.warning(
-        "loss=bce ignores mixup.label_smoothing=%s (binarised targets): training with 0.",
-        config.mixup.label_smoothing,
-    )
-    config = copy.deepcopy(config)
-    config.mixup.label_smoothing = 0.0
-    return config
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> dict[str, float]:
@@ -73,7 +54,6 @@ def train_and_evaluate(
     `devices` (default: all) are the devices the mesh is built over.
     """
     check_config(config, devices)
-    config = _bce_without_smoothing(config)
     workdir = os.path.abspath(workdir)
     mesh = sharding.create_mesh(config.mesh, devices)
     task = build_task(config, workdir, mesh)
@@ -173,9 +153,10 @@ def train_and_evaluate(
                     for prefix, values in extra.items():
                         writer.write(step, {f"{prefix}/{k}": v for k, v in values.items()})
                     if jax.process_index() == 0:  # tqdm.write prints even when disabled
-                        progress.write(format_eval(step, eval_metrics))
+                        progress.write(format_eval(step, eval_metrics, task.shown))
                         for prefix, values in extra.items():
-                            progress.write(format_eval(step, values).replace("eval", prefix, 1))
+                            line = format_eval(step, values, task.shown)
+                            progress.write(line.replace("eval", prefix, 1))
                 if evaluated or checkpointer.should_save(step) or stop["signal"]:
                     _check_finite(state, step)
                     checkpointer.save(

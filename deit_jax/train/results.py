@@ -1,7 +1,7 @@
 """A run's results table: `results.csv` and `results.md` in the workdir, one row an eval set.
 
-Written at the end of training and by `--config.mode=eval`. The columns are those of timm's
-results files (`results/results-imagenet*.csv`: model, top1, top1_err, top5, top5_err,
+Written at the end of training and by `--config.mode=eval`. A classifier's columns are those of
+timm's results files (`results/results-imagenet*.csv`: model, top1, top1_err, top5, top5_err,
 param_count in millions, img_size, crop_pct, interpolation), so a row compares with timm's row of
 the same model, plus the set, the number of classes scored (200 on ImageNet-A and -R,
 deit_jax/data/class_subsets.py) and, where the run has a teacher, its top-1 and the agreement.
@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from deit_jax.teacher.feature import student_params
+from deit_jax.train.projection import student_params
 
 COLUMNS = (
     "set",
@@ -34,7 +34,7 @@ COLUMNS = (
 TEACHER_COLUMNS = ("teacher_top1", "agreement")
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.3f}"
 
 
@@ -53,10 +53,10 @@ def rows(
         row = {
             "set": name,
             "model": config.model_name,
-            "top1": _percent(top1),
-            "top1_err": _percent(None if top1 is None else 1 - top1),
-            "top5": _percent(top5),
-            "top5_err": _percent(None if top5 is None else 1 - top5),
+            "top1": percent(top1),
+            "top1_err": percent(None if top1 is None else 1 - top1),
+            "top5": percent(top5),
+            "top5_err": percent(None if top5 is None else 1 - top5),
             "param_count": f"{param_count / 1e6:.2f}",
             "img_size": str(size) if isinstance(size, int) else "x".join(map(str, size)),
             "crop_pct": f"{config.data.crop_pct:.3f}",
@@ -64,15 +64,19 @@ def rows(
             "classes": str(int(metrics.get("scored_classes", num_classes))),
         }
         if "agreement" in metrics:
-            row["teacher_top1"] = _percent(metrics.get("teacher_top1"))
-            row["agreement"] = _percent(metrics["agreement"])
+            row["teacher_top1"] = percent(metrics.get("teacher_top1"))
+            row["agreement"] = percent(metrics["agreement"])
         out.append(row)
     return out
 
 
-def write_results(workdir: str, table: list[dict[str, str]]) -> None:
-    """`results.csv` and `results.md` of `table` (rows from `rows`) in `workdir`."""
-    columns = list(COLUMNS) + [c for c in TEACHER_COLUMNS if any(c in r for r in table)]
+def write_results(
+    workdir: str, table: list[dict[str, str]], columns: tuple[str, ...] | None = None
+) -> None:
+    """`results.csv` and `results.md` of `table` in `workdir`: a row a set, in `columns` (by
+    default a classifier's: timm's, from `rows`, and the teacher's where the rows have them)."""
+    if columns is None:
+        columns = (*COLUMNS, *(c for c in TEACHER_COLUMNS if any(c in r for r in table)))
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()

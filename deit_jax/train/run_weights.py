@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from deit_jax import data
-from deit_jax.teacher.feature import student_params
+from deit_jax.train.projection import student_params
 from deit_jax.train.state import TrainState, student_overrides
 from deit_jax.weights.directory import save_variables
 

@@ -20,10 +20,9 @@ from deit_jax import sharding
 from deit_jax.config import rules
 from deit_jax.errors import CheckpointError, ConfigError
 from deit_jax.jit import jit
-from deit_jax.models import create_model, feature_width, input_size, model_options
+from deit_jax.models import create_model, input_size, model_options
 from deit_jax.models.registry import given_options
-from deit_jax.teacher.cache import store as cache_store
-from deit_jax.teacher.feature import PROJECTION, Projection, build_projection
+from deit_jax.train.projection import PROJECTION, Projection
 from deit_jax.weights import surgery
 
 log = logging.getLogger(__name__)
@@ -33,16 +32,6 @@ def check_config(config: ml_collections.ConfigDict, devices: list[jax.Device] | 
     """The whole config, before any data set, model or compilation (`deit_jax.config.rules`)."""
     num_devices = jax.device_count() if devices is None else len(devices)
     rules.check_config(config, num_devices=num_devices, num_processes=jax.process_count())
-
-
-def projection_for(config, model, teacher) -> Projection | None:
-    """Feature distillation's projection of the student's features to the teacher's width: the
-    width of the embeddings in `config.teacher.cache`, else the live teacher's."""
-    if config.distillation.kind != "feature":
-        return None
-    if config.teacher.cache:
-        return build_projection(model, cache_store.embedding_dim(config.teacher.cache))
-    return build_projection(model, feature_width(teacher))
 
 
 @flax.struct.dataclass

@@ -28,9 +28,9 @@ from deit_jax import losses
 from deit_jax.data.labels import is_label_free
 from deit_jax.models import pooled_features
 from deit_jax.teacher.cache.targets import cached_teacher_logits
-from deit_jax.teacher.feature import Projection, project, student_params
 from deit_jax.teacher.forward import teacher_features, teacher_logits
 from deit_jax.train import optim
+from deit_jax.train.projection import Projection, project, student_params
 from deit_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]

@@ -1,43 +1,43 @@
-"""What a training run learns, beside the loop that trains it (`deit_jax.train.loop`).
+"""What a run learns, beside the loop that trains it (`deit_jax.train.loop`) and the job that
+evaluates it (`deit_jax.train.evaluation`): one factory, `build_task`, for every consumer.
 
-A task builds a run's data, student, teacher and steps, evaluates it and writes its results;
-the loop (mesh, optimiser, checkpoints, resume, logging, preemption) is the same for all:
+Which task a run is, is decided once, on the config floor (`deit_jax.config.tasks.task_of`);
+here each task name gets the class that builds the run's data, student, teacher and steps,
+evaluates it and writes its results. The loop (mesh, optimiser, checkpoints, resume, logging,
+preemption) and the eval job are the same for all:
 
-- `ClassificationTask`: a classifier (DeiT, ...) on labelled or label-free images, with or
-  without a teacher (logits, features, a teacher cache);
-- `deit_jax.train.pairs.PairTask`: a CLIP student on image-caption pairs (`captions:` data).
+- `classifier`: `deit_jax.train.classifier.ClassifierTask`;
+- `clip_student`: `deit_jax.train.clip_student.ClipStudentTask`.
+
+Adding a task: docs/training.md#adding-a-task.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Protocol
 
-import jax
 import ml_collections
 import optax
 
-from deit_jax import data, sharding
-from deit_jax.data.labels import is_caption_data
-from deit_jax.teacher.build import build_teacher
-from deit_jax.teacher.cache.mix import open_reader
-from deit_jax.train import steps
-from deit_jax.train.evaluation import EvalSteps, best_metric, eval_extra, eval_loop
-from deit_jax.train.results import write_run_results
-from deit_jax.train.run_weights import save_run_weights
-from deit_jax.train.state import TrainState, build_student, projection_for
+from deit_jax import data
+from deit_jax.config import tasks
+from deit_jax.train.classifier import ClassifierTask
+from deit_jax.train.clip_student import ClipStudentTask
 
-log = logging.getLogger(__name__)
 Metrics = dict[str, float]
 
 
 class Task(Protocol):
-    train_data: data.TrainIterator
+    """What the loop, the eval job and the plan ask of a task. Built for evaluation or a plan it
+    has no `train_data`; for a plan its variables are shapes and it has no eval data."""
+
+    train_data: data.TrainIterator | None
     model: Any
     teacher: Any
     teacher_variables: Any  # replicated over the mesh
     projection: Any  # feature distillation's, else None
     best: str | None  # the eval metric that ranks checkpoints (higher is better)
+    shown: tuple[str, ...]  # the metrics an eval line shows in percent (substrings of names)
 
     def start(self, start_step: int, total_steps: int) -> None:
         """Before the first step (of this process's run): checks and attachments."""
@@ -45,69 +45,33 @@ class Task(Protocol):
     def train_step(self, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Any:
         """The pure train step, `(state, teacher_variables, batch) -> (state, metrics)`."""
 
-    def evaluate(self, state: TrainState) -> tuple[Metrics, dict[str, Metrics]]:
-        """The main eval set's metrics and each extra set's, by prefix."""
+    def batch_shapes(self, batch: int) -> dict[str, Any]:
+        """A global train batch of `batch` examples as `jax.ShapeDtypeStruct`s (a plan)."""
 
-    def finish(self, workdir: str, state: TrainState, final: Metrics, extra: dict) -> None:
+    def planned_eval(self, state: Any, batch: int) -> tuple[Any, tuple]:
+        """The main eval step (jitted) and its arguments as shapes, for a batch of `batch`."""
+
+    def evaluate(self, state: Any) -> tuple[Metrics, dict[str, Metrics]]:
+        """The main eval set's metrics and each extra set's, by prefix. `state`: a train state,
+        or any object with its `params`, `model_state` and `ema_params`."""
+
+    def write_results(self, workdir: str, params: Any, final: Metrics, extra: dict) -> None:
+        """The results table of the final metrics (`results.csv`, ...) in `workdir`."""
+
+    def finish(self, workdir: str, state: Any, final: Metrics, extra: dict) -> None:
         """The finished run's weights and results table."""
 
 
-def build_task(config: ml_collections.ConfigDict, workdir: str, mesh) -> Task:
-    """The task `config` names: image-caption data trains a CLIP student, any other a
-    classifier."""
-    if is_caption_data(config.data.name):
-        from deit_jax.train.pairs import PairTask  # its module imports the CLIP tokenizers
-
-        return PairTask(config, workdir, mesh)
-    return ClassificationTask(config, workdir, mesh)
+TASKS: dict[str, type] = {
+    tasks.CLASSIFIER: ClassifierTask,
+    tasks.CLIP_STUDENT: ClipStudentTask,
+}
 
 
-class ClassificationTask:
-    """A classifier, its teacher (live or cached) and its eval sets (see the module doc)."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
-        self.config = config
-        self.info = info = data.dataset_info(config)
-        self.train_data = data.build_train(config, mesh, data_axes=sharding.DATA_AXES)
-        # Before a model is built or a weight read: a cache of another stream is refused now.
-        self.reader = open_reader(config, self.train_data)
-        self.model = build_student(config, info.num_classes)
-        self.teacher, teacher_variables = build_teacher(config, info.num_classes, workdir)
-        self.teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
-        self.projection = projection_for(config, self.model, self.teacher)
-        self.eval_data = data.build_eval(config, mesh, data_axes=sharding.DATA_AXES)
-        self.extra_evals = data.build_extra_evals(
-            config, mesh, sharding.DATA_AXES, num_classes=info.num_classes
-        )
-        self.best = best_metric(info, self.teacher)
-        self.eval_steps = EvalSteps(config, self.model, self.teacher, info)
-
-    def start(self, start_step: int, total_steps: int) -> None:
-        if self.reader is None:
-            return
-        self.reader.check_coverage(start_step, total_steps)
-        self.train_data.extras = self.reader
-        log.info("Teacher outputs from the cache %s", self.reader)
-        if self.teacher is None:
-            log.info(
-                "Evaluation skips teacher accuracy and agreement: no teacher checkpoint "
-                "(set --config.teacher.checkpoint as well to report them)."
-            )
-
-    def train_step(self, tx, schedule):
-        return steps.make_train_step(
-            self.model, tx, schedule, self.config, self.teacher, self.projection
-        )
-
-    def evaluate(self, state: TrainState) -> tuple[Metrics, dict[str, Metrics]]:
-        args = state.params, state.model_state, state.ema_params, self.teacher_variables
-        metrics = eval_loop(self.eval_steps, self.eval_data, args)
-        return metrics, eval_extra(self.extra_evals, self.eval_steps, args)
-
-    def finish(self, workdir: str, state: TrainState, final: Metrics, extra: dict) -> None:
-        save_run_weights(workdir, self.config, state, self.info)
-        if jax.process_index() == 0:
-            write_run_results(
-                workdir, self.config, state.params, self.info.num_classes,
-                (self.eval_data, final), self.extra_evals, extra,
-            )  # fmt: skip
+def build_task(
+    config: ml_collections.ConfigDict, workdir: str, mesh, *, purpose: str = tasks.TRAIN
+) -> Task:
+    """The task `config` names (`deit_jax.config.tasks.task_of`), built on `mesh` for
+    `purpose`: `tasks.TRAIN`, `tasks.EVAL` (no training stream) or `tasks.PLAN` (shapes only, no
+    file read); `workdir` keeps what its teacher saves (a CLIP teacher's zero-shot head)."""
+    return TASKS[tasks.task_of(config).name](config, workdir, mesh, purpose=purpose)

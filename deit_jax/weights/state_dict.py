@@ -113,11 +113,17 @@ def init_variables(model: nn.Module, rng: jax.Array) -> dict[str, Any]:
     return nn.meta.unbox(model.init(rng, images))
 
 
-def template(model: nn.Module) -> dict[Path, jax.ShapeDtypeStruct]:
-    """Every variable of `model` by flat Flax path (collection first), as shapes only."""
+def abstract_variables(model: nn.Module) -> dict[str, Any]:
+    """`model`'s variables as shapes only (`jax.ShapeDtypeStruct`s): what a plan compiles a
+    step with, without a weight read or allocated."""
     shapes = dict(jax.eval_shape(lambda: init_variables(model, jax.random.key(0))))
     shapes.pop("intermediates", None)
-    return traverse_util.flatten_dict(shapes)
+    return shapes
+
+
+def template(model: nn.Module) -> dict[Path, jax.ShapeDtypeStruct]:
+    """Every variable of `model` by flat Flax path (collection first), as shapes only."""
+    return traverse_util.flatten_dict(abstract_variables(model))
 
 
 def mismatch_error(

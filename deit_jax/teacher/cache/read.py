@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from deit_jax import data
+from deit_jax.config import teacher_rules
+from deit_jax.config.defaults import TEACHER_CLIP
 from deit_jax.teacher.cache import store
 from deit_jax.teacher.cache.store import CacheError, CacheStore, Layout
 from deit_jax.teacher.cache.targets import required_topk
@@ -47,7 +51,7 @@ class CacheReader:
             )
         self.layout = Layout(**manifest["layout"])
         self.teacher = manifest["teacher"]
-        if config.teacher.framework == "clip" and "teacher.templates_sha256" in self.teacher:
+        if config.teacher.framework == TEACHER_CLIP and "teacher.templates_sha256" in self.teacher:
             problems = store.differences(
                 {k: v for k, v in self.teacher.items() if k in store.ZERO_SHOT_KEYS},
                 {
@@ -151,6 +155,28 @@ class CacheReader:
                 f"share {share}) of {self.path!r} is corrupt or truncated: {e}. Delete {files} "
                 f"and rewrite the missing chunk: {store.writer_command(self.path)}"
             ) from None
+
+
+def cached_shapes(
+    config: ml_collections.ConfigDict, batch: int, num_classes: int, embedding_dim: int
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """What a batch of `batch` rows from the run's teacher cache carries, as shapes (a plan
+    reads no cache): what `CacheReader` returns (`MixedCacheReader`: every class, in order)."""
+    kind, f32 = config.distillation.kind, jnp.float32
+    if kind == "in_batch":
+        return {
+            "teacher_image_embedding": jax.ShapeDtypeStruct((batch, embedding_dim), f32),
+            "teacher_text_embedding": jax.ShapeDtypeStruct((batch, embedding_dim), f32),
+            "teacher_scale": jax.ShapeDtypeStruct((batch,), f32),
+        }
+    if kind == "feature":
+        return {"teacher_embedding": jax.ShapeDtypeStruct((batch, embedding_dim), f32)}
+    mixed = len(teacher_rules.cache_paths(config.teacher.cache)) > 1
+    k = num_classes if mixed else int(config.teacher.cache_topk)
+    return {
+        "teacher_logp": jax.ShapeDtypeStruct((batch, k), f32),
+        "teacher_index": jax.ShapeDtypeStruct((batch, k), jnp.int32),
+    }
 
 
 def _ranges(steps: list[int]) -> list[tuple[int, int]]:

@@ -17,7 +17,8 @@ import tensorstore as ts
 
 import deit_jax
 from deit_jax import data
-from deit_jax.data import labels
+from deit_jax.config import tasks
+from deit_jax.config.defaults import TEACHER_CLIP
 from deit_jax.errors import UserError
 from deit_jax.teacher.clip import zero_shot
 from deit_jax.weights.directory import weights_hash
@@ -27,7 +28,7 @@ FORMAT = "deit_jax.teacher_cache/1"
 ARRAYS = ("values", "indices")
 EMBEDDINGS = "embeddings"  # the optional third array (`teacher.cache_embeddings`)
 # A CLIP teacher's caption embeddings: with `embeddings` (its image embeddings), what a cache
-# of image-caption pairs stores instead of the top-k (deit_jax.train.pairs).
+# of image-caption pairs stores instead of the top-k (deit_jax.train.clip_student).
 TEXT_EMBEDDINGS = "text_embeddings"
 TEACHER_SCALE = "teacher_scale"  # a pair cache's manifest: the teacher's logit multiplier
 
@@ -106,7 +107,7 @@ def layout_for(
     whose cache holds the teacher's image and caption embeddings and no top-k."""
     spe = train_data.steps_per_epoch
     total = max(1, int(round(config.num_epochs * spe)))
-    pairs = train_data.source.captioned
+    pairs = tasks.task_of(config).cache == tasks.PAIR_EMBEDDINGS
     topk = 0 if pairs else int(config.teacher.cache_topk)
     embeddings = pairs or bool(config.teacher.cache_embeddings)
     num_classes = train_data.num_classes
@@ -171,8 +172,8 @@ ZERO_SHOT_KEYS = (
 def teacher_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t = config.teacher
     head = {}
-    pairs = labels.is_caption_data(config.data.name)  # both towers: no zero-shot head
-    if t.framework == "clip" and not pairs:  # the head: class names and templates
+    pairs = tasks.task_of(config).cache == tasks.PAIR_EMBEDDINGS  # both towers: no head
+    if t.framework == TEACHER_CLIP and not pairs:  # the head: class names and templates
         head = zero_shot.zero_shot_fingerprint(config)
     if t.cache_embeddings or pairs:  # absent otherwise: older caches stay valid
         head["teacher.cache_embedding_dtype"] = t.cache_embedding_dtype

@@ -18,15 +18,16 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from deit_jax import data, sharding
-from deit_jax.config import members, rules, teacher_rules
-from deit_jax.data import labels
+from deit_jax.config import members, rules, tasks, teacher_rules
+from deit_jax.config.defaults import TEACHER_TORCH
 from deit_jax.jit import jit
 from deit_jax.models import feature_width
+from deit_jax.models.clip import clip_scale
 from deit_jax.teacher import build, forward, torch_teacher
 from deit_jax.teacher.cache import store
 from deit_jax.teacher.cache.store import CacheError, CacheStore, Layout
-from deit_jax.teacher.clip import pairs
-from deit_jax.teacher.clip.tokenizer import load_tokenizer
+from deit_jax.teacher.clip import two_towers
+from deit_jax.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +88,36 @@ def _flax_teacher_fn(
     return run, feature_width(teacher) if embeddings else 0
 
 
-def _teacher_fn(config, num_classes, mesh, topk, workdir) -> tuple[TeacherFn, int]:
-    """The teacher as `fn(batch) -> (values, indices[, embeddings])` of this process's rows, and
-    its embedding width (0 when the cache stores none)."""
-    if config.teacher.framework == "torch":
+def _topk_teacher_fn(config, num_classes, mesh, topk, workdir) -> tuple[TeacherFn, int, dict]:
+    """A classifier's teacher as `fn(batch) -> (values, indices[, embeddings])` of this
+    process's rows, its embedding width (0 when the cache stores none), no manifest entry."""
+    if config.teacher.framework == TEACHER_TORCH:
         teacher = torch_teacher.TorchTeacher(config, num_classes)
         embeddings = bool(config.teacher.cache_embeddings)
         fn = lambda batch: teacher.topk_outputs(_local_rows(batch["image"]), topk, embeddings)  # noqa: E731
-        return fn, teacher.embedding_dim if embeddings else 0
-    return _flax_teacher_fn(config, num_classes, mesh, topk, workdir)
+        return fn, teacher.embedding_dim if embeddings else 0, {}
+    return (*_flax_teacher_fn(config, num_classes, mesh, topk, workdir), {})
 
 
-def _pair_teacher_fn(config, mesh) -> tuple[TeacherFn, int, float]:
-    """A CLIP teacher of image-caption pairs as `fn(batch) -> (image, caption embeddings)` of
-    this process's rows, its embedding width and its logit scale (clamped, float32)."""
-    teacher, variables = pairs.build_pair_teacher(config)
+def _pair_teacher_fn(config, num_classes, mesh, topk, workdir) -> tuple[TeacherFn, int, dict]:
+    """A CLIP student's CLIP teacher as `fn(batch) -> (image, caption embeddings)` of this
+    process's rows, its embedding width, and its logit scale (clamped, float32) for the
+    manifest: what rebuilds its in-batch logits from the embeddings."""
+    del num_classes, topk, workdir  # no classes: nothing of the teacher's is kept besides
+    teacher, variables = two_towers.build_pair_teacher(config)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     embed = jit(lambda v, images, ids: teacher.apply(v, images, ids))
-    scale = float(jax.device_get(pairs.clip_scale(variables["params"]["clip"]["logit_scale"])))
+    scale = float(jax.device_get(clip_scale(variables["params"]["clip"]["logit_scale"])))
 
     def run(batch):
         image, text, _ = embed(variables, batch["image"], batch["text"])
         return _local_rows(image), _local_rows(text)
 
-    return run, teacher.clip.embed_dim, scale
+    return run, teacher.clip.embed_dim, {store.TEACHER_SCALE: scale}
+
+
+# The teacher that fills a task's cache, by what the cache holds (deit_jax.config.tasks).
+_TEACHER_FNS = {tasks.TOPK: _topk_teacher_fn, tasks.PAIR_EMBEDDINGS: _pair_teacher_fn}
 
 
 def _runs(units: list[tuple[int, int]], layout: Layout) -> Iterator[list[tuple[int, int]]]:
@@ -145,13 +152,13 @@ def write_cache(
         num_devices=len(devices) if devices else jax.device_count(),
         num_processes=jax.process_count(),
     )
-    names = members.member_names(config)
-    if names:
-        return _write_member_caches(config, workdir, devices, names)
+    ensemble = members.members_of(config)
+    if ensemble:
+        return _write_member_caches(config, workdir, devices, ensemble)
     mesh = sharding.create_mesh(config.mesh, devices)
-    captioned = labels.is_caption_data(config.data.name)
-    # Image-caption pairs: the captions in the teacher's own tokens (its only tokenizer here).
-    tokenizers = {"text": load_tokenizer(config.teacher.checkpoint)} if captioned else None
+    task = tasks.task_of(config)
+    # Captions in the teacher's own tokens (its only tokenizer here).
+    tokenizers = {"text": load_tokenizer(config.teacher.checkpoint)} if task.captions else None
     train_data = data.build_train(config, mesh, sharding.DATA_AXES, tokenizers=tokenizers)
     layout = store.layout_for(config, train_data)
     epochs = _epoch_range(config.teacher.cache_epochs, layout)
@@ -164,16 +171,11 @@ def write_cache(
     _refuse_another_config(
         workdir, stored, manifest, skip=(*store.ZERO_SHOT_KEYS, *EMBEDDING_LAYOUT_KEYS)
     )
-    if captioned:
-        teacher, embedding_dim, scale = _pair_teacher_fn(config, mesh)
-    else:
-        teacher, embedding_dim = _teacher_fn(
-            config, train_data.num_classes, mesh, layout.topk, workdir
-        )
+    teacher, embedding_dim, entries = _TEACHER_FNS[task.cache](
+        config, train_data.num_classes, mesh, layout.topk, workdir
+    )
     layout = store.layout_for(config, train_data, embedding_dim)
-    manifest = store.manifest(config, train_data, layout)
-    if captioned:  # what rebuilds the teacher's in-batch logits from its embeddings
-        manifest[store.TEACHER_SCALE] = scale
+    manifest = store.manifest(config, train_data, layout) | entries
     _refuse_another_config(workdir, stored, manifest)
     if stored is None and jax.process_index() == 0:
         cache.write_manifest(manifest)
@@ -270,19 +272,19 @@ def _refuse_another_config(
         )
 
 
-def _write_member_caches(config, workdir, devices, names) -> dict[str, Any]:
+def _write_member_caches(config, workdir, devices, ensemble) -> dict[str, Any]:
     """An ensemble's cache: each member's, written by this writer as that member's alone, in
     `workdir/<member>`; the summaries by member."""
     summaries = {}
-    for name in names:
-        path = os.path.join(workdir, name)
-        log.info("Teacher ensemble: member %r into %s", name, path)
-        summaries[name] = write_cache(members.member_config(config, name), path, devices)
-    weights = ",".join(f"{w:.6g}" for w in members.member_weights(config))
+    for member in ensemble:
+        path = os.path.join(workdir, member.name)
+        log.info("Teacher ensemble: member %r into %s", member.name, path)
+        summaries[member.name] = write_cache(member.config, path, devices)
+    weights = ",".join(f"{m.weight:.6g}" for m in ensemble)
     log.info(
         "Teacher ensemble cached; train from it with --config.teacher.cache=%s "
         "--config.teacher.cache_weights=%s",
-        ",".join(os.path.join(workdir, n) for n in names), weights,
+        ",".join(os.path.join(workdir, m.name) for m in ensemble), weights,
     )  # fmt: skip
     return summaries
 

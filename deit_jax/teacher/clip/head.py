@@ -30,8 +30,8 @@ from deit_jax.data import labels
 from deit_jax.errors import CheckpointError, ConfigError
 from deit_jax.jit import jit
 from deit_jax.models.layers import l2_normalize
-from deit_jax.teacher.clip.tokenizer import Tokenizer, load_tokenizer
 from deit_jax.weights.directory import weights_hash
+from deit_jax.weights.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

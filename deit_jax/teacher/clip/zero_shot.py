@@ -40,11 +40,12 @@ from deit_jax.config.teacher_rules import cache_paths
 from deit_jax.data import labels
 from deit_jax.errors import ConfigError
 from deit_jax.models import create_model
-from deit_jax.models.clip import CLIP_MEAN, CLIP_STD
+from deit_jax.models.clip import CLIP_MEAN, CLIP_STD, clip_scale
 from deit_jax.models.layers import l2_normalize
 from deit_jax.teacher.clip.head import zero_shot_head_for
 from deit_jax.teacher.forward import renormalization
 from deit_jax.weights.load import load_weights
+from deit_jax.weights.state_dict import abstract_variables
 
 INTERPOLATION = "bicubic"  # jax.image.resize: Keys cubic a = -0.5 (PIL's), antialiased
 
@@ -91,7 +92,7 @@ class ZeroShotCLIP(nn.Module):
             jnp.float32,
         )
         embedding = l2_normalize(embedding.astype(jnp.float32))
-        scale = jnp.minimum(jnp.exp(self.clip.logit_scale), 100.0)
+        scale = clip_scale(self.clip.logit_scale)
         return scale * embedding @ head
 
 
@@ -118,21 +119,46 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def build_clip_teacher(
-    config: ml_collections.ConfigDict, num_classes: int, workdir: str | None = None
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    workdir: str | None = None,
+    *,
+    shapes: bool = False,
 ) -> tuple[ZeroShotCLIP, Any]:
     """The zero-shot CLIP teacher of a run and its variables (module docstring).
 
     `workdir`: where the head is saved and looked for first; a run reading a teacher cache also
-    looks in the cache, whose writer saved the head its outputs came from.
+    looks in the cache, whose writer saved the head its outputs came from. With `shapes` (a
+    plan): the registry's CLIP, its variables and head as shapes, no file read.
     """
     t = config.teacher
-    variables, overrides = load_weights(t.checkpoint, t.name)
+    variables, overrides = (None, {}) if shapes else load_weights(t.checkpoint, t.name)
     clip = create_model(t.name, **{**overrides, "dtype": jnp.dtype(config.dtype)})
     if t.img_size and t.img_size != clip.img_size:
         raise ConfigError(
             f"config.teacher.img_size={t.img_size}: a CLIP teacher runs at the resolution of its "
             f"weights ({clip.img_size}; it resizes the student's images to it): remove the key."
         )
+    if shapes:
+        variables = abstract_variables(clip)
+        head = jax.ShapeDtypeStruct((clip.embed_dim, num_classes), jnp.float32)
+    else:
+        head = _head(config, clip, variables, num_classes, workdir)
+    size = config.data.img_size
+    teacher = ZeroShotCLIP(
+        clip=clip,
+        num_classes=num_classes,
+        img_size=(size, size) if isinstance(size, int) else tuple(size),
+        input_mean=tuple(config.augment.mean),
+        input_std=tuple(config.augment.std),
+    )
+    teacher_variables = {"params": {"clip": variables["params"], "zero_shot_head": head}}
+    return teacher, teacher_variables
+
+
+def _head(config, clip, variables, num_classes: int, workdir: str | None) -> jax.Array:
+    """The zero-shot head W (D, C) of the run's class names and prompts: saved, or embedded now."""
+    t = config.teacher
     names = class_names(config)
     if len(names) != num_classes:
         raise ConfigError(
@@ -143,19 +169,7 @@ def build_clip_teacher(
     directories = [workdir] if workdir else []
     if config.mode != "teacher_cache":
         directories += cache_paths(t.cache)
-    head = zero_shot_head_for(config, clip, variables, names, templates, directories)
-    size = config.data.img_size
-    teacher = ZeroShotCLIP(
-        clip=clip,
-        num_classes=len(names),
-        img_size=(size, size) if isinstance(size, int) else tuple(size),
-        input_mean=tuple(config.augment.mean),
-        input_std=tuple(config.augment.std),
-    )
-    teacher_variables = {
-        "params": {"clip": variables["params"], "zero_shot_head": jnp.asarray(head)}
-    }
-    return teacher, teacher_variables
+    return jnp.asarray(zero_shot_head_for(config, clip, variables, names, templates, directories))
 
 
 def zero_shot_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -17,17 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from deit_jax.models import create_model, model_options
-from deit_jax.teacher.clip.tokenizer import tokenizer_spec
+from deit_jax.config.defaults import TEACHER_CLIP
+from deit_jax.models import create_model
+from deit_jax.models.clip import clip_scale
 from deit_jax.teacher.clip.zero_shot import clip_input
 from deit_jax.weights.load import load_weights
-
-MAX_SCALE = 100.0  # open_clip clamps logit_scale at ln(100)
-
-
-def clip_scale(logit_scale: jax.Array) -> jax.Array:
-    """A CLIP's logit multiplier from its (log) `logit_scale`, clamped at 100."""
-    return jnp.minimum(jnp.exp(logit_scale.astype(jnp.float32)), MAX_SCALE)
+from deit_jax.weights.state_dict import abstract_variables
 
 
 class PairTeacher(nn.Module):
@@ -39,19 +34,26 @@ class PairTeacher(nn.Module):
     input_mean: tuple[float, float, float]
     input_std: tuple[float, float, float]
 
-    @nn.compact
     def __call__(self, images: jax.Array, ids: jax.Array) -> tuple[jax.Array, ...]:
-        x = clip_input(images, self.input_mean, self.input_std, self.clip.img_size)
-        image = self.clip.encode_image(x).astype(jnp.float32)
         text = self.clip.encode_text(ids).astype(jnp.float32)
-        return image, text, clip_scale(self.clip.logit_scale)
+        return self.encode_image(images), text, clip_scale(self.clip.logit_scale)
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """The image embeddings (float32, not normalised) of stream images."""
+        x = clip_input(images, self.input_mean, self.input_std, self.clip.img_size)
+        return self.clip.encode_image(x).astype(jnp.float32)
 
 
-def build_pair_teacher(config: ml_collections.ConfigDict) -> tuple[PairTeacher, Any]:
-    """The frozen CLIP teacher of a CLIP-student run and its variables."""
+def build_pair_teacher(
+    config: ml_collections.ConfigDict, *, shapes: bool = False
+) -> tuple[PairTeacher, Any]:
+    """The frozen CLIP teacher of a CLIP-student run and its variables; with `shapes` (a plan),
+    the registry's CLIP, its variables as shapes, no file read."""
     t = config.teacher
-    variables, overrides = load_weights(t.checkpoint, t.name)
+    variables, overrides = (None, {}) if shapes else load_weights(t.checkpoint, t.name)
     clip = create_model(t.name, **{**overrides, "dtype": jnp.dtype(config.dtype)})
+    if variables is None:
+        variables = abstract_variables(clip)
     teacher = PairTeacher(
         clip=clip, input_mean=tuple(config.augment.mean), input_std=tuple(config.augment.std)
     )
@@ -63,21 +65,4 @@ def teacher_runs_here(config: ml_collections.ConfigDict) -> bool:
     (`teacher.framework="clip"` and a checkpoint), to distil and to report the teacher's recall
     and zero-shot top-1 and the agreement, also when the student trains by CLIP's loss alone or
     from a cache."""
-    return config.teacher.framework == "clip" and bool(config.teacher.checkpoint)
-
-
-def tokenizer_specs(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
-    """The batch keys of the captions' ids and the tokenizer of each (`tokenizer_spec`): `text`
-    (the student's: that of `config.init_from`'s CLIP weights, or open_clip's BPE at the
-    student's context length), and `teacher_text` when a teacher runs here with another."""
-    if config.init_from:
-        student = tokenizer_spec(config.init_from)
-    else:
-        length = config.model.to_dict().get("context_length")
-        student = ("open_clip", str(length or model_options(config.model_name)["context_length"]))
-    specs = {"text": student}
-    if teacher_runs_here(config):
-        teacher = tokenizer_spec(config.teacher.checkpoint)
-        if teacher != student:
-            specs["teacher_text"] = teacher
-    return specs
+    return config.teacher.framework == TEACHER_CLIP and bool(config.teacher.checkpoint)

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from deit_jax.models import feature_width
 from deit_jax.models.layers import Dtype, torch_default_conv_init
@@ -56,6 +57,17 @@ def build_projection(student: nn.Module, teacher_width: int) -> Projection | Non
     if student_width == teacher_width:
         return None
     return Projection(student_width, teacher_width, dtype=getattr(student, "dtype", jnp.float32))
+
+
+def projection_for(
+    config: ml_collections.ConfigDict, model, teacher, cache_width: int = 0
+) -> Projection | None:
+    """The run's projection: for `distillation.kind="feature"`, to `cache_width` (the width of
+    the embeddings in `config.teacher.cache`), else to the live teacher's; None for every other
+    kind."""
+    if config.distillation.kind != "feature":
+        return None
+    return build_projection(model, cache_width or feature_width(teacher))
 
 
 def student_params(params: Any) -> Any:

@@ -10,7 +10,7 @@ The loss, with `config.distillation`:
   student's and the teacher's in-batch logits, image->text and text->image, averaged
   (`losses.in_batch_distillation_loss`); `alpha=1` is the label-free reading (KL only).
 
-The teacher (`deit_jax.teacher.clip.pairs.PairTeacher`) runs frozen on the same images and
+The teacher (`deit_jax.teacher.clip.two_towers.PairTeacher`) runs frozen on the same images and
 captions; with `config.teacher.cache` the batch brings its embeddings instead
 (`teacher_image_embedding`, `teacher_text_embedding`, `teacher_scale`).
 """
@@ -27,8 +27,8 @@ import ml_collections
 import optax
 
 from deit_jax import losses
+from deit_jax.models.clip import clip_scale
 from deit_jax.models.layers import l2_normalize
-from deit_jax.teacher.clip.pairs import clip_scale
 from deit_jax.train.state import TrainState
 from deit_jax.train.steps import apply_gradients
 
