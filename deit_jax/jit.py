@@ -16,8 +16,9 @@ exactness needs the same kernels on both sides).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -26,9 +27,26 @@ YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 CPU_OPTIONS: dict[str, str] = {YNN_FLAG: ""}  # no YNNPACK fusion of any kind
 
 
+# The platform steps are jitted for when it is not this host's (a plan compiles for a TPU or GPU
+# it does not have: `compiling_for`).
+_TARGET: list[str] = []
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Within it, `jit` compiles with `platform`'s options, not the host backend's."""
+    _TARGET.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
 def compiler_options(platform: str | None = None) -> dict[str, str] | None:
-    """The options `jit` compiles with on `platform` (default: JAX's default backend)."""
-    if (platform or jax.default_backend()) != "cpu" or YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+    """The options `jit` compiles with on `platform` (default: the platform of `compiling_for`,
+    else JAX's default backend)."""
+    platform = platform or (_TARGET[-1] if _TARGET else jax.default_backend())
+    if platform != "cpu" or YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
     return dict(CPU_OPTIONS)
 

@@ -9,7 +9,9 @@ latest checkpoint (or `--config.init_from` weights) of either task and writes it
 table. `--config.mode=teacher_cache` writes the teacher's outputs over the run's exact batches
 into DIR, for training runs with `--config.teacher.cache=DIR` (deit_jax/teacher/cache/).
 `--config.mode=quickstart` and `clip_quickstart` run the offline
-experiments of configs/quickstart.py and configs/clip_quickstart.py.
+experiments of configs/quickstart.py and configs/clip_quickstart.py. `--config.mode=plan
+--config.plan.target=tpu:v5e:2x4` compiles the run for that TPU slice (or `gpu:h100:8`) on this
+host and prints what it will cost there (deit_jax/plan/).
 
 Multi-host (TPU pods, GPU clusters): pass `--distributed` to call `jax.distributed.initialize()`,
 which reads the cluster environment (TPU metadata, SLURM, Open MPI, ...) or the explicit
@@ -178,12 +180,15 @@ def main(argv: list[str]) -> None:
     _STARTUP["workdir"] = os.path.abspath(workdir)
     try:
         # Before anything slow (TensorFlow, data sets, models, compilation).
-        # The quickstart trains the teacher its distillation stages use: none is given.
+        # The quickstart trains the teacher its distillation stages use: none is given. A plan
+        # is checked for its target's devices, and reads none of the run's files.
+        planning = config.mode == "plan"
         rules.check_config(
             config,
-            num_devices=jax.device_count(),
-            num_processes=jax.process_count(),
+            num_devices=_planned_devices(config) if planning else jax.device_count(),
+            num_processes=1 if planning else jax.process_count(),
             teacher_from_run=config.mode in ("quickstart", "clip_quickstart"),
+            planning=planning,
         )
     except ConfigError as e:
         _refuse(e.problems)
@@ -214,7 +219,15 @@ JOBS = {
     "teacher_cache": ("deit_jax.teacher.cache.write", "write_cache"),
     "quickstart": ("deit_jax.experiments.quickstart", "run"),
     "clip_quickstart": ("deit_jax.experiments.clip_quickstart", "run"),
+    "plan": ("deit_jax.plan.run", "plan"),
 }
+
+
+def _planned_devices(config) -> int:
+    """The device count of `config.plan.target` (a one-line ConfigError when it is no target)."""
+    from deit_jax.plan.targets import parse_target
+
+    return parse_target(config.plan.target).num_devices
 
 
 def _job(mode: str):

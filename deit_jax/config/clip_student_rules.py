@@ -36,6 +36,7 @@ CLIP_STUDENT_RULES: tuple[Rule, ...] = (
         ),
         "names a folder that does not exist; give captions:<root>, images with a caption file "
         "beside each (0001.jpg + 0001.txt, one caption a line)",
+        on_disk=True,
     ),
     Rule("model_name", lambda v, c: v in list_models("clip_*"), _clips, after=("data.name",)),
     Rule(

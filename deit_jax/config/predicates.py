@@ -30,6 +30,8 @@ class Context:
     num_devices: int
     num_processes: int
     teacher_from_run: bool = False
+    # A plan (`mode=plan`) compiles the run without its files: rules on them do not apply.
+    planning: bool = False
 
     def get(self, key: str) -> Any:
         """The value at a dotted key, or `MISSING`."""
@@ -54,14 +56,20 @@ class Rule:
     ok: Callable[[Any, Context], bool]
     allowed: str | Callable[[Context], str]
     after: tuple[str, ...] = ()
+    on_disk: bool = False  # it needs a file or folder to exist: not a plan's rule
 
 
 def problem_rule(
-    key: str, problem: Callable[[Any, Context], str | None], after: tuple[str, ...] = ()
+    key: str,
+    problem: Callable[[Any, Context], str | None],
+    after: tuple[str, ...] = (),
+    on_disk: bool = False,
 ) -> Rule:
     """A rule whose check names its own problem: `problem(value, context)` is None when the
     value is allowed, else the sentence that says what is wrong and what to do."""
-    return Rule(key, lambda v, c: problem(v, c) is None, lambda c: problem(c.get(key), c), after)
+    return Rule(
+        key, lambda v, c: problem(v, c) is None, lambda c: problem(c.get(key), c), after, on_disk
+    )
 
 
 def is_int(v: Any) -> bool:
@@ -157,12 +165,15 @@ def shown(value: Any) -> str:
 def problems(rules: Sequence[Rule], context: Context) -> list[str]:
     """Every problem the `rules` find in `context.config`, one `config.<key>=<value>: <what is
     allowed>` line each. A key's rules run in order and stop at its first failure; a rule whose
-    `after` keys failed is skipped; keys the config lacks are skipped."""
+    `after` keys failed is skipped; keys the config lacks are skipped, and so are the rules on
+    files (`on_disk`) when planning."""
     c = context
     failed: dict[str, str] = {}
     for rule in rules:
         value = c.get(rule.key)
         if value is MISSING or rule.key in failed or any(k in failed for k in rule.after):
+            continue
+        if rule.on_disk and c.planning:
             continue
         try:
             ok = rule.ok(value, c)

@@ -269,7 +269,7 @@ RULES: tuple[Rule, ...] = (
         lambda v, c: v is None or v in REMAT_POLICIES,
         f"must be None (off) or a jax.checkpoint_policies name: {', '.join(REMAT_POLICIES)}",
     ),
-    Rule("init_from", existing_path, f"must be '' or an existing path: {WEIGHTS}"),
+    Rule("init_from", existing_path, f"must be '' or an existing path: {WEIGHTS}", on_disk=True),
     *TEACHER_RULES,
     # What the run's task (deit_jax.config.tasks) runs in and trains with.
     Rule(
@@ -289,16 +289,18 @@ RULES: tuple[Rule, ...] = (
         "data.name",
         lambda v, c: not v.startswith("folder:") or os.path.isdir(os.path.expanduser(v[7:])),
         "names a folder that does not exist; give folder:<root> with <root>/<split>/<class>/*.jpg",
+        on_disk=True,
     ),
     Rule(
         "data.name",
         lambda v, c: not labels.is_label_free(v) or os.path.isdir(labels.label_free_root(v)),
         "names a folder that does not exist; give images:<root>, a folder of images (any layout)",
+        on_disk=True,
     ),
-    Rule("data.manual_dir", existing_path, "must be '' or an existing directory"),
+    Rule("data.manual_dir", existing_path, "must be '' or an existing directory", on_disk=True),
     Rule("data.train_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
     Rule("data.eval_split", lambda v, c: isinstance(v, str) and v != "", "must name a split"),
-    problem_rule("data.extra_eval", _extra_eval_problem, after=("data.eval_split",)),
+    problem_rule("data.extra_eval", _extra_eval_problem, after=("data.eval_split",), on_disk=True),
     *(
         Rule(
             key,
@@ -410,12 +412,13 @@ def problems(
     num_devices: int,
     num_processes: int = 1,
     teacher_from_run: bool = False,
+    planning: bool = False,
 ) -> list[str]:
     """Every problem of `config`, one `config.<key>=<value>: <what is allowed>` line each.
 
-    `teacher_from_run`: the command trains the teacher before the stages that distil from it
-    (see `Context`)."""
-    context = Context(config, num_devices, num_processes, teacher_from_run)
+    `teacher_from_run`: the command trains the teacher before the stages that distil from it;
+    `planning`: a plan, which reads none of the run's files (see `Context`)."""
+    context = Context(config, num_devices, num_processes, teacher_from_run, planning)
     table = rules_of(config)
     found = predicates.problems(table, context)
     return teacher_rules.with_member_problems(found, table, context)
@@ -427,6 +430,7 @@ def check_config(
     num_devices: int,
     num_processes: int = 1,
     teacher_from_run: bool = False,
+    planning: bool = False,
 ) -> None:
     """Raises `ConfigError` listing every problem of `config` (see the module docstring)."""
     found = problems(
@@ -434,6 +438,7 @@ def check_config(
         num_devices=num_devices,
         num_processes=num_processes,
         teacher_from_run=teacher_from_run,
+        planning=planning,
     )
     if found:
         raise ConfigError(found)

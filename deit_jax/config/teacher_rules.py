@@ -208,12 +208,14 @@ TEACHER_RULES: tuple[Rule, ...] = (
         + WEIGHTS
         + ", or use --config.distillation.kind=none",
         after=("distillation.kind", "mode"),
+        on_disk=True,
     ),
     Rule(
         "teacher.checkpoint",
         _teacher_exists,
         f"does not exist; give {WEIGHTS}, or use --config.distillation.kind=none",
         after=("distillation.kind", "mode"),
+        on_disk=True,
     ),
     Rule(
         "teacher.checkpoint",
@@ -221,11 +223,13 @@ TEACHER_RULES: tuple[Rule, ...] = (
         "a PyTorch teacher (teacher.framework='torch') needs a local checkpoint file (.pth, .pt, "
         ".bin or .safetensors) holding the state dict of timm's model; no weights are downloaded",
         after=("teacher.framework", "distillation.kind", "mode"),
+        on_disk=True,
     ),
     Rule(
         "teacher.cache",
         _cache_dir,
         "must be '', a teacher cache directory that exists, or several, comma-separated",
+        on_disk=True,
     ),
     problem_rule("teacher.cache_weights", _cache_weights_problem, after=("teacher.cache",)),
     Rule(
@@ -287,6 +291,7 @@ def with_member_problems(found: list[str], rules: tuple[Rule, ...], context: Con
             members.member_config(context.config, name),
             context.num_devices,
             context.num_processes,
+            planning=context.planning,
         )
         for line in predicates.problems(rules, member):
             if line.startswith(replaced):

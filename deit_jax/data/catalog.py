@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds  # noqa: E402  (after TensorFlow, see deit_ja
 
 from deit_jax.data import labels  # noqa: E402
 from deit_jax.data.captions import CaptionsSource  # noqa: E402
-from deit_jax.data.digits import Digits  # noqa: E402
+from deit_jax.data.digits import NUM_TEST, Digits  # noqa: E402
 from deit_jax.data.sources import FolderSource, ImagesSource, Source, TfdsSource  # noqa: E402
 from deit_jax.errors import DataError, DataNotFoundError  # noqa: E402
 
@@ -116,8 +116,14 @@ def known_without_files(data: ml_collections.ConfigDict) -> tuple[int | None, in
     return classes, whole if whole and split == data.train_split else None
 
 
-# Split sizes tfds knows only once a data set is prepared (its catalog page gives them).
-SPLIT_SIZES = {("imagenet2012", "train"): 1_281_167, ("imagenet2012", "validation"): 50_000}
+# Split sizes tfds knows only once a data set is prepared (its catalog page gives them; the
+# offline digits: scikit-learn's 1,797 less the test split).
+SPLIT_SIZES = {
+    ("imagenet2012", "train"): 1_281_167,
+    ("imagenet2012", "validation"): 50_000,
+    ("digits", "train"): 1_797 - NUM_TEST,
+    ("digits", "test"): NUM_TEST,
+}
 
 
 def _prepared(builder: tfds.core.DatasetBuilder, **kwargs) -> tfds.core.DatasetBuilder:
