@@ -15,10 +15,10 @@ would make a batch that does not fit fit, and the bytes of a checkpoint and of t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
-import math
 import os
 from typing import Any
 
@@ -59,8 +59,13 @@ class Planner:
         spec = NamedSharding(self.mesh, PartitionSpec(sharding.DATA_AXES))
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec) for k, v in shapes.items()}
 
-    def _scope(self):
-        return _Scope(self.mesh, self.target.platform)
+    def _scope(self) -> contextlib.ExitStack:
+        """The mesh, its logical axis rules and the target's compiler options, for a compile."""
+        scope = contextlib.ExitStack()
+        scope.enter_context(jax.set_mesh(self.mesh))
+        scope.enter_context(nn.logical_axis_rules(sharding.logical_rules(self.mesh)))
+        scope.enter_context(jit_module.compiling_for(self.target.platform))
+        return scope
 
     def state(self, config: ml_collections.ConfigDict, batch: int, task: Any = None):
         """The optimiser, schedule and abstract train state (with shardings) of `config`.
@@ -112,29 +117,6 @@ class Planner:
 
     def state_sizes(self) -> dict[str, int]:
         return state_bytes(self.state(self.config, self.config.batch_size)[2])
-
-
-class _Scope:
-    """The mesh, its logical axis rules and the target's compiler options, for a compile."""
-
-    def __init__(self, mesh, platform: str):
-        self.mesh, self.platform = mesh, platform
-        self._stack: list[Any] = []
-
-    def __enter__(self):
-        for context in (
-            jax.set_mesh(self.mesh),
-            nn.logical_axis_rules(sharding.logical_rules(self.mesh)),
-            jit_module.compiling_for(self.platform),
-        ):
-            context.__enter__()
-            self._stack.append(context)
-        return self
-
-    def __exit__(self, *exc):
-        while self._stack:
-            self._stack.pop().__exit__(*exc)
-        return False
 
 
 def plan(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -202,7 +184,7 @@ def summary(config, target, train, evaluation, teacher, largest, planner) -> dic
     bound = roofline(train, chip, batch)
     info = planner.info
     steps_per_epoch = planner.steps_per_epoch(batch) if info.num_train else None
-    total_steps = math.ceil(config.num_epochs * steps_per_epoch) if steps_per_epoch else None
+    total_steps = optim.total_steps(config.num_epochs, steps_per_epoch) if steps_per_epoch else None
     flops = train.get("flops_per_step_per_device")
     hours = lambda s: None if s is None or total_steps is None else total_steps * s / 3600  # noqa: E731
     compute_seconds = None if flops is None else flops / chip.peak_bf16_flops

@@ -59,7 +59,7 @@ def train_and_evaluate(
     task = build_task(config, workdir, mesh)
     train_data, model = task.train_data, task.model
     steps_per_epoch = train_data.steps_per_epoch
-    total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+    total_steps = optim.total_steps(config.num_epochs, steps_per_epoch)
     eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
     tx, schedule = optim.create_optimizer(
         config.optim,

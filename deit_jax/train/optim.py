@@ -131,6 +131,11 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def total_steps(num_epochs: float, steps_per_epoch: float) -> int:
+    """The steps a run of `num_epochs` (may be fractional) takes: at least one."""
+    return max(1, int(round(num_epochs * steps_per_epoch)))
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict,
     *,
