@@ -43,7 +43,7 @@ from deit_jax._compat import import_tensorflow
 tf = import_tensorflow()
 
 from deit_jax import config as config_lib  # noqa: E402
-from deit_jax.data import augment, mixup  # noqa: E402
+from deit_jax.data import augment, host_throughput, mixup  # noqa: E402
 
 
 def make_jpegs(directory: str, num: int, min_side: int, max_side: int, seed: int) -> list[str]:
@@ -83,7 +83,7 @@ def tf_batches(paths, labels, args, *, fused: bool):
     # of a timed span belongs to this pipeline only (the timm span runs in the same process).
     ds = ds.map(lambda i, path_label: preprocess(i, *path_label))
     ds = ds.batch(args.batch_size, drop_remainder=True).enumerate().map(batch_mix)
-    return iter(ds.with_options(_one_thread()))
+    return iter(ds.with_options(host_throughput.one_thread()))
 
 
 def mixup_batches(args):
@@ -98,16 +98,7 @@ def mixup_batches(args):
     ds = ds.map(
         lambda step, b: mixup.mixup_cutmix(*b, seed(step), num_classes=10, config=cfg.mixup)
     )
-    return iter(ds.with_options(_one_thread()))
-
-
-def _one_thread() -> tf.data.Options:
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = 1
-    options.threading.max_intra_op_parallelism = 1
-    options.autotune.enabled = False
-    options.experimental_optimization.inject_prefetch = False
-    return options
+    return iter(ds.with_options(host_throughput.one_thread()))
 
 
 def timm_batches(paths, labels, args):

@@ -8,10 +8,10 @@ installs its SIGTERM handler) before JAX and Flax load.
 """
 
 from deit_jax._compat import lazy_names, quiet_tensorflow
-from deit_jax._platforms import skip_absent_tpu
+from deit_jax._platforms import skip_absent_accelerators
 
 quiet_tensorflow()  # before any submodule imports TensorFlow
-skip_absent_tpu()  # before anything initialises JAX's backends (libtpu on a CPU host)
+skip_absent_accelerators()  # before anything initialises JAX's backends (libtpu on a CPU host)
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "forward_with_intermediates", "list_models"]

@@ -1,12 +1,14 @@
-"""Keep JAX off the TPU backend on hosts that have no TPU, before JAX initialises its backends.
+"""Keep JAX off the TPU and GPU backends on hosts that have neither, before JAX initialises its
+backends.
 
 libtpu is installed with the test extra so that `mode=plan` can compile for a TPU slice on a CPU
 host. Installed, it makes every JAX process try the TPU backend first: on a host without a TPU,
 libtpu prints warnings (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) to stderr before JAX falls
 back to the CPU, and takes /tmp/libtpu_lockfile for the life of the process, so that a second
-process that needs libtpu (a plan, another test worker) is refused. `skip_absent_tpu` restricts
-JAX to the CPU on such a host; compile-only TPU devices (`jax.experimental.topologies`) still
-work in the same process, since they load libtpu directly, not as a backend.
+process that needs libtpu (a plan, another test worker) is refused. JAX's CUDA plugin (for GPU
+plans) likewise logs that it found no CUDA driver. `skip_absent_accelerators` restricts JAX to the
+CPU on such a host; compile-only devices (`jax.experimental.topologies`) still work in the same
+process, since they load libtpu or the plugin directly, not as a backend.
 
 Hosts with a TPU or a GPU, and users who chose `JAX_PLATFORMS`, are left as they were.
 """
@@ -47,8 +49,20 @@ def gpu_present() -> bool:
     return any(glob.glob(pattern) for pattern in _GPU_NODES)
 
 
-def skip_absent_tpu() -> bool:
-    """Restricts JAX to the CPU when libtpu is installed on a host with no accelerator.
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin (jax-cuda12-plugin or jax-cuda13-plugin) is installed."""
+    for name in ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except ModuleNotFoundError:  # no jax_plugins namespace at all
+            pass
+    return False
+
+
+def skip_absent_accelerators() -> bool:
+    """Restricts JAX to the CPU when libtpu or JAX's CUDA plugin is installed on a host with no
+    accelerator.
 
     Call it before anything initialises JAX's backends (`deit_jax/__init__.py` does). Returns
     whether it changed the platforms. Sets `JAX_PLATFORMS=cpu` (inherited by child processes,
@@ -56,7 +70,8 @@ def skip_absent_tpu() -> bool:
     """
     if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
         return False
-    if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+    tpu_library = importlib.util.find_spec("libtpu") or os.environ.get("TPU_LIBRARY_PATH")
+    if not tpu_library and not cuda_plugin_installed():
         return False
     if tpu_present() or gpu_present():
         return False

@@ -19,7 +19,7 @@ DISTILLATION_KINDS = {
     "soft": "logit KD, any student",
     "hard": "logit KD on the teacher's argmax, any student",
     "feature": "pooled features through a learned projection",
-    "in_batch": "a CLIP student's image-text logits",
+    "in_batch": "a CLIP teacher of a CLIP student: KL, FD, ICL (distillation.pair_weights)",
 }
 KL_REDUCTIONS = {
     "numel": "summed KL / (batch x classes), the DeiT reference",

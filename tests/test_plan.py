@@ -11,6 +11,7 @@ import sys
 
 import jax
 import pytest
+from _flops import matmul_flops
 from _processes import cpu_env
 from _train_config import tiny_config
 
@@ -26,28 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = "tpu:v5e:2x2"
 
 
-def _matmul_flops(jaxpr) -> float:
-    """2 x multiply-adds of every dot and convolution in a jaxpr (and its sub-jaxprs)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
-        elif name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval.shape
-            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
-            per_output = math.prod(kernel[i] for i in spec[1:])
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    total += _matmul_flops(inner)
-    return total
-
-
 def _config(**changes):
     """A 2-block 256-wide DeiT at 32 px (4 px patches): matmuls dominate its step."""
     config = tiny_config(
@@ -56,6 +35,7 @@ def _config(**changes):
     )
     config.mode = "plan"
     config.plan.target = TARGET
+    config.plan.input_seconds = 0
     return config
 
 
@@ -74,9 +54,9 @@ def test_the_plans_flops_are_the_steps_matmuls_and_a_live_teachers_share_its_for
     with planner._scope():
         step = task.train_step(tx, schedule)
         shapes = task.batch_shapes(batch)
-        counted = _matmul_flops(jax.make_jaxpr(step)(state, task.teacher_variables, shapes).jaxpr)
+        counted = matmul_flops(jax.make_jaxpr(step)(state, task.teacher_variables, shapes).jaxpr)
         forward = plan_run.teacher_forward(task.teacher)
-        in_teacher = _matmul_flops(jax.make_jaxpr(forward)(task.teacher_variables, shapes).jaxpr)
+        in_teacher = matmul_flops(jax.make_jaxpr(forward)(task.teacher_variables, shapes).jaxpr)
     assert train["flops_per_step_per_device"] * devices == pytest.approx(counted, rel=0.02)
     share = teacher["flops_per_step_per_device"] / train["flops_per_step_per_device"]
     assert share == pytest.approx(in_teacher / counted, rel=0.02)
@@ -85,7 +65,7 @@ def test_the_plans_flops_are_the_steps_matmuls_and_a_live_teachers_share_its_for
 
 def test_a_batch_that_does_not_fit_and_the_largest_that_does(tmp_path):
     config = tiny_config("/nonexistent/tfds", batch_size=1 << 20)  # 32 wide, 16 px
-    config.mode, config.plan.target = "plan", TARGET
+    config.mode, config.plan.target, config.plan.input_seconds = "plan", TARGET, 0
     result = plan_run.plan(config, str(tmp_path))
     assert result["fits"] is False and "RESOURCE_EXHAUSTED" in result["error"]
     largest = result["largest_global_batch_that_fits"]
@@ -115,8 +95,11 @@ def test_a_plan_names_files_that_do_not_exist_and_still_plans(tmp_path):
         "--config.teacher.name=cnn_small",
     ]  # fmt: skip
     runs = {
-        "live": [f"--config.teacher.checkpoint={missing / 'teacher'}"],
-        "cached": [f"--config.teacher.cache={missing / 'cache'}"],
+        "live": [
+            f"--config.teacher.checkpoint={missing / 'teacher'}",
+            "--config.plan.input_seconds=2",
+        ],
+        "cached": [f"--config.teacher.cache={missing / 'cache'}", "--config.plan.input_seconds=0"],
     }
     for name, extra in runs.items():
         cmd = [*common, f"--workdir={tmp_path / name}", *extra]
@@ -137,7 +120,23 @@ def test_a_plan_names_files_that_do_not_exist_and_still_plans(tmp_path):
         assert set(plan["bytes_per_device"]) >= {"argument", "output", "temp", "alias", "total"}
         assert plan["num_examples"] == 1437 and plan["run_hours_bound"] > 0
         assert (plan["teacher_flops_fraction"] > 0) == (name == "live")
+        _check_input_side(plan, result.stdout, measured=name == "live")
     assert not missing.exists()
+
+
+def _check_input_side(plan, stdout, *, measured):
+    """The host cores the input needs: the measured rate per core against the bound's images/s,
+    on the target's host (v5e 2x2: one 4-chip ct5lp-hightpu-4t of 112 vCPUs)."""
+    side = plan["input"]
+    if not measured:
+        assert side is None and "| host CPUs for the input | - (not measured" in stdout
+        return
+    assert side["host"] == "ct5lp-hightpu-4t" and side["hosts"] == 1 and side["host_vcpus"] == 112
+    assert side["images_per_second_per_host"] == plan["images_per_second_bound"]
+    rate = side["images_per_cpu_second"]
+    assert 1 < rate < 1e5 and "by this plan on this host" in side["measured"]
+    assert side["vcpus_needed_per_host"] == math.ceil(side["images_per_second_per_host"] / rate)
+    assert f"{side['vcpus_needed_per_host']} vCPUs a host of 112 (ct5lp-hightpu-4t" in stdout
 
 
 def test_a_bad_target_is_refused_in_one_line():
@@ -157,3 +156,16 @@ def test_a_plan_skips_only_the_rules_on_files():
     assert any(p.startswith("config.batch_size=30") for p in rules.problems(
         config, num_devices=4, planning=True))  # fmt: skip
     assert tasks.task_of(config).name == tasks.CLASSIFIER
+
+
+def test_the_cache_of_a_run_is_its_teachers_outputs_for_every_step():
+    from deit_jax.data import DatasetInfo
+    from deit_jax.plan.costs import cache_bytes
+
+    config = _config(**{"distillation.kind": "soft", "teacher.cache_topk": 10})
+    info = DatasetInfo(num_classes=1000, num_train=1000, num_eval=10, image_shape=(32, 32, 3))
+    per_example = 10 * (2 + 2)  # float16 values and int16 indices; no embeddings
+    assert config.teacher.cache_dtype == "float16"
+    assert cache_bytes(config, info, 100, 0) == 100 * config.batch_size * per_example
+    config.distillation.kind = "none"  # no teacher: nothing to cache
+    assert cache_bytes(config, info, 100, 0) == 0

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu (the test extra) not installed"
 )
 # What deit_jax/__init__.py does: this worker's JAX stays on the CPU, libtpu stays unlocked.
-_platforms.skip_absent_tpu()
+_platforms.skip_absent_accelerators()
 
 TARGET = "tpu:v5e:2x2"
 D, H = 128, 4096  # x (B, D) @ w1 (D, H) -> relu -> @ w2 (H, D): activations dominate memory
@@ -86,11 +86,14 @@ def test_flops_equal_the_matmul_count():
 
 
 def test_hlo_cost_analysis_counts_the_same_flops():
-    """The GPU path (no cost_analysis without a GPU) on the same compiled step."""
+    """The GPU path (no cost_analysis without a GPU) on the same compiled step: the unoptimised
+    step's FLOPs over the devices, for a step whose rows are sharded over them."""
     replicated = NamedSharding(mesh(), PartitionSpec())
+    rows = NamedSharding(mesh(), PartitionSpec(("data", "fsdp")))
     w = jax.ShapeDtypeStruct((D, H), jnp.float32, sharding=replicated)
-    x = jax.ShapeDtypeStruct((256, D), jnp.float32, sharding=replicated)
-    compiled = jax.jit(lambda w, x: x @ w).lower(w, x).compile()
+    x = jax.ShapeDtypeStruct((256, D), jnp.float32, sharding=rows)
+    lowered = jax.jit(lambda w, x: x @ w).lower(w, x)
+    compiled = lowered.compile()
 
     class WithoutCostAnalysis:
         def cost_analysis(self):
@@ -99,10 +102,10 @@ def test_hlo_cost_analysis_counts_the_same_flops():
         def runtime_executable(self):
             return compiled.runtime_executable()
 
-    flops, _, source = _costs(WithoutCostAnalysis())
-    assert source == "hlo_module_cost_analysis"
-    assert flops == pytest.approx(2 * 256 * D * H, rel=0.02)
-    assert flops == pytest.approx(_costs(compiled)[0], rel=1e-6)
+    flops, _, source = _costs(WithoutCostAnalysis(), lowered, 4)
+    assert source.startswith("hlo_module_cost_analysis")
+    assert flops == pytest.approx(2 * 256 * D * H / 4, rel=0.02)
+    assert flops == pytest.approx(_costs(compiled, lowered, 4)[0], rel=0.02)
 
 
 def test_memory_per_device():
@@ -235,12 +238,13 @@ def test_mesh():
     reason="JAX's CUDA plugin is installed",
 )
 def test_gpu_target_without_the_cuda_plugin():
-    with pytest.raises(DependencyError, match=r'pip install "jax\[cuda12\]=='):
+    with pytest.raises(DependencyError, match=r'pip install "jax-cuda12-plugin=='):
         compile_devices("gpu:h100:8")
 
 
 def test_gpu_target_config_fields_an_older_jaxlib_rejects_are_dropped(monkeypatch):
-    """The GPU path's own logic, with the CUDA plugin's topology call faked (no 5 GB here)."""
+    """The GPU path's own logic, with the CUDA plugin's topology call faked (the plugin is not
+    in the test extra; tests/test_plan_gpu.py runs the real one)."""
     seen = []
 
     def fake_topology(platform, target_config, topology):
@@ -253,13 +257,16 @@ def test_gpu_target_config_fields_an_older_jaxlib_rejects_are_dropped(monkeypatc
         assert (platform, topology) == ("cuda", "1x1x8")
         return types.SimpleNamespace(devices=list(range(8)))
 
-    monkeypatch.setattr(targets, "_spec_exists", lambda name: True)
+    monkeypatch.setattr(targets._platforms, "cuda_plugin_installed", lambda: True)
     monkeypatch.setattr(targets.topologies, "get_topology_desc", fake_topology)
-    with pytest.raises(DependencyError, match="h100_sxm.txtpb"):
-        compile_devices("gpu:h100:8")
+    assert compile_devices("gpu:h100:8") == list(range(8))  # the figures gpu_specs writes
+    assert len(seen) == 1 and "core_count: 132" in seen[0]
     spec = "gpu_device_info {\n  core_count: 132\n  collective_memory_granularity: 2097152\n}\n"
     assert compile_devices("gpu:h100:8", gpu_target_config=spec) == list(range(8))
-    assert len(seen) == 2 and "core_count: 132" in seen[1]
+    assert len(seen) == 3 and "core_count: 132" in seen[2]
+    assert "collective_memory_granularity" not in seen[2]
+    with pytest.raises(ConfigError, match="gpu_target_config='/nonexistent/h100.txtpb': no such"):
+        compile_devices("gpu:h100:8", gpu_target_config="/nonexistent/h100.txtpb")
     assert jax.config.jax_platforms == "cpu"
 
 
@@ -267,7 +274,7 @@ QUIET = """
 import sys
 {before}
 import deit_jax._platforms as platforms  # deit_jax/__init__.py applies the fix
-platforms.skip_absent_tpu()  # a second call changes nothing
+platforms.skip_absent_accelerators()  # a second call changes nothing
 import jax
 assert jax.config.jax_platforms == "cpu"
 jax.devices()

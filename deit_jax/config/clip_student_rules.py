@@ -1,17 +1,20 @@
 """The config rules of the `clip_student` task (`deit_jax.config.tasks`): a CLIP student on
 image-caption pairs (`deit_jax.train.clip_student`). They apply to that task's runs only
 (`deit_jax.config.rules.rules_of`): the student is a CLIP, the teacher (with
-`distillation.kind=in_batch`) a CLIP too, and the pairs are neither mixed nor repeated within a
-batch (either would put the same caption beside several images, which the in-batch losses count
-as different texts).
+`distillation.kind=in_batch`) a CLIP too, or each member of an ensemble, and the pairs are
+neither mixed nor repeated within a batch (either would put the same caption beside several
+images, which the in-batch losses count as different texts). The losses' weights
+(`distillation.pair_weights`, `deit_jax.losses_pair`) are numbers >= 0, not all 0, and the
+losses against a teacher (kl, fd, icl) need `distillation.kind=in_batch`.
 """
 
 from __future__ import annotations
 
 import os
 
+from deit_jax import losses_pair
 from deit_jax.config.defaults import TEACHER_CLIP
-from deit_jax.config.predicates import Context, Rule
+from deit_jax.config.predicates import Context, Rule, is_num, problem_rule
 from deit_jax.config.tasks import CLIP_STUDENT, TASKS
 from deit_jax.data import labels
 from deit_jax.models.registry import list_models
@@ -25,6 +28,61 @@ def _clips(c: Context) -> str:
 
 def _train_slice(v: object, c: Context) -> bool:
     return isinstance(v, str) and v.split("[")[0] == "train"
+
+
+WEIGHTS = "distillation.pair_weights"
+WEIGHT_KEYS = tuple(f"{WEIGHTS}.{name}" for name in losses_pair.PAIR_LOSSES)
+
+
+def _weight_names(v: object, c: Context) -> str | None:
+    """A config file may replace the whole dict: its keys must be the losses'."""
+    names = set(v) if hasattr(v, "keys") else None
+    if names is None or not names <= set(losses_pair.PAIR_LOSSES):
+        return f"must map the losses {', '.join(losses_pair.PAIR_LOSSES)} to their weights"
+    return None
+
+
+def _resolved(c: Context) -> dict[str, float]:
+    given = c.get(WEIGHTS)
+    kind, alpha = c.get("distillation.kind"), c.get("distillation.alpha")
+    return losses_pair.resolve_pair_weights(kind, alpha, given.to_dict())
+
+
+def _weight_rules() -> tuple[Rule, ...]:
+    """Each weight a number >= 0 (or unset); a loss against a teacher only with one; not all 0."""
+    rules = [problem_rule(WEIGHTS, _weight_names)]
+    for name, what in losses_pair.PAIR_LOSSES.items():
+        key = f"{WEIGHTS}.{name}"
+        rules.append(
+            Rule(
+                key,
+                lambda v, c: v is None or (is_num(v) and v >= 0),
+                f"must be a number >= 0, the weight of {name}: {what} (unset: from "
+                "distillation.kind and alpha)",
+                after=(WEIGHTS,),
+            )
+        )
+        if name in losses_pair.TEACHER_PAIR_LOSSES:
+            rules.append(
+                Rule(
+                    key,
+                    lambda v, c: not v or c.get("distillation.kind") == "in_batch",
+                    f"{name} compares the student with a teacher: set "
+                    "--config.distillation.kind=in_batch and a CLIP teacher (teacher.checkpoint, "
+                    f"teacher.members or teacher.cache), or give {name} the weight 0",
+                    after=(WEIGHTS, "distillation.kind"),
+                )
+            )
+    rules.append(
+        Rule(
+            WEIGHTS,
+            lambda v, c: any(w > 0 for w in _resolved(c).values()),
+            "gives every loss the weight 0 (with distillation.kind and alpha): give one of "
+            f"{', '.join(losses_pair.PAIR_LOSSES)} a weight > 0",
+            after=(*WEIGHT_KEYS, "distillation.kind", "distillation.alpha"),
+        )
+    )
+    return tuple(rules)
 
 
 CLIP_STUDENT_RULES: tuple[Rule, ...] = (
@@ -46,17 +104,19 @@ CLIP_STUDENT_RULES: tuple[Rule, ...] = (
         "logits come from a CLIP's two towers",
         after=("data.name", "distillation.kind"),
     ),
+    *_weight_rules(),
     Rule(
-        "teacher.members",
-        lambda v, c: not v,
-        f"a teacher ensemble is not supported for {RUN} yet: give one CLIP teacher",
-        after=("data.name",),
-    ),
-    Rule(
-        "teacher.cache",
-        lambda v, c: "," not in v,
-        f"must be one cache for {RUN}: a teacher ensemble is not supported for it yet",
-        after=("data.name",),
+        "optim.grad_accum_steps",
+        lambda v, c: (
+            not isinstance(c.get("batch_size"), int)
+            or c.get("batch_size") % (v * c.num_devices) == 0
+        ),
+        lambda c: (
+            f"splits each batch of {c.get('batch_size')} into micro-batches for {RUN} (one "
+            f"update a batch, its loss the whole batch's): batch_size must be a multiple of "
+            f"grad_accum_steps x the {c.num_devices} devices"
+        ),
+        after=("data.name", "batch_size"),
     ),
     Rule(
         "data.repeated_aug",

@@ -57,6 +57,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = ml_collections.FieldReference(None, field_type=str)
     c.model.remat = ml_collections.FieldReference(None, field_type=str)
     c.init_from = ""  # deit_jax weights directory (python -m deit_jax.convert) to fine-tune from
+    # Weight inheritance (TinyCLIP's; deit_jax/weights/inherit.py): a smaller student starts from
+    # a larger model's weights, its blocks at even intervals, the leading heads and channels.
+    c.init = ml_collections.ConfigDict()
+    # True: `init_from` is a larger DeiT / CLIP (a deit_jax weights directory, the teacher's
+    # size) that the student inherits from, instead of weights of the student's own size.
+    c.init.inherit = False
+    # The teacher block of each student block: "even" (TinyCLIP's: block i takes block
+    # i * (teacher depth // student depth)) or a comma list, one per student block ("0,3,7,11").
+    # `inherit_layers` is a DeiT's blocks or a CLIP's image tower, `inherit_text_layers` its text.
+    c.init.inherit_layers = "even"
+    c.init.inherit_text_layers = "even"
+    # A CLIP student's towers from other weights directories (over `init_from`'s): the image
+    # tower from a CLIP or a DeiT / ViT (its blocks laid out as CLIP's), the text tower (with
+    # logit_scale) from a CLIP; inherited when `inherit` is on, else of the student's sizes.
+    c.init.image_tower_from = ""
+    c.init.text_tower_from = ""
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.name = "regnety_160"
@@ -120,6 +136,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Feature KD's distance: "mse" (timm's FeatureDistillationTask) or "cosine" (1 - cosine
     # similarity, e.g. to a CLIP teacher's image embedding).
     c.distillation.feature_loss = "mse"
+    # A CLIP student's losses on image-caption pairs (the clip_student task; losses_pair.py,
+    # docs/clip.md#losses), each a weight, any combination: clip (CLIP's contrastive loss), kl (the
+    # teacher's in-batch softmax, both directions, at tau), fd (CLIP-KD's feature distillation),
+    # icl (CLIP-KD's interactive contrastive loss, its own learned logit scale). Unset (None):
+    # from kind and alpha, as before these keys: kind=in_batch is clip = 1 - alpha, kl = alpha;
+    # kind=none is clip = 1, kl = 0. kl, fd and icl need kind=in_batch and a CLIP teacher. E.g.
+    # --config.distillation.pair_weights.fd=2000 --config.distillation.pair_weights.icl=1.
+    c.distillation.pair_weights = ml_collections.ConfigDict()
+    c.distillation.pair_weights.clip = ml_collections.config_dict.placeholder(float)
+    c.distillation.pair_weights.kl = ml_collections.config_dict.placeholder(float)
+    c.distillation.pair_weights.fd = 0.0
+    c.distillation.pair_weights.icl = 0.0
 
     c.data = ml_collections.ConfigDict()
     # Any tfds name, "digits" (offline), "folder:/path/to/root" (root/<split>/<class>/*.jpg), or
@@ -182,6 +210,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_lr = 1e-6
     c.optim.min_lr = 1e-5
     c.optim.clip_grad_norm = 0.0  # 0 = no clipping (reference)
+    # k > 1: a classifier accumulates k batches of `batch_size` an update (optax.MultiSteps); a
+    # CLIP student, whose loss spans the batch, splits each batch into k micro-batches and takes
+    # the whole batch's loss and gradient with one micro-batch's memory (GradCache).
     c.optim.grad_accum_steps = 1
     c.optim.ema_decay = 0.99996  # 0 = no EMA
 
@@ -209,6 +240,12 @@ def base_config() -> ml_collections.ConfigDict:
     # The train split's size, for the run's hours, where the data's metadata does not give it
     # without its files (0: the data's).
     c.plan.num_examples = 0
+    # A GPU target's GpuTargetConfigProto (text), a file: XLA's
+    # xla/backends/gpu/target_config/specs/<card>.txtpb, or a card's own (docs/planning.md).
+    c.plan.gpu_target_config = ""
+    # Seconds of measuring the run's input pipeline on this host's CPU (one thread, JPEGs of
+    # ImageNet's sizes) for the host cores the target needs; 0: not measured.
+    c.plan.input_seconds = 20.0
 
     c.lock()
     return c

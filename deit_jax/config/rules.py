@@ -34,6 +34,7 @@ from deit_jax import losses
 from deit_jax.config import predicates, tasks, teacher_rules
 from deit_jax.config.clip_student_rules import CLIP_STUDENT_RULES
 from deit_jax.config.defaults import MODES, base_config
+from deit_jax.config.init_rules import INIT_RULES
 from deit_jax.config.predicates import (
     LABEL_FREE,
     MISSING,
@@ -270,6 +271,7 @@ RULES: tuple[Rule, ...] = (
         f"must be None (off) or a jax.checkpoint_policies name: {', '.join(REMAT_POLICIES)}",
     ),
     Rule("init_from", existing_path, f"must be '' or an existing path: {WEIGHTS}", on_disk=True),
+    *INIT_RULES,
     *TEACHER_RULES,
     # What the run's task (deit_jax.config.tasks) runs in and trains with.
     Rule(

@@ -45,6 +45,11 @@ class Task:
     distillation_kinds: tuple[str, ...]  # the `config.distillation.kind`s it trains with
     cache: str  # what its teacher cache holds: TOPK or PAIR_EMBEDDINGS
     captions: bool  # its batches carry captions' token ids (the pipeline needs tokenizers)
+    # How `optim.grad_accum_steps = k` accumulates: "batches" (k batches of `batch_size` an
+    # update, optax.MultiSteps: right for a loss that is a mean over examples) or
+    # "micro_batches" (one batch of `batch_size` an update, in k micro-batches with GradCache:
+    # exact for a loss over the whole batch, as CLIP's in-batch logits are).
+    accumulates: str = "batches"
 
 
 TASKS: dict[str, Task] = {
@@ -63,6 +68,7 @@ TASKS: dict[str, Task] = {
         distillation_kinds=("none", "in_batch"),
         cache=PAIR_EMBEDDINGS,
         captions=True,
+        accumulates="micro_batches",
     ),
 }
 
@@ -74,3 +80,15 @@ def task_of(config: ml_collections.ConfigDict) -> Task:
     if isinstance(name, str) and labels.is_caption_data(name):
         return TASKS[CLIP_STUDENT]
     return TASKS[CLASSIFIER]
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.optim` as the optimiser and its schedule are built from it: with a task that
+    accumulates micro-batches inside its step, every step is one update of `batch_size` images
+    (no optax.MultiSteps, the schedule and the learning rate's batch scaling per step)."""
+    if task_of(config).accumulates == "batches" or config.optim.grad_accum_steps == 1:
+        return config.optim
+    optim = config.optim.copy_and_resolve_references()
+    with optim.unlocked():
+        optim.grad_accum_steps = 1
+    return optim

@@ -257,11 +257,24 @@ class TrainIterator(Feeder):
         return ds
 
     def _augment_fn(self):
-        return _train_preprocess_fn(self.size, _frozen(self.config.augment))
+        return train_augment_fn(self.config)
 
     def _mix_fn(self):
-        shape = (self.share_batch, *self.size)
-        return _mixup_fn(shape, self.num_classes, _frozen(self.config.mixup))
+        return train_mix_fn(self.config, self.share_batch, self.num_classes)
+
+
+def train_augment_fn(config: ml_collections.ConfigDict) -> tf.types.experimental.GenericFunction:
+    """The run's per-image train transform, (encoded image, int32 [2] seed) -> float32 image."""
+    size = augment.height_width(config.data.img_size)
+    return _train_preprocess_fn(size, _frozen(config.augment))
+
+
+def train_mix_fn(
+    config: ml_collections.ConfigDict, batch: int, num_classes: int
+) -> tf.types.experimental.GenericFunction:
+    """The run's Mixup/CutMix of `batch` images, (images, labels, seed) -> (images, targets)."""
+    shape = (batch, *augment.height_width(config.data.img_size))
+    return _mixup_fn(shape, num_classes, _frozen(config.mixup))
 
 
 @functools.cache

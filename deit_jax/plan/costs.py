@@ -57,7 +57,10 @@ def cache_bytes(
     embedding_dim: int,
 ) -> int | None:
     """The bytes `--config.mode=teacher_cache` of this config writes (every step of the run, the
-    layout of `deit_jax.teacher.cache.store`); None when the data's size is unknown."""
+    layout of `deit_jax.teacher.cache.store`); 0 for a run without a teacher; None when the
+    data's size is unknown."""
+    if config.distillation.kind == "none":
+        return 0
     if total_steps is None:
         return None
     t = config.teacher

@@ -32,7 +32,14 @@ from deit_jax import sharding
 from deit_jax.config import rules, tasks
 from deit_jax.plan.compile import compile_step, fits, largest_batch_that_fits, roofline
 from deit_jax.plan.costs import cache_bytes, embedding_width, state_bytes, teacher_forward
-from deit_jax.plan.targets import Target, compile_devices, parse_target, plan_mesh
+from deit_jax.plan.input_side import format_input, input_side
+from deit_jax.plan.targets import (
+    HOSTS_SOURCE,
+    Target,
+    compile_devices,
+    parse_target,
+    plan_mesh,
+)
 from deit_jax.train import optim
 from deit_jax.train.state import state_and_shardings
 from deit_jax.train.tasks import build_task
@@ -46,7 +53,9 @@ class Planner:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, target: Target):
         self.config, self.target = config, target
-        self.devices = compile_devices(target)
+        self.devices = compile_devices(
+            target, gpu_target_config=config.plan.gpu_target_config or None
+        )
         self.mesh = plan_mesh(self.devices, data=config.mesh.data, fsdp=config.mesh.fsdp)
         with jit_module.compiling_for(target.platform):
             self.task = build_task(config, workdir, self.mesh, purpose=tasks.PLAN)
@@ -72,7 +81,7 @@ class Planner:
         Outside the mesh's scope: its seed is a concrete array of this host's."""
         task = task or self.task
         tx, schedule = optim.create_optimizer(
-            config.optim,
+            tasks.optimizer_config(config),
             global_batch_size=batch,
             steps_per_epoch=self.steps_per_epoch(batch),
             num_epochs=config.num_epochs,
@@ -93,7 +102,14 @@ class Planner:
                 donate_argnums=(0,),
             )
             args = (state, task.teacher_variables, self._batch(task.batch_shapes(batch)))
-            return compile_step(step, args, global_batch=batch)
+            report = compile_step(step, args, global_batch=batch)
+        total = (report.get("bytes_per_device") or {}).get("total")
+        log.info(
+            "Train step at global batch %d: %s (%.0f s to compile).", batch,
+            f"{total / GiB:.2f} GiB a device" if total else "does not fit",
+            report["compile_seconds"],
+        )  # fmt: skip
+        return report
 
     def eval_report(self, batch: int) -> dict[str, Any]:
         _, _, state, _ = self.state(self.config, self.config.batch_size)
@@ -134,6 +150,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     largest, capped = largest_batch(planner, train)
     result = summary(config, target, train, evaluation, teacher, largest, planner)
     result["largest_global_batch_capped"] = capped
+    log.info("Measuring the input pipeline on this host for %.0f s.", config.plan.input_seconds)
+    result["input"] = input_side(config, target, result["images_per_second_bound"])
     if not result["fits"]:
         result["to_fit"] = ways_to_fit(config, planner)
     os.makedirs(workdir, exist_ok=True)
@@ -226,7 +244,11 @@ def summary(config, target, train, evaluation, teacher, largest, planner) -> dic
 
 
 def _notes(target: Target) -> list[str]:
-    notes = [f"chip facts: {target.chip.source}"]
+    notes = [
+        f"chip facts: {target.chip.source}; hosts: {HOSTS_SOURCE}",
+        "input: a vCPU is a hardware thread; a cloud host's threads run the pipeline at "
+        "their own rate, not this host's, so the vCPUs needed are an estimate",
+    ]
     if target.platform == "gpu":
         notes.append(
             "compiled without a GPU: GEMMs are not autotuned, so temporaries can differ from "
@@ -247,9 +269,17 @@ def ways_to_fit(config: ml_collections.ConfigDict, planner: Planner) -> list[dic
         )
     if config.mesh.fsdp == 1 and n > 1:
         changes.append((f"--config.mesh.fsdp={n}", {"mesh.fsdp": n, "mesh.data": 1}))
+    in_step = tasks.task_of(config).accumulates == "micro_batches"
     for k in (2, 4, 8):
         if batch % (k * n) == 0:
             accum = k * config.optim.grad_accum_steps
+            if in_step:  # the same batch an update, in k micro-batches (GradCache)
+                line = (
+                    f"--config.optim.grad_accum_steps={accum} (the same {batch} images an "
+                    f"update, in micro-batches of {batch // accum}: the whole batch's loss)"
+                )
+                changes.append((line, {"optim.grad_accum_steps": accum}))
+                continue
             line = (
                 f"--config.batch_size={batch // k} --config.optim.grad_accum_steps={accum} "
                 f"(the same {batch * config.optim.grad_accum_steps} images an update)"
@@ -312,6 +342,7 @@ def format_plan(p: dict[str, Any]) -> str:
          if p["total_steps"] else "- (the data's size is unknown: --config.plan.num_examples=N)"),
         ("checkpoint", gib(p["checkpoint_bytes"]["total"])),
         ("teacher cache", gib(p["teacher_cache_bytes"])),
+        ("host CPUs for the input", format_input(p.get("input"))),
         ("compile", f"{p['compile_seconds']:.0f} s"),
     ]  # fmt: skip
     lines = ["| plan | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]

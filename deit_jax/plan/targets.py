@@ -26,9 +26,19 @@ from jax.sharding import Mesh
 
 from deit_jax import _platforms
 from deit_jax.errors import ConfigError, DependencyError
+from deit_jax.plan import gpu_specs
 from deit_jax.sharding import DATA_AXES
 
 GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Host:
+    """A cloud machine type that holds the chips: the CPU side the input pipeline runs on."""
+
+    machine: str
+    chips: int
+    vcpus: int  # hardware threads
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,14 @@ class Chip:
     # JAX on a GPU preallocates a share of its memory (75%, or XLA_PYTHON_CLIENT_MEM_FRACTION)
     # and allocates within it; on a TPU the compiler itself refuses a step that does not fit.
     preallocates: bool = False
+    # Google Cloud's machine types for the chip, fewest chips first (HOSTS_SOURCE).
+    hosts: tuple[Host, ...] = ()
+
+    def host_for(self, num_devices: int) -> Host | None:
+        """The smallest machine type that holds `num_devices` chips, else the largest (a slice
+        over several of them)."""
+        fitting = [h for h in self.hosts if h.chips >= num_devices]
+        return fitting[0] if fitting else (self.hosts[-1] if self.hosts else None)
 
     @property
     def usable_bytes(self) -> int:
@@ -51,24 +69,67 @@ class Chip:
         return int(self.hbm_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)))
 
 
+HOSTS_SOURCE = (
+    "https://cloud.google.com/tpu/docs/<generation> (TPU VM types), "
+    "https://cloud.google.com/compute/docs/accelerator-optimized-machines (A2, A3)"
+)
 TPU_CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "v4": Chip(
+        "TPU v4",
+        32 * GiB,
+        275e12,
+        1200e9,
+        "https://cloud.google.com/tpu/docs/v4",
+        hosts=(Host("ct4p-hightpu-4t", 4, 240),),
+    ),
+    "v5e": Chip(
+        "TPU v5e",
+        16 * GiB,
+        197e12,
+        819e9,
+        "https://cloud.google.com/tpu/docs/v5e",
+        hosts=(
+            Host("ct5lp-hightpu-1t", 1, 24),
+            Host("ct5lp-hightpu-4t", 4, 112),
+            Host("ct5lp-hightpu-8t", 8, 224),
+        ),
+    ),
+    "v5p": Chip(
+        "TPU v5p",
+        95 * GiB,
+        459e12,
+        2765e9,
+        "https://cloud.google.com/tpu/docs/v5p",
+        hosts=(Host("ct5p-hightpu-4t", 4, 208),),
+    ),
+    "v6e": Chip(
+        "TPU v6e",
+        32 * GiB,
+        918e12,
+        1640e9,
+        "https://cloud.google.com/tpu/docs/v6e",
+        hosts=(
+            Host("ct6e-standard-1t", 1, 44),
+            Host("ct6e-standard-4t", 4, 180),
+            Host("ct6e-standard-8t", 8, 180),
+        ),
+    ),
 }
 GPU_CHIPS: dict[str, Chip] = {
     "a100": Chip(
         "NVIDIA A100 SXM 80GB", 80 * 10**9, 312e12, 2039e9,
         "https://www.nvidia.com/en-us/data-center/a100/", preallocates=True,
+        hosts=tuple(Host(f"a2-ultragpu-{n}g", n, 12 * n) for n in (1, 2, 4, 8)),
     ),
     "h100": Chip(
         "NVIDIA H100 SXM", 80 * 10**9, 989e12, 3350e9,
         "https://www.nvidia.com/en-us/data-center/h100/", preallocates=True,
+        hosts=tuple(Host(f"a3-highgpu-{n}g", n, 26 * n) for n in (1, 2, 4, 8)),
     ),
     "h200": Chip(
         "NVIDIA H200 SXM", 141 * 10**9, 989e12, 4800e9,
         "https://www.nvidia.com/en-us/data-center/h200/", preallocates=True,
+        hosts=(Host("a3-ultragpu-8g", 8, 224),),
     ),
 }  # fmt: skip
 # Topology rank per TPU generation, and libtpu's chip config (v4 and v5p: one device a chip).
@@ -81,7 +142,7 @@ ACCEPTED = (
     f"tpu:<{'|'.join(TPU_CHIPS)}>:<topology> (tpu:v5e:2x2, tpu:v4:2x2x1) or "
     f"gpu:<{'|'.join(GPU_CHIPS)}>:<count> (gpu:h100:8)"
 )
-# What libtpu prints when it starts on a host without a TPU (dropped, see `_quiet_libtpu`).
+# What libtpu prints when it starts on a host without a TPU (dropped, see `_quiet`).
 _LIBTPU_NOISE = (
     "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "Logging before InitGoogle",
     "=== Source Location Trace", "libtpu_init_utils.cc", "ALLOW_MULTIPLE_LIBTPU_LOAD",
@@ -127,10 +188,14 @@ def parse_target(spec: str, key: str = "plan.target") -> Target:
     return Target(spec, platform, kind, f"{kind}:{shape}", chips_count)
 
 
+# What XLA logs when a spec file has a field this jaxlib does not know (dropped and retried).
+_SPEC_NOISE = ("Error parsing text-format stream_executor.GpuTargetConfigProto",)
+
+
 @contextlib.contextmanager
-def _quiet_libtpu() -> Iterator[None]:
-    """Drops libtpu's start-up warnings from stderr (file descriptor 2, where its C++ logging
-    writes); every other line written meanwhile is passed on."""
+def _quiet(noise: Sequence[str]) -> Iterator[None]:
+    """Drops the lines of C++ logging that contain one of `noise` from stderr (file descriptor
+    2, where it writes); every other line written meanwhile is passed on."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -142,7 +207,7 @@ def _quiet_libtpu() -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            kept = [line for line in lines if not any(n in line for n in _LIBTPU_NOISE)]
+            kept = [line for line in lines if not any(n in line for n in noise)]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
@@ -155,7 +220,7 @@ def _tpu_devices(target: Target) -> list[jax.Device]:
             f'pip install "jax[tpu]=={jax.__version__}" (or the test extra)'
         )
     chip_config = _TPU_CHIP_CONFIG.get(target.kind, "default")
-    with _quiet_libtpu(), _libtpu_unlocked():
+    with _quiet(_LIBTPU_NOISE), _libtpu_unlocked():
         topology = topologies.get_topology_desc(
             platform="tpu", topology_name=target.topology, chip_config_name=chip_config
         )
@@ -179,23 +244,28 @@ def _libtpu_unlocked() -> Iterator[None]:
 
 
 def _gpu_target_config(target: Target, path: str | Path | None) -> str:
+    """The card's GpuTargetConfigProto text: `path`'s (a file, or the text itself), else the
+    one written from the vendor's figures (`gpu_specs`)."""
     if path is None:
-        raise DependencyError(
-            f"{target.spec}: compiling for NVIDIA GPUs needs the card's GpuTargetConfigProto "
-            f"(text): XLA's xla/backends/gpu/target_config/specs/{_XLA_GPU_SPEC[target.kind]}, "
-            "or `jax._src.lib._jax.get_topology_for_devices(jax.devices()).target_config` on a "
-            "machine with the card; pass it or its path"
-        )
+        return gpu_specs.target_config(target.kind)
     text = str(path)
-    return text if "gpu_device_info" in text else Path(path).read_text()
+    if "gpu_device_info" in text:
+        return text
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"config.plan.gpu_target_config={text!r}: no such file; give the card's "
+            f"GpuTargetConfigProto (XLA's specs/{_XLA_GPU_SPEC[target.kind]}), or leave it "
+            "empty for the one deit_jax writes from the vendor's figures"
+        )
+    return Path(path).read_text()
 
 
 def _gpu_devices(target: Target, target_config: str | Path | None) -> list[jax.Device]:
-    plugins = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
-    if not any(_spec_exists(name) for name in plugins):
+    if not _platforms.cuda_plugin_installed():
         raise DependencyError(
             f"{target.spec}: compiling for NVIDIA GPUs needs JAX's CUDA plugin: "
-            f'pip install "jax[cuda12]=={jax.__version__}" (about 5 GB installed)'
+            f'pip install "jax-cuda12-plugin=={jax.__version__}" (180 MB: compiling needs no '
+            "CUDA libraries)"
         )
     text = _gpu_target_config(target, target_config)
     if not jax.config.jax_platforms:
@@ -205,9 +275,10 @@ def _gpu_devices(target: Target, target_config: str | Path | None) -> list[jax.D
     dropped: set[str] = set()
     while True:
         try:
-            topology = topologies.get_topology_desc(
-                platform="cuda", target_config=text, topology=target.topology
-            )
+            with _quiet(_SPEC_NOISE):
+                topology = topologies.get_topology_desc(
+                    platform="cuda", target_config=text, topology=target.topology
+                )
             return list(topology.devices)
         except Exception as e:  # jaxlib's runtime error type differs between versions
             named = re.findall(r'has no field named "(\w+)"', str(e))
@@ -219,20 +290,13 @@ def _gpu_devices(target: Target, target_config: str | Path | None) -> list[jax.D
                 text = re.sub(rf"(?m)^\s*{field}\s*:.*$", "", text)
 
 
-def _spec_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def compile_devices(
     target: Target | str, *, gpu_target_config: str | Path | None = None
 ) -> list[jax.Device]:
     """Compile-only devices for `target`, one a chip; usable in a Mesh, not to run on.
 
-    A GPU target needs JAX's CUDA plugin and `gpu_target_config`: the card's
-    GpuTargetConfigProto, as text or a file's path.
+    A GPU target needs JAX's CUDA plugin; `gpu_target_config` is the card's
+    GpuTargetConfigProto, as text or a file's path (default: `gpu_specs`'s).
     """
     target = parse_target(target) if isinstance(target, str) else target
     if target.platform == "tpu":

@@ -5,14 +5,18 @@
 --config.data.name=captions:/data/pairs ...` trains one (the config's docstring has the whole
 command); `--config.mode=eval` evaluates a finished one. The student is a registered CLIP
 (`config.model_name`, e.g. `clip_vit_ti16`, sizes overridable in `config.model`); the steps are
-`deit_jax.train.clip_student_steps` (CLIP loss, the teacher's in-batch logits by KL, or both,
-`config.distillation`); the teacher, with `distillation.kind="in_batch"`, is a CLIP
-(`teacher.framework="clip"`, `deit_jax.teacher.clip.two_towers`), run in the step or read from
-a teacher cache of the run's stream (`teacher.cache`: its image and caption embeddings per
-example, written by `--config.mode=teacher_cache`, which rebuild its in-batch logits exactly).
+`deit_jax.train.clip_student_steps` (CLIP loss, the teacher's in-batch logits by KL, CLIP-KD's
+FD and ICL: any weighted combination, `config.distillation.pair_weights`); the teacher, with
+`distillation.kind="in_batch"`, is a CLIP (`teacher.framework="clip"`,
+`deit_jax.teacher.clip.two_towers`), run in the step or read from a teacher cache of the run's
+stream (`teacher.cache`: its image and caption embeddings per example, written by
+`--config.mode=teacher_cache`, which rebuild its in-batch logits exactly). Several CLIPs teach
+as an ensemble: `teacher.members`, each run in the step, or their caches (`teacher.cache=A,B`,
+`teacher.cache_weights`); the evaluation then reports the student alone. FD and ICL's own
+parameters (`PairProjections`) are the train state's `params["projection"]`.
 
-Captions are tokenized by the student's tokenizer and, when the teacher's differs, by the
-teacher's too (`tokenizer_specs`).
+Captions are tokenized by the student's tokenizer and, when a teacher's differs, by the
+teacher's too (`tokenizer_specs`; an ensemble's members by each distinct one).
 
 Evaluation, over the whole held-out split (`data.eval_split`, each image with its first
 caption), not per batch, so that it does not depend on the eval batch size:
@@ -44,16 +48,25 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from deit_jax import data, losses, sharding
+from deit_jax.config import members, teacher_rules
 from deit_jax.config.tasks import PLAN, TRAIN
 from deit_jax.data import labels
 from deit_jax.jit import jit
 from deit_jax.models import model_options
 from deit_jax.models.layers import l2_normalize
-from deit_jax.teacher.cache.read import CacheReader, cached_shapes
+from deit_jax.teacher.cache import store as cache_store
+from deit_jax.teacher.cache.read import CacheReader, cached_shapes, member_readers
 from deit_jax.teacher.clip import zero_shot
 from deit_jax.teacher.clip.head import zero_shot_head
 from deit_jax.teacher.clip.two_towers import PairTeacher, build_pair_teacher, teacher_runs_here
-from deit_jax.train.clip_student_steps import make_embed_step, make_pair_train_step
+from deit_jax.train.clip_student_steps import (
+    PairTeachers,
+    make_embed_step,
+    make_pair_train_step,
+    member_key,
+    pair_weights,
+)
+from deit_jax.train.projection import PairProjections, build_pair_projections, student_params
 from deit_jax.train.results import percent, set_name, write_results
 from deit_jax.train.run_weights import save_run_weights
 from deit_jax.train.state import build_student
@@ -88,24 +101,36 @@ class ClipStudentTask:
         if shapes:
             self.info = data.planned_info(config, config.plan.num_examples)
             self.tokenizers = {}
-            self.contexts = planned_contexts(config)
+            self.contexts, self.token_keys = planned_contexts(config, with_keys=True)
         else:
             self.info = data.dataset_info(config)
-            specs = tokenizer_specs(config)
+            specs, self.token_keys = tokenizer_specs(config, with_keys=True)
             self.tokenizers = {key: tokenizer_of(spec) for key, spec in specs.items()}
             self.contexts = {key: int(spec[-1]) for key, spec in specs.items()}
         axes = sharding.DATA_AXES
         if purpose == TRAIN:
             self.train_data = data.build_train(config, mesh, axes, tokenizers=self.tokenizers)
             # Before a model is built or a weight read: a cache of another stream is refused.
-            self.reader = CacheReader(config, self.train_data) if config.teacher.cache else None
+            self.reader = open_pair_reader(config, self.train_data)
         self.model = build_student(config, 0)
-        self.teacher: PairTeacher | None = None
+        # The live teachers: the single one (also without distillation: for its eval metrics),
+        # or an ensemble's members when they run in the step.
+        built = [build_pair_teacher(c, shapes=shapes) for c in live_teacher_configs(config)]
+        self.teachers = tuple(t for t, _ in built)
+        self.teacher: PairTeacher | None = self.teachers[0] if len(built) == 1 else None
         teacher_variables: Any = {}
-        if teacher_runs_here(config):  # also without distillation: for its eval metrics
-            self.teacher, teacher_variables = build_pair_teacher(config, shapes=shapes)
+        if built:
+            teacher_variables = built[0][1] if len(built) == 1 else tuple(v for _, v in built)
         self.teacher_variables = sharding.replicate(teacher_variables, mesh)
-        self.projection = None
+        # The teachers' embedding widths, where something needs them: a plan's cached batch,
+        # or FD and ICL's projections (read from the caches' manifests when cached).
+        weights = pair_weights(config)
+        distilling = config.distillation.kind == "in_batch"
+        needed = shapes or (distilling and (weights["fd"] > 0 or weights["icl"] > 0))
+        self.teacher_widths = teacher_widths(config, self.teachers, shapes) if needed else ()
+        self.projection: PairProjections | None = pair_projections(
+            config, self.model, self.teacher_widths
+        )
         if not shapes:
             self.eval_data = data.build_eval(config, mesh, axes, tokenizers=self.tokenizers)
             self.zero_shot_sets = data.build_extra_evals(config, mesh, axes, num_classes=None)
@@ -119,9 +144,34 @@ class ClipStudentTask:
             self.reader.check_coverage(start_step, total_steps)
             self.train_data.extras = self.reader
             log.info("Teacher embeddings from the cache %s", self.reader)
+        count = self.pair_teachers().count
+        if count > 1 and self.config.distillation.kind == "in_batch":
+            log.info("An ensemble of %d CLIP teachers: the evaluation reports the student.", count)
 
     def train_step(self, tx, schedule):
-        return make_pair_train_step(self.model, tx, schedule, self.config, self.teacher)
+        return make_pair_train_step(
+            self.model,
+            tx,
+            schedule,
+            self.config,
+            teachers=self.pair_teachers(),
+            projections=self.projection,
+        )
+
+    def pair_teachers(self) -> PairTeachers:
+        """The step's teachers: the caches' (`teacher.cache`, one or several) or the live ones."""
+        config = self.config
+        paths = teacher_rules.cache_paths(config.teacher.cache)
+        if paths:
+            weights = teacher_rules.cache_weights(config.teacher.cache_weights, len(paths))
+            return PairTeachers(count=len(paths), weights=tuple(weights), cached=True)
+        weights = members.member_weights(config) if len(self.teachers) > 1 else [1.0]
+        return PairTeachers(
+            count=max(1, len(self.teachers)),
+            weights=tuple(weights),
+            modules=self.teachers,
+            token_keys=tuple(self.token_keys) or ("teacher_text",),
+        )
 
     # ------------------------------------------------------------------ a plan's shapes
 
@@ -130,8 +180,9 @@ class ClipStudentTask:
         `{"image", "label", "text"[, "teacher_text"]}` (+ the cached teacher's embeddings)."""
         shapes = self._pair_shapes(batch)
         if self.config.teacher.cache:
-            width = model_options(self.config.teacher.name)["embed_dim"]
-            shapes |= cached_shapes(self.config, batch, 0, width)
+            for m, width in enumerate(self.teacher_widths):
+                cached = cached_shapes(self.config, batch, 0, width)
+                shapes |= {member_key(k, m): v for k, v in cached.items()}
         return shapes
 
     def planned_eval(self, state: Any, batch: int) -> tuple[Any, tuple]:
@@ -149,7 +200,7 @@ class ClipStudentTask:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, state: Any) -> tuple[Metrics, dict[str, Metrics]]:
-        params = state.params
+        params = student_params(state.params)  # without FD/ICL's own parameters
         metrics = self._held_out_pairs(params)
         return metrics, {
             prefix: self._zero_shot(prefix, passes, params)
@@ -248,34 +299,127 @@ class ClipStudentTask:
             self.write_results(workdir, state.params, final, extra)
 
 
-def tokenizer_specs(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+def tokenizer_specs(config: ml_collections.ConfigDict, *, with_keys: bool = False):
     """The batch keys of the captions' ids and the tokenizer of each (`tokenizer_spec`): `text`
     (the student's: that of `config.init_from`'s CLIP weights, or open_clip's BPE at the
-    student's context length), and `teacher_text` when a teacher runs here with another."""
+    student's context length), and `teacher_text` when a teacher runs here with another (an
+    ensemble's members: `teacher_text_<m>` for each further distinct one, `_token_keys`).
+    `with_keys`: also each live teacher's key, in order."""
     if config.init_from:
         student = tokenizer_spec(config.init_from)
     else:
         length = config.model.to_dict().get("context_length")
         student = ("open_clip", str(length or model_options(config.model_name)["context_length"]))
-    specs = {"text": student}
-    if teacher_runs_here(config):
-        teacher = tokenizer_spec(config.teacher.checkpoint)
-        if teacher != student:
-            specs["teacher_text"] = teacher
-    return specs
+    teachers = [tokenizer_spec(c.teacher.checkpoint) for c in live_teacher_configs(config)]
+    specs, keys = _token_keys(student, teachers)
+    return (specs, keys) if with_keys else specs
 
 
-def planned_contexts(config: ml_collections.ConfigDict) -> dict[str, int]:
+def planned_contexts(config: ml_collections.ConfigDict, *, with_keys: bool = False):
     """The context lengths `tokenizer_specs` would give, from the models' sizes alone (a plan
-    reads no weights): the student's, and the teacher's registry model's when it runs here with
-    another."""
+    reads no weights): the student's, and each live teacher's registry model's when it differs.
+    `with_keys`: also each live teacher's key, in order."""
     student = config.model.to_dict().get("context_length")
-    contexts = {"text": int(student or model_options(config.model_name)["context_length"])}
-    if teacher_runs_here(config):
-        teacher = int(model_options(config.teacher.name)["context_length"])
-        if teacher != contexts["text"]:
-            contexts["teacher_text"] = teacher
-    return contexts
+    student = int(student or model_options(config.model_name)["context_length"])
+    teachers = [
+        int(model_options(c.teacher.name)["context_length"]) for c in live_teacher_configs(config)
+    ]
+    contexts, keys = _token_keys(student, teachers)
+    return (contexts, keys) if with_keys else contexts
+
+
+def _token_keys(student: Any, teachers: list[Any]) -> tuple[dict[str, Any], list[str]]:
+    """The batch keys of the distinct tokenizers (or context lengths) `student` and `teachers`
+    need, `text` the student's, `teacher_text` the first other, `teacher_text_<m>` one first
+    needed by member m; and each teacher's key."""
+    found: dict[str, Any] = {"text": student}
+    keys = []
+    for m, value in enumerate(teachers):
+        key = next((k for k, v in found.items() if v == value), None)
+        if key is None:
+            key = "teacher_text" if "teacher_text" not in found else f"teacher_text_{m}"
+            found[key] = value
+        keys.append(key)
+    return found, keys
+
+
+def live_teacher_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """The configs of the CLIP teachers a run builds: a single teacher's (`teacher_runs_here`:
+    whenever it names one, to distil and for its eval metrics), a one-member ensemble's as that
+    teacher, and an ensemble's members' when they run in the step (`distillation.kind=
+    "in_batch"` without `teacher.cache`); none for an ensemble taught from its caches."""
+    ensemble = members.members_of(config)
+    if len(ensemble) > 1:
+        live = config.distillation.kind == "in_batch" and not config.teacher.cache
+        return [m.config for m in ensemble] if live else []
+    single = ensemble[0].config if ensemble else config
+    return [single] if teacher_runs_here(single) else []
+
+
+def teacher_widths(
+    config: ml_collections.ConfigDict, teachers: tuple[PairTeacher, ...], shapes: bool
+) -> tuple[int, ...]:
+    """The embedding width of each teacher the step distils from: each cache's (a plan reads
+    none: the registry width of the member, or of `teacher.name`, it would hold), else each
+    live teacher's; () when none."""
+    paths = teacher_rules.cache_paths(config.teacher.cache)
+    if paths and not shapes:
+        return tuple(cache_store.embedding_dim(p) for p in paths)
+    if paths:
+        names = [m.config.teacher.name for m in members.members_of(config)]
+        names = names if len(names) == len(paths) else [config.teacher.name] * len(paths)
+        return tuple(int(model_options(n)["embed_dim"]) for n in names)
+    return tuple(int(t.clip.embed_dim) for t in teachers)
+
+
+def pair_projections(
+    config: ml_collections.ConfigDict, model: Any, widths: tuple[int, ...]
+) -> PairProjections | None:
+    """FD and ICL's own parameters for the run (`build_pair_projections`), or None."""
+    weights = pair_weights(config)
+    if not widths or config.distillation.kind != "in_batch":
+        return None
+    return build_pair_projections(
+        int(model.embed_dim),
+        widths,
+        fd=weights["fd"] > 0,
+        icl=weights["icl"] > 0,
+        dtype=getattr(model, "dtype", jnp.float32),
+    )
+
+
+class PairCacheReaders:
+    """`reader(epoch, step)` -> the cached embeddings of an ensemble's caches (`teacher.cache=
+    A,B`) for that batch, member m's under its own keys (`member_key`): each cache read and
+    checked as a single one (`CacheReader`), not mixed (the step mixes their softmaxes)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, train_data: data.TrainIterator):
+        self.paths, self.readers = member_readers(config, train_data)
+
+    def check_coverage(self, start_step: int, total_steps: int) -> None:
+        for reader in self.readers:
+            reader.check_coverage(start_step, total_steps)
+
+    def __call__(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        out = {}
+        for m, reader in enumerate(self.readers):
+            out |= {member_key(k, m): v for k, v in reader(epoch, step).items()}
+        return out
+
+    def __str__(self) -> str:
+        return ", ".join(self.paths)
+
+
+def open_pair_reader(
+    config: ml_collections.ConfigDict, train_data: data.TrainIterator
+) -> CacheReader | PairCacheReaders | None:
+    """The run's cache reader: none, one cache's, or an ensemble's (several caches)."""
+    paths = teacher_rules.cache_paths(config.teacher.cache)
+    if not paths:
+        return None
+    return (
+        CacheReader(config, train_data) if len(paths) == 1 else PairCacheReaders(config, train_data)
+    )
 
 
 def _recalls(logits: np.ndarray, text_ids: np.ndarray, prefix: str) -> Metrics:

@@ -22,6 +22,7 @@ import ml_collections
 from tqdm import tqdm
 
 from deit_jax import sharding
+from deit_jax.config import tasks
 from deit_jax.errors import Preempted, UserError
 from deit_jax.jit import jit
 from deit_jax.train import optim
@@ -31,11 +32,10 @@ from deit_jax.train.metrics import MetricsWriter
 from deit_jax.train.state import (
     TrainState,
     check_config,
-    merge_pretrained,
+    initial_params,
     state_and_shardings,
 )
 from deit_jax.train.tasks import build_task
-from deit_jax.weights.load import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def train_and_evaluate(
     total_steps = optim.total_steps(config.num_epochs, steps_per_epoch)
     eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
     tx, schedule = optim.create_optimizer(
-        config.optim,
+        tasks.optimizer_config(config),
         global_batch_size=config.batch_size,
         steps_per_epoch=steps_per_epoch,
         num_epochs=config.num_epochs,
@@ -85,16 +85,14 @@ def train_and_evaluate(
             log.info("Resumed from step %d in %s", start_step, checkpointer.directory)
         else:
             start_step, state = 0, init()
-            if config.init_from:
-                pretrained, _ = load_weights(config.init_from, config.model_name)
-                params = merge_pretrained(state.params, pretrained["params"], model)
+            params = initial_params(config, state.params, model)
+            if params is not None:
                 state = state.replace(
                     params=jax.device_put(params, state_shardings.params),
                     ema_params=jax.device_put(params, state_shardings.params)
                     if state.ema_params
                     else {},
                 )
-                log.info("Initialised from %s", config.init_from)
 
         task.start(start_step, total_steps)
         train_step = jit(

@@ -22,8 +22,9 @@ from deit_jax.errors import CheckpointError, ConfigError
 from deit_jax.jit import jit
 from deit_jax.models import create_model, input_size, model_options
 from deit_jax.models.registry import given_options
-from deit_jax.train.projection import PROJECTION, Projection
-from deit_jax.weights import surgery
+from deit_jax.train.projection import PROJECTION, Projection, student_params
+from deit_jax.weights import inherit, surgery
+from deit_jax.weights.load import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,22 @@ def merge_pretrained(params: Any, pretrained: Any, model: nn.Module) -> Any:
     if fresh_heads:
         log.warning("init_from: class count differs, training new %s", ", ".join(fresh_heads))
     return traverse_util.unflatten_dict(flat)
+
+
+def initial_params(config: ml_collections.ConfigDict, params: Any, model: nn.Module) -> Any:
+    """The student's starting params: `config.init_from` merged as is (`merge_pretrained`) or,
+    with `config.init`'s inheritance or CLIP tower sources, taken from larger or other weights
+    (`deit_jax.weights.inherit.load`); None when the config names no weights."""
+    inheriting = inherit.wanted(config)
+    if not (config.init_from or inheriting):
+        return None
+    if config.init_from and not (inheriting and config.init.inherit):
+        pretrained, _ = load_weights(config.init_from, config.model_name)
+        params = merge_pretrained(params, pretrained["params"], model)
+    if inheriting:  # the projection stays fresh: it is not part of any weights
+        params = {**params, **inherit.load(config, student_params(params), model)}
+    log.info("Initialised from %s", config.init_from or "the CLIP tower weights")
+    return params
 
 
 def state_and_shardings(config, model, tx, mesh, projection=None):

@@ -1,12 +1,14 @@
 """The weights commands: `python -m deit_jax.convert` (PyTorch to deit_jax) and `python -m
-deit_jax.export` (deit_jax to a timm / Hub folder), also installed as `deit-jax-convert` and
-`deit-jax-export`.
+deit_jax.export` (deit_jax to a timm / Hub folder; a CLIP to open_clip or transformers), also
+installed as `deit-jax-convert` and `deit-jax-export`.
 
   python -m deit_jax.convert --checkpoint deit_tiny_distilled_patch16_224-b40b3cf7.pth \\
       --model deit_tiny_distilled_patch16_224 --output /tmp/deit_ti_distilled
   python -m deit_jax.convert --checkpoint ~/clip-vit-base-patch32 --model clip_vit_b32 \\
       --output /tmp/clip_b32     # a transformers directory: its tokenizer is copied too
   python -m deit_jax.export --weights WORKDIR/weights --output DIR [--pth]
+  python -m deit_jax.export --weights WORKDIR/weights --format open_clip --output F.safetensors
+  python -m deit_jax.export --weights WORKDIR/weights --format transformers --output DIR
 
 `convert` writes a deit_jax weights directory (an Orbax checkpoint and `deit_jax.json`) that
 training and evaluation load with `config.init_from` or `config.teacher.checkpoint`. Its
@@ -28,7 +30,7 @@ import jax
 import numpy as np
 
 from deit_jax.errors import CheckpointError, ConfigError, UserError
-from deit_jax.weights import directory, load
+from deit_jax.weights import clip_export, directory, load
 from deit_jax.weights.hf_clip import TOKENIZER_FILES, is_hf_dir
 from deit_jax.weights.timm_export import PTH_FILE, export, read_folder
 
@@ -127,22 +129,50 @@ def convert_main(argv: list[str] | None = None) -> None:
 def _export_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m deit_jax.export",
-        description="Export a deit_jax weights directory as a timm / Hugging Face Hub folder.",
+        description="Export a deit_jax weights directory as a timm / Hugging Face Hub folder, "
+        "or a CLIP as an open_clip file or a transformers CLIPModel directory.",
     )
     parser.add_argument("--weights", required=True, help="WORKDIR/weights of a finished run")
-    parser.add_argument("--output", required=True, help="folder to write (must not exist)")
     parser.add_argument(
-        "--pth", action="store_true", help=f"also write {PTH_FILE} for the official DeiT code"
+        "--format",
+        choices=clip_export.FORMATS,
+        default="timm",
+        help="timm (DeiT, convnets; default), open_clip or transformers (CLIP)",
     )
     parser.add_argument(
-        "--metrics", default=None, help="metrics.jsonl for the model card (default: beside it)"
+        "--output",
+        required=True,
+        help="folder to write (must not exist); for open_clip the weights file (.safetensors)",
+    )
+    parser.add_argument(
+        "--pth", action="store_true", help=f"timm: also write {PTH_FILE} for the official DeiT code"
+    )
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="timm: metrics.jsonl for the model card (default: beside it)",
     )
     return parser.parse_args(argv)
 
 
 def _export(args: argparse.Namespace) -> None:
-    out = export(args.weights, args.output, pth=args.pth, metrics=args.metrics)
-    print(f"Wrote {out}; load it with timm.create_model('local-dir:{out}', pretrained=True)")
+    clip_export.check_format(args.weights, args.format)
+    if args.format != "timm" and (args.pth or args.metrics):
+        flag = "--pth" if args.pth else "--metrics"
+        raise ConfigError(f"{flag} is for --format timm only; drop it for --format {args.format}.")
+    if args.format == "open_clip":
+        out, config = clip_export.export_open_clip(args.weights, args.output)
+        name = os.path.basename(os.path.splitext(out)[0])
+        print(
+            f"Wrote {out} and {config}; load them with open_clip.add_model_config('{config}'); "
+            f"open_clip.create_model('{name}', pretrained='{out}')"
+        )
+    elif args.format == "transformers":
+        out = clip_export.export_transformers(args.weights, args.output)
+        print(f"Wrote {out}; load it with transformers.CLIPModel.from_pretrained('{out}')")
+    else:
+        out = export(args.weights, args.output, pth=args.pth, metrics=args.metrics)
+        print(f"Wrote {out}; load it with timm.create_model('local-dir:{out}', pretrained=True)")
 
 
 def export_main(argv: list[str] | None = None) -> None:

@@ -17,9 +17,10 @@ TorchScript archives are read as data (`deit_jax.weights.torchscript`). What a f
 the model (sizes, the activation) comes back from `read_weights` as `create_model` overrides:
 shapes give the sizes; the activation comes from a transformers `config.json` (`hidden_act`),
 from an `open_clip_config.json` beside an open_clip file (as the hub's open_clip repositories
-ship), or from the format itself (OpenAI's TorchScript archives are QuickGELU models). A bare
-state dict does not say: exact GELU (open_clip's default) is assumed, with a warning naming the
-override for OpenAI weights.
+ship) or its `<stem>.json` model config (as deit_jax's export writes it; both also give the
+heads, which the shapes do not), or from the format itself (OpenAI's TorchScript archives are
+QuickGELU models). A bare state dict does not say: exact GELU (open_clip's default) is
+assumed, with a warning naming the override for OpenAI weights.
 """
 
 from __future__ import annotations
@@ -109,13 +110,35 @@ def open_clip_overrides(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, float) else int(v) for k, v in overrides.items()}
 
 
-def _open_clip_config_quick_gelu(path: str) -> bool | None:
-    """`quick_gelu` from an open_clip_config.json beside the file (hub layout), if any."""
-    config = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
+def _open_clip_model_cfg(path: str) -> dict[str, Any] | None:
+    """open_clip's model config beside an open_clip file, if any: the `model_cfg` of an
+    open_clip_config.json (the hub's layout), or the `<stem>.json` beside `<stem>.safetensors`
+    (open_clip's `model_configs` format, as `python -m deit_jax.export --format open_clip`
+    writes it)."""
+    hub = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
+    if os.path.isfile(hub):
+        with open(hub) as f:
+            return json.load(f).get("model_cfg", {})
+    config = f"{os.path.splitext(os.path.abspath(path))[0]}.json"
     if not os.path.isfile(config):
         return None
     with open(config) as f:
-        return bool(json.load(f).get("model_cfg", {}).get("quick_gelu", False))
+        model_cfg = json.load(f)
+    needed = {"embed_dim", "vision_cfg", "text_cfg"}
+    if not isinstance(model_cfg, dict) or not needed <= set(model_cfg):
+        return None  # another JSON file: open_clip registers only these (its _rescan)
+    return model_cfg
+
+
+def _config_heads(model_cfg: Mapping[str, Any], vision_width: int) -> dict[str, int]:
+    """The heads open_clip builds from its config, which the shapes do not give: vision width /
+    `head_width` and text `heads` (open_clip's defaults: 64 and 8)."""
+    heads = {}
+    if "vision_cfg" in model_cfg:
+        heads["vision_heads"] = vision_width // int(model_cfg["vision_cfg"].get("head_width", 64))
+    if "text_cfg" in model_cfg:
+        heads["text_heads"] = int(model_cfg["text_cfg"].get("heads", 8))
+    return heads
 
 
 # --------------------------------------------------------------------------- flax <-> open_clip
@@ -228,7 +251,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any
             )
         state = normalize_open_clip(hf_to_open_clip(read_hf_dir(path)))
         return state, hf_overrides(hf_config(path))
-    quick_gelu = _open_clip_config_quick_gelu(path)
+    model_cfg = _open_clip_model_cfg(path)
+    quick_gelu = None if model_cfg is None else bool(model_cfg.get("quick_gelu", False))
     if os.path.isfile(path) and is_torchscript(path):
         state, quick_gelu = read_torchscript(path), True  # OpenAI's TorchScript models
     else:
@@ -239,6 +263,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any
         quick_gelu = True  # OpenAI's own state dicts keep input_resolution / context_length
     state = normalize_open_clip(state)
     overrides = open_clip_overrides(state)
+    overrides.update(_config_heads(model_cfg or {}, overrides["vision_width"]))
     if quick_gelu is None:
         log.warning(
             "%s does not say which activation its CLIP uses: assuming exact GELU (open_clip's "

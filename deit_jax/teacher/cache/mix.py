@@ -21,15 +21,12 @@ weights normalised to sum 1. One cache is read as before, without any of this.
 
 from __future__ import annotations
 
-import copy
-
 import ml_collections
 import numpy as np
 
 from deit_jax import data
 from deit_jax.config import teacher_rules
-from deit_jax.teacher.cache.read import CacheReader
-from deit_jax.teacher.cache.store import CacheError
+from deit_jax.teacher.cache.read import CacheReader, member_readers
 
 
 def full_log_probs(logp: np.ndarray, index: np.ndarray, num_classes: int) -> np.ndarray:
@@ -78,18 +75,8 @@ class MixedCacheReader:
     """`reader(epoch, step)` -> the mixed target of that batch's rows (see the module doc)."""
 
     def __init__(self, config: ml_collections.ConfigDict, train_data: data.TrainIterator):
-        self.paths = teacher_rules.cache_paths(config.teacher.cache)
+        self.paths, self.readers = member_readers(config, train_data)
         self.weights = teacher_rules.cache_weights(config.teacher.cache_weights, len(self.paths))
-        self.readers = []
-        for path in self.paths:
-            member = copy.deepcopy(config)
-            member.teacher.cache = path
-            try:
-                self.readers.append(CacheReader(member, train_data))
-            except CacheError as e:
-                raise CacheError(
-                    f"Member {path!r} of teacher.cache={config.teacher.cache!r}: {e}"
-                ) from None
         self.num_classes = train_data.num_classes
         self.kind = config.distillation.kind
         self.tau = float(config.distillation.tau)

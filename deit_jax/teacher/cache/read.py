@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -155,6 +157,25 @@ class CacheReader:
                 f"share {share}) of {self.path!r} is corrupt or truncated: {e}. Delete {files} "
                 f"and rewrite the missing chunk: {store.writer_command(self.path)}"
             ) from None
+
+
+def member_readers(
+    config: ml_collections.ConfigDict, train_data: data.TrainIterator
+) -> tuple[list[str], list[CacheReader]]:
+    """The caches of `teacher.cache="A,B"` (an ensemble's) and a reader of each, every one read
+    and checked as a single cache; a member's problem names the member."""
+    paths = teacher_rules.cache_paths(config.teacher.cache)
+    readers = []
+    for path in paths:
+        member = copy.deepcopy(config)
+        member.teacher.cache = path
+        try:
+            readers.append(CacheReader(member, train_data))
+        except CacheError as e:
+            raise CacheError(
+                f"Member {path!r} of teacher.cache={config.teacher.cache!r}: {e}"
+            ) from None
+    return paths, readers
 
 
 def cached_shapes(
