@@ -67,6 +67,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from deit_jax.config import rules  # noqa: E402
+from deit_jax.config.defaults import EXPERIMENTS  # noqa: E402
 from deit_jax.errors import ConfigError, Preempted, UserError  # noqa: E402
 
 log = logging.getLogger("deit_jax.main")
@@ -187,7 +188,7 @@ def main(argv: list[str]) -> None:
             config,
             num_devices=_planned_devices(config) if planning else jax.device_count(),
             num_processes=1 if planning else jax.process_count(),
-            teacher_from_run=config.mode in ("quickstart", "clip_quickstart"),
+            teacher_from_run=config.mode in EXPERIMENTS,
             planning=planning,
         )
     except ConfigError as e:
@@ -219,6 +220,7 @@ JOBS = {
     "teacher_cache": ("deit_jax.teacher.cache.write", "write_cache"),
     "quickstart": ("deit_jax.experiments.quickstart", "run"),
     "clip_quickstart": ("deit_jax.experiments.clip_quickstart", "run"),
+    "clip_recipes": ("deit_jax.experiments.clip_recipes", "run"),
     "plan": ("deit_jax.plan.run", "plan"),
 }
 

@@ -21,6 +21,7 @@ import pytest
 from _optional import require
 from test_clip_student import WORDS, student_config
 
+from deit_jax import config as config_lib
 from deit_jax import losses, losses_pair
 from deit_jax.config import rules
 from deit_jax.models import create_model
@@ -424,6 +425,16 @@ def test_a_bad_set_of_weights_is_refused_in_one_line_naming_the_key(
     found = rules.problems(config, num_devices=1)
     assert len(found) == 1 and found[0].startswith(f"config.{key}="), found
     print(found[0])
+
+
+@pytest.mark.parametrize("name", ["clip", "kl", "fd", "icl"])
+def test_a_pair_loss_on_a_classifier_is_refused_not_ignored(name):
+    config = config_lib.base_config()  # a DeiT on ImageNet: a classifier
+    assert not rules.problems(config, num_devices=1)
+    config.distillation.pair_weights[name] = 1.0
+    (problem,) = rules.problems(config, num_devices=1)
+    assert problem.startswith(f"config.distillation.pair_weights.{name}=1.0: is a loss of a CLIP")
+    assert "not of a classifier" in problem and "\n" not in problem
 
 
 def test_fd_with_a_teacher_but_no_checkpoint_is_refused_naming_it(pairs, tmp_path):

@@ -33,7 +33,9 @@ TARGET = "gpu:h100:8"
 def test_eight_h100s_from_the_vendors_figures():
     devices = compile_devices(TARGET)
     assert len(devices) == 8 and {d.device_kind for d in devices} == {"NVIDIA H100 80GB HBM3"}
-    text = gpu_specs.target_config("h100")
+    chip = parse_target(TARGET).chip
+    text = gpu_specs.target_config("h100", chip.hbm_bytes, chip.hbm_bytes_per_second)
+    assert "device_memory_size: 80000000000" in text and "memory_bandwidth: 3350000000000" in text
     assert compile_devices(TARGET, gpu_target_config=text)[0].device_kind == devices[0].device_kind
 
 

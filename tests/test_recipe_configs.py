@@ -64,3 +64,26 @@ def test_clip_zero_shot_recipe_is_the_kl_only_loop(tmp_path):
         "63.3%",
     ):
         assert words in module.__doc__
+
+
+def test_clip_kd_captions_recipe_is_clip_kds_script(tmp_path):
+    """CLIP-KD's ViT-L/14 -> ViT-B/16 script (winycg/CLIP-KD ViT_L_14_KD_Laion/ViT_B_16_kd.sh):
+    its loss weights, batch, learning rate, epochs and warmup steps, on a caption folder."""
+    from deit_jax.config import rules
+
+    module, config = load("clip_kd_captions")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    config.teacher.checkpoint, config.data.name = str(tmp_path), f"captions:{pairs}"
+    assert config.data.extra_eval == "imagenet2012:validation"  # zero-shot top-1, once prepared
+    config.data.extra_eval = ""  # not prepared here
+    assert rules.problems(config, num_devices=8) == []  # 1,024 over 8 devices
+    assert (config.model_name, config.teacher.name) == ("clip_vit_b16", "clip_vit_l14")
+    weights = config.distillation.pair_weights.to_dict()
+    assert weights == {"clip": 1.0, "kl": 1.0, "icl": 1.0, "fd": 2000.0}
+    assert (config.batch_size, config.optim.lr, config.num_epochs) == (1024, 1e-3, 32)
+    assert config.optim.lr_batch_base == config.batch_size  # 1e-3 is the peak, as in the script
+    steps_per_epoch = config.plan.num_examples * 0.999 / config.batch_size
+    assert round(config.optim.warmup_epochs * steps_per_epoch) == 10_000
+    for words in ("python -m deit_jax.main", "Hardware and time", "57.5%", "--config.mode=plan"):
+        assert words in module.__doc__

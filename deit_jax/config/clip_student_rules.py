@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from deit_jax import losses_pair
-from deit_jax.config.defaults import TEACHER_CLIP
+from deit_jax.config.defaults import EXPERIMENTS, TEACHER_CLIP
 from deit_jax.config.predicates import Context, Rule, is_num, problem_rule
 from deit_jax.config.tasks import CLIP_STUDENT, TASKS
 from deit_jax.data import labels
@@ -89,7 +89,7 @@ CLIP_STUDENT_RULES: tuple[Rule, ...] = (
     Rule(
         "data.name",
         lambda v, c: (
-            c.get("mode") == "clip_quickstart"  # which writes it
+            c.get("mode") in EXPERIMENTS  # which write it
             or os.path.isdir(os.path.expanduser(v.removeprefix(labels.CAPTIONS_PREFIX)))
         ),
         "names a folder that does not exist; give captions:<root>, images with a caption file "

@@ -19,8 +19,12 @@ MODES = {
     "teacher_cache": "write the teacher's outputs over the run's batches",
     "quickstart": "the experiment of configs/quickstart.py",
     "clip_quickstart": "the experiment of configs/clip_quickstart.py",
+    "clip_recipes": "the experiment of configs/clip_recipes.py",
     "plan": "compile the run for plan.target on this host and say what it costs",
 }
+# The modes that run an offline experiment (deit_jax/experiments/): each trains its own teacher
+# and writes its own data, so no rule asks for them on disk.
+EXPERIMENTS = ("quickstart", "clip_quickstart", "clip_recipes")
 # Where a teacher comes from (`config.teacher.framework`).
 TEACHER_FLAX, TEACHER_TORCH, TEACHER_CLIP = "flax", "torch", "clip"
 TEACHER_FRAMEWORKS = {

@@ -32,8 +32,8 @@ import ml_collections
 
 from deit_jax import losses
 from deit_jax.config import predicates, tasks, teacher_rules
-from deit_jax.config.clip_student_rules import CLIP_STUDENT_RULES
-from deit_jax.config.defaults import MODES, base_config
+from deit_jax.config.clip_student_rules import CLIP_STUDENT_RULES, WEIGHT_KEYS
+from deit_jax.config.defaults import EXPERIMENTS, MODES, base_config
 from deit_jax.config.init_rules import INIT_RULES
 from deit_jax.config.predicates import (
     LABEL_FREE,
@@ -217,7 +217,7 @@ RULES: tuple[Rule, ...] = (
             lambda v, c, mode=mode: v != mode or c.get(mode) is not MISSING,
             f"needs a config with a `{mode}` section: use --config=configs/{mode}.py",
         )
-        for mode in ("quickstart", "clip_quickstart")
+        for mode in EXPERIMENTS
     ),
     choice("loss", losses.BASE_LOSSES),
     Rule("seed", lambda v, c: is_int(v), "must be an integer"),
@@ -396,9 +396,20 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# A classifier distils by distillation.kind and alpha: a pair loss's weight would be ignored.
+CLASSIFIER_RULES: tuple[Rule, ...] = tuple(
+    Rule(
+        key,
+        lambda v, c: not v,
+        f"is a loss of {tasks.TASKS[tasks.CLIP_STUDENT].what}, not of a classifier (its "
+        "distillation is distillation.kind and alpha): leave it unset or 0",
+    )
+    for key in WEIGHT_KEYS
+)
+
 # Each task's own rules, after the common table (deit_jax.config.tasks).
 TASK_RULES: dict[str, tuple[Rule, ...]] = {
-    tasks.CLASSIFIER: (),
+    tasks.CLASSIFIER: CLASSIFIER_RULES,
     tasks.CLIP_STUDENT: CLIP_STUDENT_RULES,
 }
 

@@ -56,7 +56,7 @@ TASKS: dict[str, Task] = {
     CLASSIFIER: Task(
         name=CLASSIFIER,
         what="a classifier",
-        modes=tuple(m for m in MODES if m != "clip_quickstart"),
+        modes=tuple(m for m in MODES if not m.startswith("clip_")),
         distillation_kinds=("none", "soft", "hard", "feature"),
         cache=TOPK,
         captions=False,
@@ -64,7 +64,7 @@ TASKS: dict[str, Task] = {
     CLIP_STUDENT: Task(
         name=CLIP_STUDENT,
         what="a CLIP student on image-caption data (data.name='captions:...')",
-        modes=("train", "eval", "teacher_cache", "clip_quickstart", "plan"),
+        modes=("train", "eval", "teacher_cache", "clip_quickstart", "clip_recipes", "plan"),
         distillation_kinds=("none", "in_batch"),
         cache=PAIR_EMBEDDINGS,
         captions=True,

@@ -113,7 +113,7 @@ def _scores(stage: str, metrics: dict[str, float], extra: dict[str, Any]) -> dic
     return out
 
 
-def _final(workdir: str) -> tuple[dict[str, float], dict[str, Any]]:
+def final_metrics(workdir: str) -> tuple[dict[str, float], dict[str, Any]]:
     """A finished stage's last eval metrics and its extra sets' (from metrics.jsonl)."""
     from deit_jax.train.metrics import read_jsonl
 
@@ -141,16 +141,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             log.info("CLIP quickstart: seed %d, %s -> %s", seed, stage, stage_dir)
             if not os.path.isdir(os.path.join(stage_dir, "weights")):
                 train_and_evaluate(cfg, stage_dir)
-            scores[stage].append(_scores(stage, *_final(stage_dir)))
+            scores[stage].append(_scores(stage, *final_metrics(stage_dir)))
     results = summarize(config, scores, (time.perf_counter() - start) / 60)
+    write_results(workdir, results, format_results(results))
+    return results
+
+
+def write_results(workdir: str, results: dict[str, Any], table: str) -> None:
+    """An experiment's results.json and its table, results.md, in `workdir`; prints the table."""
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    table = format_results(results)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table)
     print(table)
     print(f"\nWrote results.md and results.json to {workdir}")
-    return results
 
 
 ROWS = {
@@ -167,7 +171,7 @@ def summarize(config, scores: dict[str, list[dict[str, float]]], minutes: float)
     rows = {}
     for stage, per_seed in scores.items():
         keys = per_seed[0].keys() - {"teacher_top1"}
-        rows[stage] = {k: _stats([s[k] for s in per_seed]) for k in sorted(keys)}
+        rows[stage] = {k: seed_stats([s[k] for s in per_seed]) for k in sorted(keys)}
         rows[stage]["of_teacher"] = rows[stage]["top1"]["mean"] / teacher
     return {
         "teacher_top1": teacher,
@@ -179,7 +183,7 @@ def summarize(config, scores: dict[str, list[dict[str, float]]], minutes: float)
     }
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def seed_stats(values: list[float]) -> dict[str, Any]:
     return {
         "mean": float(np.mean(values)),
         "min": float(np.min(values)),

@@ -23,12 +23,13 @@ SOURCE = (
 
 @dataclass(frozen=True)
 class GpuFacts:
+    """What XLA's GPU compiler reads beyond the chip's memory and bandwidth (those are the
+    planner's `targets.Chip`, one table for both)."""
+
     name: str
     compute_capability: tuple[int, int]
     multiprocessors: int
     fp32_units_per_multiprocessor: int
-    memory_bytes: int
-    memory_bytes_per_second: int
     l2_bytes: int
     boost_clock_ghz: float
     shared_memory_per_multiprocessor: int  # bytes, the most a block may opt in to + 1 KiB
@@ -37,17 +38,17 @@ class GpuFacts:
 
 KiB, MiB = 1 << 10, 1 << 20
 FACTS: dict[str, GpuFacts] = {
-    "a100": GpuFacts("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 80 * 10**9, 2039 * 10**9,
-                     40 * MiB, 1.41, 164 * KiB, 163 * KiB),
-    "h100": GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 80 * 10**9, 3350 * 10**9,
-                     50 * MiB, 1.98, 228 * KiB, 227 * KiB),
-    "h200": GpuFacts("NVIDIA H200", (9, 0), 132, 128, 141 * 10**9, 4800 * 10**9,
-                     50 * MiB, 1.98, 228 * KiB, 227 * KiB),
+    "a100": GpuFacts("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 40 * MiB, 1.41,
+                     164 * KiB, 163 * KiB),
+    "h100": GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 50 * MiB, 1.98,
+                     228 * KiB, 227 * KiB),
+    "h200": GpuFacts("NVIDIA H200", (9, 0), 132, 128, 50 * MiB, 1.98, 228 * KiB, 227 * KiB),
 }  # fmt: skip
 
 
-def target_config(card: str) -> str:
-    """The GpuTargetConfigProto text of `card` (a key of FACTS)."""
+def target_config(card: str, memory_bytes: int, memory_bytes_per_second: float) -> str:
+    """The GpuTargetConfigProto text of `card` (a key of FACTS) with its memory's size and
+    bandwidth (the planner's chip table, `targets.GPU_CHIPS`)."""
     f = FACTS[card]
     major, minor = f.compute_capability
     # Hopper's architecture-specific features (sm_90a: wgmma, TMA), which XLA's GEMMs use.
@@ -70,10 +71,10 @@ def target_config(card: str) -> str:
   thread_dim_limit_z: 64
   registers_per_core_limit: 65536
   registers_per_block_limit: 65536
-  memory_bandwidth: {f.memory_bytes_per_second}
+  memory_bandwidth: {int(memory_bytes_per_second)}
   l2_cache_size: {f.l2_bytes}
   clock_rate_ghz: {f.boost_clock_ghz}
-  device_memory_size: {f.memory_bytes}
+  device_memory_size: {memory_bytes}
   cuda_compute_capability {{
     major: {major}
     minor: {minor}{extension}

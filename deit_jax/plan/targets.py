@@ -247,7 +247,8 @@ def _gpu_target_config(target: Target, path: str | Path | None) -> str:
     """The card's GpuTargetConfigProto text: `path`'s (a file, or the text itself), else the
     one written from the vendor's figures (`gpu_specs`)."""
     if path is None:
-        return gpu_specs.target_config(target.kind)
+        chip = target.chip
+        return gpu_specs.target_config(target.kind, chip.hbm_bytes, chip.hbm_bytes_per_second)
     text = str(path)
     if "gpu_device_info" in text:
         return text

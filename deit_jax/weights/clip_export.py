@@ -190,30 +190,36 @@ def hf_clip_config(model: CLIP) -> dict[str, Any]:
     """transformers' `CLIPConfig` arguments of a deit_jax CLIP."""
     vision_heads, text_heads = _heads(model)
     act = "quick_gelu" if model.quick_gelu else "gelu"  # transformers' "gelu" is the exact erf
-    return dict(
-        projection_dim=model.embed_dim,
-        text_config=dict(
-            hidden_size=model.text_width,
-            intermediate_size=int(model.text_width * model.mlp_ratio),
-            num_hidden_layers=model.text_layers,
-            num_attention_heads=text_heads,
-            max_position_embeddings=model.context_length,
-            vocab_size=model.vocab_size,
+
+    def tower(width: int, layers: int, heads: int, **own: Any) -> dict[str, Any]:
+        return dict(
+            hidden_size=width,
+            intermediate_size=int(width * model.mlp_ratio),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
             hidden_act=act,
             layer_norm_eps=1e-5,
+            **own,
+        )
+
+    return dict(
+        projection_dim=model.embed_dim,
+        text_config=tower(
+            model.text_width,
+            model.text_layers,
+            text_heads,
+            max_position_embeddings=model.context_length,
+            vocab_size=model.vocab_size,
             bos_token_id=model.vocab_size - 2,
             eos_token_id=model.vocab_size - 1,  # first end-of-text = argmax(ids): see the docstring
         ),
-        vision_config=dict(
-            hidden_size=model.vision_width,
-            intermediate_size=int(model.vision_width * model.mlp_ratio),
-            num_hidden_layers=model.vision_layers,
-            num_attention_heads=vision_heads,
+        vision_config=tower(
+            model.vision_width,
+            model.vision_layers,
+            vision_heads,
             image_size=model.img_size,
             patch_size=model.patch_size,
             num_channels=3,
-            hidden_act=act,
-            layer_norm_eps=1e-5,
         ),
     )
 
