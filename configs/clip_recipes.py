@@ -27,22 +27,13 @@ run at once as processes on one workdir (`--config.clip_recipes.parts='("weak",)
 Expected: docs/clip.md ("Recipes") has the measured tables.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _clip_quickstart_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_quickstart.py")
-    spec = importlib.util.spec_from_file_location("deit_jax_clip_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from deit_jax.config import config_beside
 
 
 def get_config():
-    c = _clip_quickstart_config()
+    c = config_beside(__file__, "clip_quickstart.py")
     c.mode = "clip_recipes"
     with c.unlocked():
         c.clip_recipes = ml_collections.ConfigDict()

@@ -19,20 +19,13 @@ equal-weight ensemble's values of docs/teacher_cache.md (the same students, bit 
 accuracy and loss), below each member alone (81.2-83.2); the ensemble itself scores 98.33.
 """
 
-import importlib.util
 import os
 
-
-def _quickstart_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-    spec = importlib.util.spec_from_file_location("deit_jax_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from deit_jax.config import config_beside
 
 
 def get_config(quickstart_dir: str = "/tmp/deit_quickstart"):
-    c = _quickstart_config()
+    c = config_beside(__file__, "quickstart.py")
     c.mode = "train"
     c.teacher.name = c.quickstart.teacher.model_name
     c.teacher.members = {

@@ -5,6 +5,12 @@ satisfy, checked before any work (`rules`).
 imported on their own (`deit_jax.config.rules`), as they read the model registry.
 """
 
-from deit_jax.config.defaults import IMAGENET_MEAN, IMAGENET_STD, MODES, base_config
+from deit_jax.config.defaults import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODES,
+    base_config,
+    config_beside,
+)
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODES", "base_config"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODES", "base_config", "config_beside"]

@@ -8,6 +8,9 @@ what a value may be is `deit_jax.config.rules`.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -253,3 +256,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.lock()
     return c
+
+
+def config_beside(this_file: str, name: str, *args: str) -> ml_collections.ConfigDict:
+    """The config of the config file `name` in the folder of `this_file` (a config file's
+    `__file__`), built with `args`: how one config file starts from another (config files are
+    loaded by path, not imported as a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+    module_name = "deit_jax_config_" + name.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
