@@ -6,7 +6,8 @@ r"""CLIP-KD's recipe: a CLIP ViT-B/16 distilled from a CLIP ViT-L/14 on web imag
       --model clip_vit_l14 --output /ckpt/clip_vit_l14
   # 2. the pairs in img2dataset's layout (0001.jpg + 0001.txt), e.g. CC3M + CC12M
   python -m deit_jax.main --config configs/clip_kd_captions.py --workdir /runs/clip_kd_b16 \
-      --config.teacher.checkpoint=/ckpt/clip_vit_l14 --config.data.name=captions:/data/cc3m_cc12m
+      --config.teacher.checkpoint=/ckpt/clip_vit_l14 --config.data.name=captions:/data/cc3m_cc12m \
+      --config.data.extra_eval=imagenet2012:validation   # zero-shot top-1, once tfds has it
   # or first, on any CPU: what it costs on a v5e-8 (docs/planning.md)
   python -m deit_jax.main --config configs/clip_kd_captions.py --workdir /tmp/plan_clip_kd \
       --config.mode=plan --config.plan.target=tpu:v5e:2x4
@@ -52,7 +53,7 @@ def get_config():
     c.data.name = "captions:/data/cc3m_cc12m"
     c.data.train_split = "train[:99.9%]"
     c.data.eval_split = "train[99.9%:]"  # about 12,900 held-out pairs for recall
-    c.data.extra_eval = "imagenet2012:validation"  # zero-shot top-1 by the student's text tower
+    c.data.extra_eval = ""  # e.g. imagenet2012:validation: the student's zero-shot top-1
     c.data.crop_pct = 1.0
     c.data.repeated_aug = 1
     c.augment.mean = CLIP_MEAN
