@@ -79,16 +79,9 @@ def test_each_loss_student_changes_only_its_losses_and_init(bases, teacher, loss
 @pytest.mark.parametrize("name", list(clip_recipes.WEAK_RECIPES))
 def test_each_weak_teacher_recipe_is_a_valid_run(config, bases, teacher, name):
     reading, _, spec = clip_recipes.WEAK_RECIPES[name]
-    spec = dict(spec)
-    long = spec.pop("long", False)
-    cfg = clip_recipes._student(
-        bases[reading],
-        spec.pop("losses", None),
-        inherit=spec.pop("inherit", False),
-        teacher=teacher,
-        epochs_factor=config.clip_recipes.long_factor if long else 1.0,
-        overrides=spec,
-    )
+    spec = {k: v for k, v in spec.items() if k not in ("losses", "inherit", "long")}
+    long = clip_recipes.WEAK_RECIPES[name][2].get("long", False)
+    cfg = clip_recipes.weak_student(name, bases, teacher, config.clip_recipes.long_factor)
     assert not rules.problems(cfg, num_devices=1, teacher_from_run=True)
     assert cfg.num_epochs == bases[reading].num_epochs * (
         config.clip_recipes.long_factor if long else 1

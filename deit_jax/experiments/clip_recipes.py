@@ -96,6 +96,22 @@ def _student(
     return cfg
 
 
+def weak_student(
+    name: str, bases: dict[str, ml_collections.ConfigDict], teacher: str, long_factor: float
+) -> ml_collections.ConfigDict:
+    """The student of `WEAK_RECIPES[name]`, from its reading's base (`bases[reading]`)."""
+    reading, _, spec = WEAK_RECIPES[name]
+    spec = dict(spec)
+    return _student(
+        bases[reading],
+        spec.pop("losses", None),
+        inherit=spec.pop("inherit", False),
+        teacher=teacher,
+        epochs_factor=long_factor if spec.pop("long", False) else 1.0,
+        overrides=spec,
+    )
+
+
 def _train(cfg: ml_collections.ConfigDict, stage_dir: str) -> str:
     if not os.path.isdir(os.path.join(stage_dir, "weights")):
         log.info("CLIP recipes: %s", stage_dir)
@@ -183,16 +199,8 @@ def run_weak(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     bases = {seed: _bases(config, seed, teacher, pairs) for seed in recipes.seeds}
     for name in recipes.weak_recipes:  # every seed of a recipe before the next recipe
         for seed in recipes.seeds:
-            reading, _, spec = WEAK_RECIPES[name]
-            spec = dict(spec)
-            cfg = _student(
-                bases[seed][reading],
-                spec.pop("losses", None),
-                inherit=spec.pop("inherit", False),
-                teacher=teacher,
-                epochs_factor=recipes.long_factor if spec.pop("long", False) else 1.0,
-                overrides=spec,
-            )
+            reading = WEAK_RECIPES[name][0]
+            cfg = weak_student(name, bases[seed], teacher, recipes.long_factor)
             stage_dir = _train(cfg, os.path.join(part, f"seed{seed}", name))
             rows.setdefault(name, []).append(_scores(stage_dir, reading))
     teacher_top1 = _teacher_top1({k: {"seeds": v} for k, v in rows.items()})
